@@ -1,0 +1,66 @@
+"""Train a world model: compose config -> build env, buffer, model, trainer -> loop -> log -> checkpoint.
+
+    python scripts/train.py                                   # CartPole, GRU world model, default trainer
+    python scripts/train.py buffer.capacity=100000 model.latent_dim=64
+    python scripts/train.py -m model.latent_dim=32,64 seed=0,1   # a sweep, one directory per job
+
+Returns the final validation loss (lower is better), so Hydra sweepers can optimize it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from worldmodel.checkpoint import save_checkpoint
+from worldmodel.cli import user_errors
+from worldmodel.config import refuse_existing_run, validate_config
+from worldmodel.env import env_spec
+from worldmodel.logger import Logger
+from worldmodel.rollout import Collector, RandomPolicy
+from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    with user_errors():
+        # 1. Check every value before any work starts; never write into another run's directory.
+        validate_config(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        refuse_existing_run(run_dir)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.trainer.device)
+
+        # 2. Build: env -> replay buffer -> world model -> trainer.
+        env = instantiate(cfg.env, seed=cfg.seed)
+        spec = env_spec(env)
+        dims = {"obs_dim": spec.obs_dim, "action_dim": spec.action_dim}
+        buffer = instantiate(cfg.buffer, **dims, device=device, seed=cfg.seed)
+        model = instantiate(cfg.model, **dims)
+        trainer = instantiate(cfg.trainer, device=device)
+
+        # 3. Rollout: random actions fill the training buffer; a separately seeded env gives held-out episodes.
+        collector = Collector(env, buffer, RandomPolicy(env.action_space), seed=cfg.seed, spec=spec)
+        val_seed = cfg.seed + VAL_SEED_OFFSET
+        val_env = instantiate(cfg.env, seed=val_seed)
+        val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=device, seed=val_seed)
+        val_collector = Collector(val_env, val_buffer, RandomPolicy(val_env.action_space), seed=val_seed, spec=spec)
+
+        # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir.
+        logger = Logger(run_dir)
+        logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+        metrics = trainer.fit(collector, val_collector, model, logger)
+        logger.close()
+
+        # 5. Keep the result: weights + normalizer + resolved config.
+        save_checkpoint(run_dir / "checkpoints" / "last.pt", model, cfg, metrics, spec)
+        print(f"val/loss {metrics['val/loss_initial']:.4g} -> {metrics['val/loss']:.4g}; run dir: {run_dir}")
+        return metrics["val/loss"]
+
+
+if __name__ == "__main__":
+    main()
