@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import save_checkpoint
+from worldmodel.checkpoint import last_checkpoint, save_checkpoint
 from worldmodel.cli import user_errors
-from worldmodel.config import refuse_existing_run, validate_config
+from worldmodel.config import validate_config
 from worldmodel.env import env_spec
 from worldmodel.logger import Logger
 from worldmodel.rollout import Collector, RandomPolicy
@@ -28,10 +28,10 @@ from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     with user_errors():
-        # 1. Check every value before any work starts; never write into another run's directory.
+        # 1. Check every value before any work starts (a finished run's dir was refused even earlier, in
+        #    worldmodel.cli.RefuseFinishedRuns, before Hydra wrote anything into it).
         validate_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        refuse_existing_run(run_dir)
         seed_everything(cfg.seed)
         device = resolve_device(cfg.trainer.device)
 
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> float:
         logger.close()
 
         # 5. Keep the result: weights + normalizer + resolved config.
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", model, cfg, metrics, spec)
+        save_checkpoint(last_checkpoint(run_dir), model, cfg, metrics, spec)
         print(f"val/loss {metrics['val/loss_initial']:.4g} -> {metrics['val/loss']:.4g}; run dir: {run_dir}")
         return metrics["val/loss"]
 

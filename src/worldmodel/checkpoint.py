@@ -13,6 +13,11 @@ from worldmodel.errors import WorldModelError
 from worldmodel.model import WorldModel
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """Where a run keeps its final checkpoint: <run dir>/checkpoints/last.pt."""
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
 def save_checkpoint(path: str | Path, model: WorldModel, cfg: DictConfig, metrics: dict, env_spec) -> None:
     """Atomic: written to a temporary file and renamed, so a crash mid-save never destroys an older checkpoint."""
     path = Path(path)

@@ -6,12 +6,10 @@ Hydra already refuses keys that are not in the config (a typo such as `trainer.s
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 from worldmodel.env import check_env_id
-from worldmodel.errors import ConfigError, WorldModelError
+from worldmodel.errors import ConfigError
 from worldmodel.runtime import resolve_device
 
 
@@ -44,12 +42,3 @@ def validate_config(cfg: DictConfig) -> None:
     resolve_device(t.device)
     check_env_id(cfg.env.id)
 
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A new run never writes over another run's results."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        raise WorldModelError(
-            f"The run directory {run_dir} already holds a finished run ({last}). Choose a new directory "
-            "(drop the hydra.run.dir override, or point it elsewhere); the existing run is left untouched."
-        )

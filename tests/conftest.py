@@ -1,0 +1,53 @@
+"""Shared helpers: composing the real Hydra config, and running scripts/train.py as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+#: Overrides that make a real run take seconds: enough updates for the loss to fall, tiny prefill and validation.
+TINY = [
+    "trainer.steps=120",
+    "trainer.prefill=400",
+    "trainer.val_steps=200",
+    "trainer.eval_every=40",
+    "trainer.log_every=20",
+    "trainer.progress=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
+
+
+def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_vars: dict | None = None):
+    """Runs `python scripts/train.py ARGS` and returns the CompletedProcess (stdout/stderr as text)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_vars or {})}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the run dir's TensorBoard event files, as {tag: [(step, value), ...]}."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,0 +1,91 @@
+"""make_env and the Collector: seeding, action encoding, and exactly one stored row per real transition."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from worldmodel import Collector, ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
+
+
+def collect(env_id: str, steps: int, seed: int = 0) -> ReplayBuffer:
+    env = make_env(env_id, seed=seed)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, seed=seed)
+    Collector(env, buffer, RandomPolicy(env.action_space), seed=seed).collect(steps)
+    return buffer
+
+
+def test_same_seed_same_stream_and_different_seed_differs():
+    a, b, c = collect("CartPole-v1", 300, 0), collect("CartPole-v1", 300, 0), collect("CartPole-v1", 300, 1)
+    for key in a[:]:
+        np.testing.assert_array_equal(a[:][key], b[:][key])
+    assert not np.array_equal(a[:]["obs"], c[:]["obs"])
+
+
+def test_discrete_actions_are_one_hot_and_box_actions_are_vectors():
+    cart = collect("CartPole-v1", 50)[:]["action"]
+    assert cart.shape == (50, 2) and set(np.unique(cart)) <= {0.0, 1.0} and (cart.sum(1) == 1).all()
+    pend = collect("Pendulum-v1", 50)[:]["action"]
+    assert pend.shape == (50, 1) and np.abs(pend).max() <= 2.0 and len(np.unique(pend)) > 40
+
+
+def test_transitions_chain_within_episodes_and_keep_the_final_observation():
+    """Replays the same seeded env by hand and compares: the reset step after an episode end is never stored as a
+    transition, and an episode's last row holds the true final observation returned with terminated/truncated."""
+    buffer = collect("CartPole-v1", 400, seed=3)
+    rows = buffer[:]
+    env = make_env("CartPole-v1", seed=3)
+    obs, _ = env.reset(seed=3)
+    ends = 0
+    for t in range(400):
+        action = int(np.argmax(rows["action"][t]))
+        np.testing.assert_array_equal(rows["obs"][t], obs)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        np.testing.assert_array_equal(rows["next_obs"][t], next_obs)
+        assert (rows["terminated"][t], rows["truncated"][t]) == (terminated, truncated)
+        assert rows["reward"][t] == reward
+        if terminated or truncated:
+            ends += 1
+            obs, _ = env.reset()
+            assert not np.array_equal(rows["next_obs"][t], obs)  # final obs, not the reset obs
+        else:
+            obs = next_obs
+    assert ends >= 5  # random CartPole episodes last ~20 steps, so the check crossed many boundaries
+
+
+def test_terminated_and_truncated_are_kept_apart():
+    rows = collect("Pendulum-v1", 450)[:]  # Pendulum never terminates; its time limit truncates at 200
+    assert not rows["terminated"].any()
+    assert np.flatnonzero(rows["truncated"]).tolist() == [199, 399]
+    cart = collect("CartPole-v1", 500)[:]
+    assert cart["terminated"].any() and not (cart["terminated"] & cart["truncated"]).any()
+
+
+def test_collector_continues_an_episode_across_calls():
+    env = make_env("Pendulum-v1", seed=0)
+    spec = env_spec(env)
+    split = ReplayBuffer(1000, spec.obs_dim, spec.action_dim)
+    collector = Collector(env, split, RandomPolicy(env.action_space), seed=0)
+    stats = [collector.collect(n) for n in (7, 0, 150, 143)]
+    whole = collect("Pendulum-v1", 300)
+    np.testing.assert_array_equal(split[:]["obs"], whole[:]["obs"])
+    assert sum(s.steps for s in stats) == collector.total_steps == 300
+    assert [len(s.episode_returns) for s in stats] == [0, 0, 0, 1] and stats[3].episode_lengths == [200]
+
+
+def test_unsupported_spaces_are_refused_with_the_key():
+    with pytest.raises(ConfigError, match="env.id.*Box"):
+        make_env("FrozenLake-v1", seed=0)
+    with pytest.raises(ConfigError, match="registered gymnasium id"):
+        make_env("NotAnEnv-v0", seed=0)
+
+
+def test_max_episode_steps_override():
+    env = make_env("Pendulum-v1", seed=0, max_episode_steps=25)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(100, spec.obs_dim, spec.action_dim)
+    Collector(env, buffer, RandomPolicy(env.action_space), seed=0).collect(60)
+    assert np.flatnonzero(buffer[:]["truncated"]).tolist() == [24, 49]
+    assert isinstance(env.action_space, gym.spaces.Box)

@@ -1,0 +1,261 @@
+"""Unit tests of RingBuffer: the logical-index table that ReplayBuffer's correctness rests on.
+
+Each row carries a unique integer `id`, so any misplaced, stale or skipped row shows up as a wrong id.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worldmodel.ring import RingBuffer
+
+# A vector column, a scalar bool and an integer id: covers the shapes and dtypes ReplayBuffer uses.
+SCHEMA = {"id": ((), np.int64), "vec": ((2,), np.float32), "flag": ((), np.bool_)}
+
+# Derandomized and without an example database, so a run is reproducible and writes nothing into the repo.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
+
+
+def row(i: int) -> dict:
+    return {"id": i, "vec": np.array([i, -2 * i], np.float32), "flag": i % 3 == 0}
+
+
+def rows(ids) -> dict:
+    ids = list(ids)
+    return {
+        "id": np.array(ids, np.int64),
+        "vec": np.array([[i, -2 * i] for i in ids], np.float32).reshape(len(ids), 2),
+        "flag": np.array([i % 3 == 0 for i in ids], np.bool_),
+    }
+
+
+def filled(capacity: int, n: int) -> RingBuffer:
+    ring = RingBuffer(capacity, SCHEMA)
+    for i in range(n):
+        ring.append(**row(i))
+    return ring
+
+
+def assert_holds(ring: RingBuffer, ids: list[int]) -> None:
+    """The ring's logical contents are exactly rows `ids`, oldest first."""
+    assert len(ring) == len(ids)
+    got = ring.read(slice(None))
+    np.testing.assert_array_equal(got["id"], np.array(ids, np.int64))
+    expected = rows(ids)
+    for name in SCHEMA:
+        assert got[name].dtype == expected[name].dtype
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+# ---- append / extend ---------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(capacity=st.integers(1, 9), before=st.integers(0, 25), n=st.integers(0, 30), after=st.integers(0, 3))
+def test_extend_equals_repeated_append(capacity, before, n, after):
+    # `before` appends put the write pointer anywhere (and the ring full or not); n ranges past capacity so
+    # extend's skip-the-overwritten-rows path and its two-slice wrap are both exercised.
+    by_append, by_extend = filled(capacity, before), filled(capacity, before)
+    new = list(range(before, before + n))
+    for i in new:
+        by_append.append(**row(i))
+    by_extend.extend(**rows(new))
+
+    expected = list(range(before + n))[-capacity:]
+    assert_holds(by_append, expected)
+    assert_holds(by_extend, expected)
+    # Same physical layout, so both continue identically from here.
+    logical = np.arange(len(by_append))
+    np.testing.assert_array_equal(by_append.physical(logical), by_extend.physical(logical))
+    for name in SCHEMA:
+        np.testing.assert_array_equal(by_append.columns[name], by_extend.columns[name])
+
+    more = list(range(before + n, before + n + after))
+    for i in more:
+        by_append.append(**row(i))
+    by_extend.extend(**rows(more))
+    assert_holds(by_append, list(range(before + n + after))[-capacity:])
+    assert_holds(by_extend, list(range(before + n + after))[-capacity:])
+
+
+@SETTINGS
+@given(capacity=st.integers(1, 6), chunks=st.lists(st.integers(0, 14), max_size=8))
+def test_extend_sequence_keeps_newest_rows(capacity, chunks):
+    ring, next_id = RingBuffer(capacity, SCHEMA), 0
+    for n in chunks:
+        ring.extend(**rows(range(next_id, next_id + n)))
+        next_id += n
+        assert_holds(ring, list(range(next_id))[-capacity:])
+
+
+def test_extend_accepts_lists():
+    ring = RingBuffer(4, SCHEMA)
+    ring.extend(id=[1, 2, 3], vec=[[1, -2], [2, -4], [3, -6]], flag=[False, False, True])
+    assert_holds(ring, [1, 2, 3])
+
+
+# ---- logical <-> physical ----------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(capacity=st.integers(1, 10), n=st.integers(0, 35))
+def test_physical_mapping_and_negative_indices(capacity, n):
+    ring = filled(capacity, n)
+    stored = list(range(n))[-capacity:]
+    size = len(stored)
+    assert len(ring) == size
+
+    phys = ring.physical(np.arange(size))
+    # A bijection onto `size` distinct physical rows, each holding the row the logical index promises.
+    assert len(set(phys.tolist())) == size
+    assert all(0 <= p < capacity for p in phys.tolist())
+    for i in range(-size, size):
+        p = int(ring.physical(i))
+        assert ring.columns["id"][p] == stored[i]
+        assert int(ring.read(i)["id"]) == stored[i]
+        np.testing.assert_array_equal(ring.read(i)["vec"], np.array([stored[i], -2 * stored[i]], np.float32))
+    if size:
+        # -1 is the newest row, which sits just behind the write pointer.
+        assert int(ring.physical(-1)) == (ring.ptr - 1) % capacity
+        assert int(ring.physical(-size)) == int(ring.physical(0))
+
+    for bad in (size, size + 1, -size - 1, -size - 7):
+        with pytest.raises(IndexError):
+            ring.physical(bad)
+        with pytest.raises(IndexError):
+            ring.read(bad)
+    with pytest.raises(IndexError):
+        ring.physical(np.array([0, size]))  # one bad element poisons the whole request
+
+
+@SETTINGS
+@given(data=st.data(), capacity=st.integers(1, 10), n=st.integers(0, 30))
+def test_slices_and_index_arrays_follow_python_semantics(data, capacity, n):
+    ring = filled(capacity, n)
+    stored = list(range(n))[-capacity:]
+    sl = data.draw(st.slices(max(len(stored), 1)))
+    np.testing.assert_array_equal(ring.read(sl)["id"], np.array(stored[sl], np.int64))
+    if stored:
+        idx = data.draw(st.lists(st.integers(-len(stored), len(stored) - 1), max_size=6))
+        got = ring.read(np.array(idx, np.int64))["id"]
+        np.testing.assert_array_equal(got, np.array([stored[i] for i in idx], np.int64))
+
+
+def test_non_integer_index_is_rejected():
+    ring = filled(3, 2)
+    with pytest.raises(TypeError):
+        ring.physical(np.array([0.0]))
+    with pytest.raises(TypeError):
+        ring.physical(np.array([True]))
+
+
+def test_empty_ring_has_no_valid_index():
+    ring = RingBuffer(3, SCHEMA)
+    for bad in (0, -1):
+        with pytest.raises(IndexError):
+            ring.read(bad)
+    assert len(ring.read(slice(None))["id"]) == 0
+
+
+# ---- write -------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(data=st.data(), capacity=st.integers(1, 8), n=st.integers(1, 25))
+def test_write_then_read(data, capacity, n):
+    ring = filled(capacity, n)
+    stored = list(range(n))[-capacity:]
+    size = len(stored)
+    i = data.draw(st.integers(-size, size - 1))
+    ring.write(i, vec=np.array([100.5, -7.25], np.float32), flag=True)
+
+    expected = rows(stored)
+    expected["vec"][i] = [100.5, -7.25]
+    expected["flag"][i] = True
+    got = ring.read(slice(None))
+    for name in SCHEMA:
+        np.testing.assert_array_equal(got[name], expected[name])  # `id` untouched: a partial write is allowed
+
+    # Array index, one value broadcast to every named row.
+    idx = data.draw(st.lists(st.integers(-size, size - 1), min_size=1, max_size=4))
+    ring.write(np.array(idx), id=-1)
+    expected["id"][np.array(idx)] = -1
+    np.testing.assert_array_equal(ring.read(slice(None))["id"], expected["id"])
+
+
+def test_write_rejects_unknown_column_and_bad_index_without_writing():
+    ring = filled(3, 5)
+    before = {k: v.copy() for k, v in ring.columns.items()}
+    with pytest.raises(KeyError):
+        ring.write(0, nope=1)
+    with pytest.raises(IndexError):
+        ring.write(3, id=99)
+    with pytest.raises(IndexError):
+        ring.write(np.array([0, -4]), id=99)
+    for name in SCHEMA:
+        np.testing.assert_array_equal(ring.columns[name], before[name])
+
+
+# ---- clear -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 2, 4, 9])
+def test_clear_keeps_allocation_and_empties(n):
+    ring = filled(4, n)
+    arrays = dict(ring.columns)
+    ring.clear()
+    assert len(ring) == 0
+    assert ring.capacity == 4
+    assert all(ring.columns[name] is arrays[name] for name in SCHEMA)  # no reallocation
+    with pytest.raises(IndexError):
+        ring.read(0)
+    # Old rows must not leak back in when refilling.
+    ring.append(**row(100))
+    assert_holds(ring, [100])
+    ring.extend(**rows(range(101, 106)))
+    assert_holds(ring, [102, 103, 104, 105])
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["append", "extend"])
+def test_missing_or_unknown_column_raises_key_error_and_writes_nothing(op):
+    ring = filled(3, 2)
+    before = {k: v.copy() for k, v in ring.columns.items()}
+    full = row(7) if op == "append" else rows([7, 8])
+    missing = {k: v for k, v in full.items() if k != "flag"}
+    unknown = {**full, "extra": full["id"]}
+    for bad in (missing, unknown, {}):
+        with pytest.raises(KeyError):
+            getattr(ring, op)(**bad)
+    assert_holds(ring, [0, 1])
+    for name in SCHEMA:
+        np.testing.assert_array_equal(ring.columns[name], before[name])
+
+
+def test_extend_mismatched_lengths_raises_value_error_and_writes_nothing():
+    ring = filled(3, 2)
+    bad = rows([7, 8, 9])
+    bad["flag"] = bad["flag"][:2]
+    with pytest.raises(ValueError):
+        ring.extend(**bad)
+    assert_holds(ring, [0, 1])
+
+
+@pytest.mark.parametrize("capacity", [0, -1, -10])
+def test_non_positive_capacity_raises(capacity):
+    with pytest.raises(ValueError):
+        RingBuffer(capacity, SCHEMA)
+
+
+def test_capacity_one_keeps_only_newest():
+    ring = RingBuffer(1, SCHEMA)
+    for i in range(3):
+        ring.append(**row(i))
+        assert_holds(ring, [i])
+    ring.extend(**rows([10, 11, 12]))
+    assert_holds(ring, [12])

@@ -1,0 +1,121 @@
+"""scripts/train.py as a user runs it: real subprocesses, real TensorBoard files, real checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, run_train, scalars
+from worldmodel.checkpoint import load_world_model
+
+EXPECTED_TAGS = {
+    "train/loss", "train/obs", "train/reward", "train/terminated",
+    "val/loss", "val/obs", "val/reward", "val/terminated",
+    "perf/env_steps_per_s", "perf/updates_per_s",
+}  # fmt: skip
+
+
+def first_last(series):
+    return series[0][1], series[-1][1]
+
+
+@pytest.mark.parametrize(
+    "env_args",
+    [["buffer.capacity=100000", "model.latent_dim=64"], ["env=pendulum"]],
+    ids=["cartpole-discrete-users-command", "pendulum-continuous"],
+)
+def test_run_trains_and_logs_into_its_own_dir(tmp_path, env_args):
+    run_dir = tmp_path / "run"
+    proc = run_train([*env_args, *TINY, f"hydra.run.dir={run_dir}"])
+    assert "val/loss" in proc.stdout
+
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1, "TensorBoard events belong directly in the run's own directory"
+    series = scalars(run_dir)
+    assert EXPECTED_TAGS <= set(series)
+    train_first, train_last = first_last(series["train/loss"])
+    val_first, val_last = first_last(series["val/loss"])
+    assert series["val/loss"][0][0] == 0 and series["val/loss"][-1][0] == 120
+    assert train_last < train_first / 3 and val_last < val_first / 3
+
+    model, payload = load_world_model(run_dir / "checkpoints" / "last.pt")
+    assert payload["config"]["trainer"]["steps"] == 120 and payload["metrics"]["val/loss"] == pytest.approx(val_last)
+    assert bool(model.normalizer.fitted)
+    if env_args[0].startswith("buffer"):
+        assert payload["config"]["buffer"]["capacity"] == 100000 and model.latent_dim == 64
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+
+
+def test_same_seed_gives_the_same_numbers(tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run_dir in runs:
+        run_train([*TINY, "trainer.steps=40", f"hydra.run.dir={run_dir}"])
+    a, b = scalars(runs[0]), scalars(runs[1])
+    for tag in ("train/loss", "val/loss", "val/obs"):
+        assert a[tag] == b[tag]
+    wa = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(runs[1] / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (["buffer.capacity=8", "trainer.seq_len=16"], "buffer.capacity"),
+        (["env.id=NoSuchEnv-v3"], "env.id"),
+        (["trainer.batch_size=0"], "trainer.batch_size"),
+    ],
+)
+def test_bad_input_fails_before_work_with_a_clear_message(tmp_path, bad, key):
+    run_dir = tmp_path / "run"
+    proc = run_train([*bad, f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2
+    assert f"`{key}=" in proc.stderr and "expected" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(run_dir.glob("events.out.tfevents.*")) and not (run_dir / "checkpoints").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = run_train(["env.id=NoSuchEnv-v3", f"hydra.run.dir={tmp_path}"], check=False,
+                     env_vars={"WORLDMODEL_DEBUG": "1", "HYDRA_FULL_ERROR": "1"})  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "env.id" in proc.stderr
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_train([*TINY, "trainer.steps=20", "seed=5", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # checkpoint, events, .hydra/config.yaml and train.log all untouched
+
+
+def test_a_finished_sweep_is_never_overwritten(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "seed=0", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"])
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = run_train(["-m", "seed=0,1", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"], check=False)
+    assert proc.returncode == 2 and "finished run" in proc.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+
+
+def test_multirun_gives_every_job_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "seed=0,1", *TINY, "trainer.steps=40", f"hydra.sweep.dir={sweep}"])
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name for j in jobs] == ["0", "1"]
+    finals = []
+    for job in jobs:
+        assert (job / "checkpoints" / "last.pt").is_file()
+        finals.append(scalars(job)["val/loss"][-1][1])
+    assert finals[0] != finals[1]  # different seeds, different runs
+
+
+@pytest.mark.slow
+def test_default_run_finishes_and_validation_loss_falls_tenfold(tmp_path):
+    run_dir = tmp_path / "default"
+    run_train([f"hydra.run.dir={run_dir}"])
+    val = scalars(run_dir)["val/loss"]
+    assert val[0][0] == 0 and val[-1][0] == 3000
+    assert val[-1][1] < val[0][1] / 10
