@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import last_checkpoint, save_checkpoint
+from worldmodel.checkpoint import Checkpointer, load_for_resume
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_config
 from worldmodel.env import env_spec
@@ -28,10 +28,11 @@ from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     with user_errors():
-        # 1. Check every value before any work starts (a finished run's dir was refused even earlier, in
-        #    worldmodel.cli.RefuseFinishedRuns, before Hydra wrote anything into it).
+        # 1. Check every value, and the checkpoint to resume from, before any work starts. (For a single run,
+        #    worldmodel.cli.PreflightChecks made these checks even earlier, before Hydra wrote into the run dir.)
         validate_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        resume_from = load_for_resume(run_dir, cfg) if cfg.trainer.resume else None
         seed_everything(cfg.seed)
         device = resolve_device(cfg.trainer.device)
 
@@ -44,20 +45,21 @@ def main(cfg: DictConfig) -> float:
         trainer = instantiate(cfg.trainer, device=device)
 
         # 3. Rollout: random actions fill the training buffer; a separately seeded env gives held-out episodes.
-        collector = Collector(env, buffer, RandomPolicy(env.action_space), seed=cfg.seed, spec=spec)
+        collector = Collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)
         val_seed = cfg.seed + VAL_SEED_OFFSET
         val_env = instantiate(cfg.env, seed=val_seed)
         val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=device, seed=val_seed)
-        val_collector = Collector(val_env, val_buffer, RandomPolicy(val_env.action_space), seed=val_seed, spec=spec)
+        val_policy = RandomPolicy(val_env.action_space, val_seed)
+        val_collector = Collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
 
-        # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir.
-        logger = Logger(run_dir)
-        logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
-        metrics = trainer.fit(collector, val_collector, model, logger)
-        logger.close()
-
-        # 5. Keep the result: weights + normalizer + resolved config.
-        save_checkpoint(last_checkpoint(run_dir), model, cfg, metrics, spec)
+        # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir and
+        #    checkpointing the whole state (model, optimizer, buffer, env, RNGs) to <run dir>/checkpoints/.
+        checkpointer = Checkpointer(run_dir, cfg, spec, keep=cfg.trainer.keep_checkpoints)
+        purge_step = resume_from["loop"]["step"] + 1 if resume_from else None  # hide what a killed run logged later
+        with Logger(run_dir, purge_step=purge_step) as logger:
+            if resume_from is None:
+                logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+            metrics = trainer.fit(collector, val_collector, model, logger, checkpointer, resume_from)
         print(f"val/loss {metrics['val/loss_initial']:.4g} -> {metrics['val/loss']:.4g}; run dir: {run_dir}")
         return metrics["val/loss"]
 

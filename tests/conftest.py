@@ -30,13 +30,25 @@ def compose_config(overrides: list[str] | None = None):
         return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
 
 
+def train_env(env_vars: dict | None = None) -> dict:
+    # tests/ on the path so runs can use test envs such as nan_env:NanCartPole-v0
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests"), **(env_vars or {})}
+
+
+def start_train(args: list[str]) -> subprocess.Popen:
+    """Starts `python scripts/train.py ARGS` in the background (for tests that signal or kill it)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_vars: dict | None = None):
     """Runs `python scripts/train.py ARGS` and returns the CompletedProcess (stdout/stderr as text)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_vars or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), *args],
         cwd=cwd or REPO,
-        env=env,
+        env=train_env(env_vars),
         capture_output=True,
         text=True,
         timeout=600,

@@ -13,7 +13,7 @@ def collect(env_id: str, steps: int, seed: int = 0) -> ReplayBuffer:
     env = make_env(env_id, seed=seed)
     spec = env_spec(env)
     buffer = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, seed=seed)
-    Collector(env, buffer, RandomPolicy(env.action_space), seed=seed).collect(steps)
+    Collector(env, buffer, RandomPolicy(env.action_space, seed), seed=seed).collect(steps)
     return buffer
 
 
@@ -67,7 +67,7 @@ def test_collector_continues_an_episode_across_calls():
     env = make_env("Pendulum-v1", seed=0)
     spec = env_spec(env)
     split = ReplayBuffer(1000, spec.obs_dim, spec.action_dim)
-    collector = Collector(env, split, RandomPolicy(env.action_space), seed=0)
+    collector = Collector(env, split, RandomPolicy(env.action_space, 0), seed=0)
     stats = [collector.collect(n) for n in (7, 0, 150, 143)]
     whole = collect("Pendulum-v1", 300)
     np.testing.assert_array_equal(split[:]["obs"], whole[:]["obs"])
@@ -86,6 +86,6 @@ def test_max_episode_steps_override():
     env = make_env("Pendulum-v1", seed=0, max_episode_steps=25)
     spec = env_spec(env)
     buffer = ReplayBuffer(100, spec.obs_dim, spec.action_dim)
-    Collector(env, buffer, RandomPolicy(env.action_space), seed=0).collect(60)
+    Collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0).collect(60)
     assert np.flatnonzero(buffer[:]["truncated"]).tolist() == [24, 49]
     assert isinstance(env.action_space, gym.spaces.Box)

@@ -75,7 +75,8 @@ def assert_contents(buf: ReplayBuffer, tail: list[dict]) -> None:
     got, expected = buf[:], stack(tail)
     for name in FIELDS:
         assert got[name].dtype == expected[name].dtype, name
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        if not np.array_equal(got[name], expected[name]):
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def assert_batches_equal(a, b) -> None:
@@ -92,6 +93,7 @@ def check_batch(batch, tail: list[dict], tail_eps: list[int], batch_size: int, s
         assert t.device.type == "cpu", name
     assert len(batch) == batch_size
     arr = {name: getattr(batch, name).numpy() for name in DTYPES}
+    expected = stack(tail)
     pos = {int(r["obs"][0]): k for k, r in enumerate(tail)}
     starts = []
     for b in range(batch_size):
@@ -99,9 +101,10 @@ def check_batch(batch, tail: list[dict], tail_eps: list[int], batch_size: int, s
         assert sid.is_integer() and int(sid) in pos, f"window {b} starts at step {sid}, which is not stored"
         s = pos[int(sid)]
         assert s + seq_len <= len(tail), f"window {b} runs past the newest row (start {s}, len {len(tail)})"
-        for j in range(seq_len):
-            for name in FIELDS:
-                np.testing.assert_array_equal(arr[name][b, j], tail[s + j][name], err_msg=f"{name} [{b}, {j}]")
+        for name in FIELDS:
+            want = expected[name][s : s + seq_len]
+            if not np.array_equal(arr[name][b], want):  # the cheap test first; hypothesis runs this thousands of times
+                np.testing.assert_array_equal(arr[name][b], want, err_msg=f"{name} of window {b} (start {s})")
         # Each step's target is its own next_obs, even at an episode's last step (never the next reset obs).
         np.testing.assert_array_equal(arr["next_obs"][b, :, 0], arr["obs"][b, :, 0] + 0.5)
         eps = tail_eps[s : s + seq_len]
@@ -221,7 +224,10 @@ class ReplayMachine(RuleBasedStateMachine):
         # Consecutive, non-overlapping, in order: together they cover rows [0, n_windows * seq_len) exactly once.
         assert starts == list(range(0, n_windows * seq_len, seq_len))
 
-    @rule(other_seed=st.integers(0, 2**32 - 1), probes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), max_size=3))
+    @rule(
+        other_seed=st.integers(0, 2**32 - 1),
+        probes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), max_size=3),
+    )
     def save_load(self, other_seed, probes):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "sub" / "replay.npz"
@@ -230,6 +236,10 @@ class ReplayMachine(RuleBasedStateMachine):
             loaded = ReplayBuffer(self.capacity, OBS_DIM, ACTION_DIM, seed=other_seed)
             loaded.load(path)
             assert_contents(loaded, self.tail)
+            # The in-memory form that checkpoints embed must round-trip the same way.
+            via_state = ReplayBuffer(self.capacity, OBS_DIM, ACTION_DIM, seed=other_seed ^ 1)
+            via_state.load_state_dict(self.buf.state_dict())
+            assert_contents(via_state, self.tail)
 
             wrong = ReplayBuffer(self.capacity + 1, OBS_DIM, ACTION_DIM)
             with pytest.raises(ValueError):
@@ -246,7 +256,9 @@ class ReplayMachine(RuleBasedStateMachine):
 
         for batch_size, seq_len in probes:
             if seq_len <= len(self.tail):
-                assert_batches_equal(self.buf.sample(batch_size, seq_len), loaded.sample(batch_size, seq_len))
+                expected = self.buf.sample(batch_size, seq_len)
+                assert_batches_equal(expected, loaded.sample(batch_size, seq_len))
+                assert_batches_equal(expected, via_state.sample(batch_size, seq_len))
         # Carry on with the loaded buffer: later ops then also prove the write pointer was restored.
         self.buf = loaded
 
@@ -260,7 +272,7 @@ class ReplayMachine(RuleBasedStateMachine):
         for i in range(-n, n):
             got = self.buf[i]
             for name in FIELDS:
-                np.testing.assert_array_equal(got[name], tail[i][name], err_msg=f"{name}[{i}]")
+                assert np.array_equal(got[name], tail[i][name]), (name, i, got[name], tail[i][name])
         for bad in (n, -n - 1):
             with pytest.raises(IndexError):
                 self.buf[bad]
@@ -279,7 +291,7 @@ class ReplayMachine(RuleBasedStateMachine):
 
 TestReplayMachine = ReplayMachine.TestCase
 TestReplayMachine.settings = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=30,
     deadline=None,
     derandomize=True,
@@ -371,6 +383,37 @@ def test_load_rejects_mismatched_shape_and_missing_file(tmp_path):
             ReplayBuffer(cap, od, ad).load(path)
     with pytest.raises(FileNotFoundError):
         ReplayBuffer(5, OBS_DIM, ACTION_DIM).load(tmp_path / "nope.npz")
+
+
+@pytest.mark.parametrize("before, after", [(3, 1), (5, 2), (6, 0), (13, 4)])
+def test_save_load_after_clear_and_partial_refill(tmp_path, before, after):
+    # clear() with the write pointer mid-table, then fewer rows than capacity: save must still pick the stored rows.
+    buf = ReplayBuffer(6, OBS_DIM, ACTION_DIM, seed=5)
+    fill(buf, before, done_every=2)
+    buf.clear()
+    rows = fill(buf, after, start=1000)
+    buf.save(tmp_path / "r.npz")
+    loaded = ReplayBuffer(6, OBS_DIM, ACTION_DIM)
+    loaded.load(tmp_path / "r.npz")
+    assert_contents(loaded, rows)
+    more = fill(loaded, 3, start=2000)
+    assert_contents(loaded, (rows + more)[-6:])
+
+
+def test_state_dict_is_a_snapshot():
+    # A checkpoint holds the state_dict while training goes on writing the buffer: later writes must not leak in.
+    buf = ReplayBuffer(5, OBS_DIM, ACTION_DIM, seed=2)
+    rows = fill(buf, 7, done_every=3)
+    state = buf.state_dict()
+    fill(buf, 4, start=100)
+    buf.update(0, reward=-1.0)
+    buf.sample(3, 2)
+    restored = ReplayBuffer(5, OBS_DIM, ACTION_DIM, seed=8)
+    restored.load_state_dict(state)
+    assert_contents(restored, rows[-5:])
+    again = ReplayBuffer(5, OBS_DIM, ACTION_DIM, seed=2)
+    fill(again, 7, done_every=3)
+    assert_batches_equal(again.sample(4, 3), restored.sample(4, 3))
 
 
 def test_save_load_round_trip_continues_identically(tmp_path):

@@ -86,7 +86,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_train([*TINY, "trainer.steps=20", "seed=5", f"hydra.run.dir={run_dir}"], check=False)
-    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    assert proc.returncode == 2 and "already holds another run" in proc.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # checkpoint, events, .hydra/config.yaml and train.log all untouched
 
@@ -96,7 +96,7 @@ def test_a_finished_sweep_is_never_overwritten(tmp_path):
     run_train(["-m", "seed=0", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"])
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
     proc = run_train(["-m", "seed=0,1", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"], check=False)
-    assert proc.returncode == 2 and "finished run" in proc.stderr
+    assert proc.returncode == 2 and "checkpoint(s) of earlier jobs" in proc.stderr
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
 
 

@@ -1,8 +1,18 @@
-"""Checkpoints: everything needed to use a trained world model again (weights, normalizer, resolved config)."""
+"""Checkpoints: the whole training state, written atomically, so a run can stop at any moment and continue.
+
+Layout in a run directory:
+    checkpoints/step_00001000.pt   periodic (trainer.checkpoint_every), and on SIGTERM/SIGINT; the newest
+                                   trainer.keep_checkpoints are kept
+    checkpoints/last.pt            the final state of a finished run (a hard link to its last step file)
+
+Each file holds model (normalizer included), optimizer, replay buffer, collector (env, episode in progress, policy
+RNG), global RNGs, the trainer's counters and the resolved config. `load_world_model` needs only the model part.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -12,39 +22,125 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel.errors import WorldModelError
 from worldmodel.model import WorldModel
 
+FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+#: Config keys that may change when a run resumes; any other difference from the saved config is refused, since it
+#: would silently continue a different experiment (another env, another model shape, another data pipeline).
+RESUMABLE_CHANGES = {
+    "trainer.steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.device", "trainer.progress", "trainer.resume",
+}  # fmt: skip
+
 
 def last_checkpoint(run_dir: str | Path) -> Path:
-    """Where a run keeps its final checkpoint: <run dir>/checkpoints/last.pt."""
+    """Where a finished run keeps its final checkpoint: <run dir>/checkpoints/last.pt."""
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 
-def save_checkpoint(path: str | Path, model: WorldModel, cfg: DictConfig, metrics: dict, env_spec) -> None:
-    """Atomic: written to a temporary file and renamed, so a crash mid-save never destroys an older checkpoint."""
-    path = Path(path)
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every periodic checkpoint in a run directory, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+def atomic_torch_save(payload: dict, path: Path) -> None:
+    """Temporary file, fsync, rename: a kill at any instant leaves either the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model": model.state_dict(),  # the normalizer's statistics are buffers inside it
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "env_spec": vars(env_spec),
-        "metrics": metrics,
-    }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
-def load_world_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict]:
-    """Rebuilds the model from the checkpoint's own config, so no config needs to be passed alongside it."""
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, env_spec, keep: int = 3):
+        self.run_dir, self.keep = Path(run_dir), int(keep)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.env_spec = vars(env_spec)
+
+    def save(self, state: dict, step: int, final: bool = False) -> Path:
+        payload = {"format_version": FORMAT_VERSION, "step": step, "config": self.config, "env_spec": self.env_spec}
+        path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
+        atomic_torch_save({**payload, **state}, path)
+        if final:
+            self._link_last(path)
+        for _, old in step_checkpoints(self.run_dir)[: -self.keep]:
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def _link_last(self, path: Path) -> None:
+        last = last_checkpoint(self.run_dir)
+        tmp = last.with_name(".last.pt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # no second copy on disk; pruning step files later leaves last.pt intact
+        except OSError:
+            atomic_torch_save(torch.load(path, weights_only=True), tmp)
+        os.replace(tmp, last)
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise WorldModelError(f"Checkpoint {path} does not exist; a finished run writes <run dir>/checkpoints/last.pt.")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise WorldModelError(f"Checkpoint {path} is unreadable or truncated ({err}).") from None
+        raise WorldModelError(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}).") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise WorldModelError(f"Checkpoint {path} was not written by this version of worldmodel.")
+    return payload
+
+
+def load_for_resume(run_dir: str | Path, cfg: DictConfig) -> dict:
+    """The newest checkpoint of `run_dir`, after checking that `cfg` continues the same experiment."""
+    found = step_checkpoints(run_dir)
+    if not found:
+        raise WorldModelError(
+            f"trainer.resume=true, but {Path(run_dir) / 'checkpoints'} holds no step_*.pt checkpoint to resume from. "
+            "Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a new one."
+        )
+    path = found[-1][1]
+    payload = read_checkpoint(path)
+    diffs = config_differences(payload["config"], OmegaConf.to_container(cfg, resolve=True))
+    refused = {k: v for k, v in diffs.items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        listed = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise WorldModelError(
+            f"Cannot resume {path}: the config differs from the saved run in keys that change the experiment "
+            f"({listed}). Repeat the original overrides (saved in {Path(run_dir) / '.hydra' / 'overrides.yaml'}); "
+            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume."
+        )
+    payload["path"] = str(path)
+    return payload
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (saved value, current value)} for every leaf that differs or exists on one side only."""
+    out = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_differences(a, b, f"{name}."))
+        elif a != b:
+            out[name] = (a, b)
+    return out
+
+
+def load_world_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict]:
+    """Rebuilds the model from the checkpoint's own config, so no config needs to be passed alongside it."""
+    payload = read_checkpoint(path, device)
     spec = payload["env_spec"]
     model = instantiate(payload["config"]["model"], obs_dim=spec["obs_dim"], action_dim=spec["action_dim"])
     model.load_state_dict(payload["model"])

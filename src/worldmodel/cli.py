@@ -1,18 +1,21 @@
-"""How scripts treat the user: mistakes are reported as one paragraph with exit code 2, and no run's files are
-ever written over."""
+"""How scripts treat the user: mistakes are reported as one paragraph with exit code 2, an interrupted run says
+how to resume it, and no run's files are ever written over."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import last_checkpoint
-from worldmodel.errors import WorldModelError
+from worldmodel.checkpoint import last_checkpoint, load_for_resume, step_checkpoints
+from worldmodel.config import validate_config
+from worldmodel.errors import RunInterrupted, WorldModelError
 
 #: Set WORLDMODEL_DEBUG=1 to get the full traceback instead.
 DEBUG_ENV = "WORLDMODEL_DEBUG"
@@ -20,37 +23,62 @@ DEBUG_ENV = "WORLDMODEL_DEBUG"
 
 @contextlib.contextmanager
 def user_errors():
+    # sys.exit, not an exception: Hydra turns exceptions raised in callbacks into warnings and prints a traceback for
+    # those raised in the task.
     try:
         yield
     except WorldModelError as err:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"error: {err}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)  # SystemExit, not Exception: Hydra would turn an exception raised in a callback into a warning
+        sys.exit(2)
+    except RunInterrupted as stop:
+        run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
+        print(f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
+              f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)  # fmt: skip
+        sys.exit(128 + stop.signum)
 
 
-class RefuseFinishedRuns(Callback):
-    """Stops a run or sweep aimed at a directory that holds a finished run.
+def resume_command(run_dir: Path | None) -> str:
+    """The command line that continues this run: its own overrides, its directory, trainer.resume=true."""
+    skip = ("hydra.run.dir=", "trainer.resume=")
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+    args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+    return shlex.join(["python", sys.argv[0], *args])
 
-    Hydra saves .hydra/config.yaml into the output directory before the task starts, so the check must happen here,
-    in on_run_start / on_multirun_start, which Hydra calls before it writes anything.
+
+class PreflightChecks(Callback):
+    """Checks a run before Hydra writes anything into its directory.
+
+    Hydra saves .hydra/config.yaml and overrides.yaml into the output directory before the task starts, so a check
+    made inside the task comes too late to leave an existing run's directory untouched. Here, in on_run_start, it
+    refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true), and a resume
+    whose config would change the experiment. For sweeps, on_multirun_start refuses a sweep directory that holds
+    earlier jobs' checkpoints; each job's own values are checked in the task, in a directory of its own.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
+        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        found = [p for _, p in step_checkpoints(run_dir)] + [p for p in [last_checkpoint(run_dir)] if p.exists()]
         with user_errors():
-            if last_checkpoint(run_dir).exists():
+            validate_config(task_cfg)
+            if task_cfg.trainer.resume:
+                load_for_resume(run_dir, task_cfg)
+            elif found:
                 raise WorldModelError(
-                    f"hydra.run.dir={run_dir} already holds a finished run ({last_checkpoint(run_dir)}). Choose a "
-                    "new directory (drop the hydra.run.dir override, or point it elsewhere); nothing was changed."
+                    f"hydra.run.dir={run_dir} already holds another run's checkpoints ({found[-1]}); nothing was "
+                    "changed. Add trainer.resume=true to continue that run, or choose a new directory (drop the "
+                    "hydra.run.dir override)."
                 )
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        finished = sorted(sweep_dir.glob("**/checkpoints/last.pt")) if sweep_dir.is_dir() else []
+        finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
         with user_errors():
             if finished:
                 raise WorldModelError(
-                    f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} finished run(s), e.g. {finished[0]}. "
-                    "Choose a new sweep directory (drop the hydra.sweep.dir override); nothing was changed."
+                    f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
+                    f"{finished[0]}. Choose a new sweep directory (drop the hydra.sweep.dir override); nothing was "
+                    "changed."
                 )

@@ -34,6 +34,10 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "trainer.val_steps", seq_len, f" (at least trainer.seq_len={seq_len}: one validation sequence)")
     _int(cfg, "trainer.eval_every", 1)
     _int(cfg, "trainer.log_every", 1)
+    _int(cfg, "trainer.checkpoint_every", 1)
+    _int(cfg, "trainer.keep_checkpoints", 1)
+    if not isinstance(t.resume, bool):
+        raise ConfigError("trainer.resume", t.resume, "true or false")
     _int(cfg, "model.latent_dim", 1)
     _int(cfg, "model.hidden_dim", 1)
     for key, value in (("trainer.lr", t.lr), ("trainer.grad_clip", t.grad_clip)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,19 @@ class EnvSpec:
 
 
 def check_env_id(env_id: str) -> None:
-    """Fails fast, before anything is built, if `env.id` is not a registered gymnasium id."""
+    """Fails fast, before anything is built, if `env.id` is not a registered gymnasium id.
+
+    Custom envs use gymnasium's "module:EnvId" form: the module is imported first, and registers EnvId.
+    """
+    env_id = str(env_id)
+    if ":" in env_id:
+        module, env_id = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(
+                "env.id", f"{module}:{env_id}", f"an importable module before the colon that registers {env_id} ({err})"
+            ) from None
     try:
         gym.spec(env_id)
     except gym.error.Error as err:

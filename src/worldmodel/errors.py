@@ -15,3 +15,11 @@ class ConfigError(WorldModelError, ValueError):
 
 class NotEnoughDataError(WorldModelError, ValueError):
     """Raised by ReplayBuffer.sample when fewer steps are stored than one sequence needs."""
+
+
+class RunInterrupted(Exception):
+    """Raised by the trainer after SIGTERM/SIGINT, once the state is checkpointed; scripts exit with 128 + signum."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by signal {signum} after update {step}; checkpoint: {checkpoint}")

@@ -8,9 +8,18 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class Logger:
-    def __init__(self, log_dir: str | Path):
+    """`purge_step`: on resume, events a killed run wrote after its last checkpoint (steps >= purge_step) are hidden by
+    TensorBoard, so resumed curves continue without duplicated or stale points."""
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for name, value in scalars.items():

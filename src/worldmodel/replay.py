@@ -113,13 +113,10 @@ class ReplayBuffer:
         self.ring.clear()
 
     # ---- persistence --------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Writes contents, write pointer and sampling RNG so `load` restores an identical buffer. The write goes to
-        a temporary file that replaces `path` only once complete, so a crash never leaves a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def state_dict(self) -> dict:
+        """Contents, write pointer and sampling RNG: everything needed to restore an identical buffer."""
         ring = self.ring
-        meta = {
+        return {
             "format_version": FORMAT_VERSION,
             "capacity": ring.capacity,
             "ptr": ring.ptr,
@@ -127,11 +124,32 @@ class ReplayBuffer:
             "obs_dim": self.obs_dim,
             "action_dim": self.action_dim,
             "rng": self.rng.bit_generator.state,
+            # Only the filled rows: until the ring wraps they are rows [0, size), afterwards all of them.
+            "columns": {k: torch.from_numpy(v[: ring.size].copy()) for k, v in ring.columns.items()},
         }
+
+    def load_state_dict(self, state: dict, source: str = "replay buffer state") -> None:
+        """Restores a `state_dict`; refuses one whose capacity or shapes differ from this buffer's."""
+        mine = {"capacity": self.capacity, "obs_dim": self.obs_dim, "action_dim": self.action_dim}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine or state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source} holds a buffer of {theirs}, but this buffer is {mine}")
+        ring, size = self.ring, int(state["size"])
+        for name, values in state["columns"].items():
+            ring.columns[name][:size] = np.asarray(values)
+        ring.ptr, ring.size = int(state["ptr"]), size
+        self.rng.bit_generator.state = state["rng"]
+
+    def save(self, path: str | Path) -> None:
+        """Writes `state_dict` to an .npz file. The write goes to a temporary file that replaces `path` only once
+        complete, so a crash never leaves a half-written file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        columns = {k: v.numpy() for k, v in state.pop("columns").items()}
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            # Only the filled rows: until the ring wraps they are rows [0, size), afterwards all of them.
-            np.savez(f, meta=np.array(json.dumps(meta)), **{k: v[: ring.size] for k, v in ring.columns.items()})
+            np.savez(f, meta=np.array(json.dumps(state)), **columns)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -143,19 +161,11 @@ class ReplayBuffer:
             raise FileNotFoundError(f"replay buffer file {path} does not exist")
         try:
             with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                columns = {k: data[k] for k in self.ring.columns}
+                state = json.loads(str(data["meta"]))
+                state["columns"] = {k: data[k] for k in self.ring.columns}
         except Exception as err:  # zip/npz/json errors all mean the same thing to the user
             raise ValueError(f"replay buffer file {path} is unreadable or truncated ({err})") from None
-        mine = {"capacity": self.capacity, "obs_dim": self.obs_dim, "action_dim": self.action_dim}
-        theirs = {k: meta.get(k) for k in mine}
-        if theirs != mine or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"replay buffer file {path} holds {theirs}, but this buffer is {mine}")
-        ring = self.ring
-        for name, values in columns.items():
-            ring.columns[name][: meta["size"]] = values
-        ring.ptr, ring.size = int(meta["ptr"]), int(meta["size"])
-        self.rng.bit_generator.state = meta["rng"]
+        self.load_state_dict(state, source=f"replay buffer file {path}")
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _check_enough(self, seq_len: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,13 +21,21 @@ class Policy(Protocol):
 
 
 class RandomPolicy:
-    """Uniform actions from the env's (seeded) action space."""
+    """Uniform actions from its own seeded copy of the env's action space, so its random stream is part of its
+    state (saved and restored on resume) rather than the env's."""
 
-    def __init__(self, action_space: gym.Space):
-        self.action_space = action_space
+    def __init__(self, action_space: gym.Space, seed: int):
+        self.action_space = copy.deepcopy(action_space)
+        self.action_space.seed(int(seed))
 
     def __call__(self, obs: np.ndarray) -> Any:
         return self.action_space.sample()
+
+    def state_dict(self) -> dict:
+        return {"rng": self.action_space.np_random.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.action_space.np_random.bit_generator.state = state["rng"]
 
 
 @dataclass
@@ -79,6 +89,41 @@ class Collector:
                 self._obs = next_obs
         self.total_steps += stats.steps
         return stats
+
+    def state_dict(self) -> dict:
+        """The episode in progress, the env itself and the policy's RNG, so collection continues exactly.
+
+        gymnasium has no generic get/set-state API; pickling the env object restores the classic-control envs exactly
+        (physics state, time-limit counter and RNG). Where an env cannot be pickled, the episode in progress is cut
+        on resume instead (see load_state_dict).
+        """
+        try:
+            env_blob = pickle.dumps(self.env)
+        except Exception:
+            env_blob = None
+        return {
+            "env": env_blob,
+            "obs": None if self._obs is None else self._obs.tolist(),
+            "episode_return": self._return,
+            "episode_length": self._length,
+            "total_steps": self.total_steps,
+            "seed": self._seed,
+            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_steps, self._seed = state["total_steps"], state["seed"]
+        if state["policy"] is not None:
+            self.policy.load_state_dict(state["policy"])
+        if state["env"] is not None:
+            self.env = pickle.loads(state["env"])  # our own checkpoint, written by state_dict above
+            self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
+            self._return, self._length = state["episode_return"], state["episode_length"]
+        elif state["obs"] is not None and len(self.buffer):
+            # The env could not be saved, so its episode cannot continue: end it as a truncation, which keeps the
+            # buffer's rule that consecutive rows are consecutive steps, and start a fresh episode.
+            self.buffer.update(-1, truncated=True)
+            self._obs, self._return, self._length = None, 0.0, 0
 
     @staticmethod
     def _flat(obs) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Trainer: prefill with random steps, then alternate collecting env steps and gradient updates of the world model."""
+"""Trainer: prefill with random steps, then alternate collecting env steps and gradient updates of the world model.
+
+Everything the loop depends on is in its checkpoints (see checkpoint.py), so a run stopped at any update and
+resumed ends bit-identical, on CPU, to one that never stopped.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from worldmodel.errors import WorldModelError
+from worldmodel.checkpoint import Checkpointer, step_checkpoints
+from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.logger import Logger
 from worldmodel.model import WorldModel
 from worldmodel.replay import ReplayBuffer
 from worldmodel.rollout import Collector
+from worldmodel.runtime import StopSignals, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
+TERMS = ("loss", "obs", "reward", "terminated")
 
 
 class Trainer:
@@ -31,6 +38,9 @@ class Trainer:
         val_steps: int = 2000,
         eval_every: int = 500,
         log_every: int = 100,
+        checkpoint_every: int = 1000,
+        keep_checkpoints: int = 3,
+        resume: bool = False,  # read by scripts/train.py, which loads the state to resume from
         device: str | torch.device = "cpu",
         progress: bool = True,
     ):
@@ -38,10 +48,20 @@ class Trainer:
         self.batch_size, self.seq_len, self.lr = int(batch_size), int(seq_len), float(lr)
         self.env_steps_per_update, self.grad_clip = int(env_steps_per_update), float(grad_clip)
         self.val_steps, self.eval_every, self.log_every = int(val_steps), int(eval_every), int(log_every)
+        self.checkpoint_every, self.keep_checkpoints = int(checkpoint_every), int(keep_checkpoints)
+        self.resume = bool(resume)
         self.device = torch.device(device)
         self.progress = progress
 
-    def fit(self, collector: Collector, val_collector: Collector, model: WorldModel, logger: Logger) -> dict:
+    def fit(
+        self,
+        collector: Collector,
+        val_collector: Collector,
+        model: WorldModel,
+        logger: Logger,
+        checkpointer: Checkpointer | None = None,
+        resume_from: dict | None = None,
+    ) -> dict:
         """Trains `model` on what `collector` gathers and validates it on `val_collector`'s held-out episodes.
 
         Returns the final metrics; `val/loss` is the run's objective (lower is better).
@@ -50,76 +70,149 @@ class Trainer:
         # zero left every loss bit-identical in our runs.
         torch.set_flush_denormal(True)
         buffer = collector.buffer
-        val_collector.collect(self.val_steps)
-        collector.collect(self.prefill)
-        # Statistics from the prefill data, then frozen: see Normalizer.
-        stored = buffer[:]
-        model.normalizer.fit(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+        val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
         model.to(self.device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        if resume_from is None:
+            collector.collect(self.prefill)
+            # Statistics from the prefill data, then frozen: see Normalizer.
+            stored = buffer[:]
+            model.normalizer.fit(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+            initial = self.evaluate(model, val_collector.buffer)
+            logger.log(initial, step=0)
+            state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
+        else:
+            state = self._restore(resume_from, collector, model, optimizer)
+            log.info("resumed from %s at update %d", resume_from["path"], state["step"])
 
-        initial = self.evaluate(model, val_collector.buffer)
-        logger.log(initial, step=0)
-        metrics = {"val/loss_initial": initial["val/loss"], **initial}
-        sums: dict[str, torch.Tensor] = {}  # summed on device, read back only at log time (no per-step host sync)
-        window = {"updates": 0, "env_steps": 0, "update_s": 0.0, "collect_s": 0.0}
-        bar = tqdm(total=self.steps, desc="train", disable=None if self.progress else True, dynamic_ncols=True)
-        for step in range(1, self.steps + 1):
-            t0 = time.perf_counter()
-            window["env_steps"] += collector.collect(self.env_steps_per_update).steps
-            t1 = time.perf_counter()
-            loss, terms = model.loss(buffer.sample(self.batch_size, self.seq_len))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-            optimizer.step()
-            window["update_s"] += time.perf_counter() - t1
-            window["collect_s"] += t1 - t0
-            window["updates"] += 1
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0) + value.detach()
-            bar.update(1)
+        timer = {"updates": 0, "env_steps": 0, "update_s": 0.0, "collect_s": 0.0}
+        bar = tqdm(total=self.steps, initial=state["step"], desc="train", dynamic_ncols=True,
+                   disable=None if self.progress else True)  # fmt: skip
+        with StopSignals() as stop:
+            for step in range(state["step"] + 1, self.steps + 1):
+                t0 = time.perf_counter()
+                timer["env_steps"] += collector.collect(self.env_steps_per_update).steps
+                t1 = time.perf_counter()
+                loss, terms = model.loss(buffer.sample(self.batch_size, self.seq_len))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+                optimizer.step()
+                timer["update_s"] += time.perf_counter() - t1
+                timer["collect_s"] += t1 - t0
+                timer["updates"] += 1
+                self._accumulate(state, step, torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS[1:])]))
+                bar.update(1)
 
-            if step % self.log_every == 0 or step == self.steps:
-                scalars = {f"train/{k}": float(v) / window["updates"] for k, v in sums.items()}
-                self._check_finite(scalars, step)
-                scalars["perf/updates_per_s"] = window["updates"] / max(window["update_s"], 1e-9)
-                if window["env_steps"]:
-                    scalars["perf/env_steps_per_s"] = window["env_steps"] / max(window["collect_s"], 1e-9)
-                scalars["data/buffer_size"] = len(buffer)
-                scalars["data/env_steps"] = collector.total_steps
-                logger.log(scalars, step)
-                bar.set_postfix(loss=f"{scalars['train/loss']:.4g}")
-                sums = {}
-                window = dict.fromkeys(window, 0)
-            if step % self.eval_every == 0 or step == self.steps:
-                val = self.evaluate(model, val_collector.buffer)
-                self._check_finite(val, step)
-                logger.log(val, step)
-                log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
-                metrics.update(val)
+                if step % self.log_every == 0 or step == self.steps:
+                    scalars = self._flush_window(state, checkpointer)
+                    scalars["perf/updates_per_s"] = timer["updates"] / max(timer["update_s"], 1e-9)
+                    if timer["env_steps"]:
+                        scalars["perf/env_steps_per_s"] = timer["env_steps"] / max(timer["collect_s"], 1e-9)
+                    scalars["data/buffer_size"] = len(buffer)
+                    scalars["data/env_steps"] = collector.total_steps
+                    logger.log(scalars, step)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4g}")
+                    timer = dict.fromkeys(timer, 0)
+                if step % self.eval_every == 0 or step == self.steps:
+                    val = self.evaluate(model, val_collector.buffer)
+                    bad = [k for k, v in val.items() if not math.isfinite(v)]
+                    if bad:
+                        self._diverged(step, ", ".join(bad), checkpointer)
+                    logger.log(val, step)
+                    log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
+                    state["metrics"].update(val)
+                state["step"] = step
+                final = step == self.steps
+                if checkpointer is not None and (final or stop.signum is not None or step % self.checkpoint_every == 0):
+                    self._check_finite(state, checkpointer)  # never checkpoint a diverged model over a good one
+                    path = checkpointer.save(self._state_dict(state, collector, model, optimizer), step, final)
+                if stop.signum is not None:
+                    bar.close()
+                    raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
         bar.close()
-        return metrics
+        return state["metrics"]
 
     @torch.no_grad()
     def evaluate(self, model: WorldModel, val_buffer: ReplayBuffer) -> dict[str, float]:
         """Mean loss terms over every held-out transition, in fixed windows so numbers compare across steps."""
         model.eval()
-        totals: dict[str, float] = {}
+        totals = torch.zeros(len(TERMS), dtype=torch.float64)
         count = 0
         for batch in val_buffer.sequences(self.seq_len, batch_size=256):
             loss, terms = model.loss(batch)
-            for name, value in {"loss": loss, **terms}.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(batch)
+            totals += torch.stack([loss, *(terms[k] for k in TERMS[1:])]).double().cpu() * len(batch)
             count += len(batch)
         model.train()
-        return {f"val/{name}": value / count for name, value in totals.items()}
+        return {f"val/{name}": float(v) / count for name, v in zip(TERMS, totals)}
 
-    @staticmethod
-    def _check_finite(scalars: dict[str, float], step: int) -> None:
-        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+    # ---- the loop's own state: small, explicit, checkpointed ----------------------------------------------------
+    def _fresh_loop_state(self, metrics: dict) -> dict:
+        return {
+            "step": 0,
+            "metrics": metrics,
+            # Summed on the device and read back only at log time: no host sync inside the update.
+            "window_sums": torch.zeros(len(TERMS), device=self.device),
+            "window_updates": 0,
+            # Per term, the first update whose value was non-finite (-1 = none): tracked on the device for the same
+            # reason, so a divergence is reported at the exact update and term where it began.
+            "first_nonfinite": torch.full((len(TERMS),), -1, dtype=torch.long, device=self.device),
+        }
+
+    def _accumulate(self, state: dict, step: int, values: torch.Tensor) -> None:
+        state["window_sums"] += values
+        state["window_updates"] += 1
+        fresh = (~torch.isfinite(values)) & (state["first_nonfinite"] < 0)
+        state["first_nonfinite"] = torch.where(fresh, step, state["first_nonfinite"])
+
+    def _flush_window(self, state: dict, checkpointer: Checkpointer | None) -> dict[str, float]:
+        self._check_finite(state, checkpointer)
+        means = (state["window_sums"] / state["window_updates"]).tolist()
+        state["window_updates"] = 0
+        state["window_sums"].zero_()
+        return {f"train/{name}": v for name, v in zip(TERMS, means)}
+
+    def _check_finite(self, state: dict, checkpointer: Checkpointer | None) -> None:
+        first = state["first_nonfinite"].tolist()
+        bad = [(s, name) for s, name in zip(first, TERMS) if s >= 0]
         if bad:
+            step = min(s for s, _ in bad)
+            self._diverged(step, ", ".join(f"train/{n}" for s, n in bad if s == step), checkpointer)
+
+    def _diverged(self, step: int, terms: str, checkpointer: Checkpointer | None) -> None:
+        kept = "no checkpoint is written without trainer's checkpointer"
+        if checkpointer is not None:
+            found = step_checkpoints(checkpointer.run_dir)
+            kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint had been written yet"
+        raise WorldModelError(
+            f"Training diverged: {terms} became non-finite at update {step}; {kept}. Lower trainer.lr or "
+            "trainer.grad_clip, or check the env's observations for NaN/inf."
+        )
+
+    def _state_dict(self, state: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "buffer": collector.buffer.state_dict(),
+            "collector": collector.state_dict(),
+            "rng": rng_state(),
+            "metrics": state["metrics"],
+            "loop": {k: state[k] for k in ("step", "window_sums", "window_updates", "first_nonfinite")},
+        }
+
+    def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
+        if payload["loop"]["step"] > self.steps:
             raise WorldModelError(
-                f"Training diverged at update {step}: {', '.join(bad)} became non-finite. Lower trainer.lr or "
-                "trainer.grad_clip, or check the env's observations for NaN/inf."
+                f"trainer.steps={self.steps} is below the {payload['loop']['step']} updates the resumed run "
+                f"({payload['path']}) has already done; give trainer.steps >= {payload['loop']['step']}."
             )
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        collector.buffer.load_state_dict(payload["buffer"])
+        collector.load_state_dict(payload["collector"])
+        set_rng_state(payload["rng"])
+        state = self._fresh_loop_state(dict(payload["metrics"]))
+        state.update({k: payload["loop"][k] for k in ("step", "window_updates")})
+        state["window_sums"] = payload["loop"]["window_sums"].to(self.device)
+        state["first_nonfinite"] = payload["loop"]["first_nonfinite"].to(self.device)
+        return state

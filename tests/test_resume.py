@@ -1,0 +1,205 @@
+"""Runs that survive: checkpoints, exact resume after SIGTERM/SIGINT/SIGKILL, refusals that change nothing."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_train, scalars, start_train
+from worldmodel.checkpoint import (
+    Checkpointer,
+    atomic_torch_save,
+    config_differences,
+    load_for_resume,
+    step_checkpoints,
+)
+from worldmodel.errors import WorldModelError
+
+# Small but real: enough updates to cross several checkpoints, logs and evaluations.
+RUN = [
+    "trainer.steps=240",
+    "trainer.prefill=300",
+    "trainer.val_steps=200",
+    "trainer.checkpoint_every=60",
+    "trainer.log_every=20",
+    "trainer.eval_every=40",
+    "trainer.progress=false",
+]
+
+
+def files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def wait_for(path: Path, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared:\n{proc.communicate()[1]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Logged losses and final weights equal to the bit."""
+    sa, sb = scalars(a), scalars(b)
+    for tag in sa:
+        if tag.startswith(("train/", "val/", "data/")):
+            assert sa[tag] == sb[tag], tag
+    wa = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    wb = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("model", "optimizer"):
+        flat_a, flat_b = wa[part], wb[part]
+        if part == "optimizer":
+            flat_a = {f"{i}.{k}": v for i, s in flat_a["state"].items() for k, v in s.items()}
+            flat_b = {f"{i}.{k}": v for i, s in flat_b["state"].items() for k, v in s.items()}
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_train([*RUN, f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_exits_and_resumes_bit_identical(tmp_path, uninterrupted, sig):
+    run_dir = tmp_path / "run"
+    proc = start_train([*RUN, f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "checkpoints" / "step_00000060.pt", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    assert "Resume with:" in err and "trainer.resume=true" in err and f"hydra.run.dir={run_dir}" in err
+    assert "Traceback" not in err
+    stopped_at = step_checkpoints(run_dir)[-1][0]
+    assert 60 <= stopped_at < 240 and not (run_dir / "checkpoints" / "last.pt").exists()
+
+    resume_cmd = err.split("Resume with:")[1].strip().split()[2:]  # drop "python scripts/train.py"
+    run_train(resume_cmd)
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_sigkill_right_after_a_checkpoint_resumes_bit_identical(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = start_train([*RUN, f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "checkpoints" / "step_00000120.pt", proc)
+    proc.kill()
+    proc.communicate()
+    assert step_checkpoints(run_dir)[-1][0] == 120
+    run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
+    # Whatever the killed process logged after update 120 is purged: the curves match the uninterrupted run's.
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_resume_a_finished_run_for_more_updates(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    run_train([*RUN, "trainer.steps=120", f"hydra.run.dir={run_dir}", "trainer.resume=true"])
+    val_steps = [s for s, _ in scalars(run_dir)["val/loss"]]
+    assert val_steps == [0, 40, 60, 80, 120]  # continued, no duplicated step
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [(["model.latent_dim=64"], "model.latent_dim"), (["env=pendulum"], "env.id"), (["seed=3"], "seed")],
+)
+def test_resume_with_a_different_experiment_is_refused_and_changes_nothing(tmp_path, change, named):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    before = files(run_dir)
+    proc = run_train([*RUN, *change, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr
+    assert files(run_dir) == before
+
+
+def test_bad_value_on_resume_is_refused_before_hydra_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    before = files(run_dir)
+    proc = run_train([*RUN, "trainer.steps=-5", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "trainer.steps" in proc.stderr
+    assert files(run_dir) == before  # .hydra/config.yaml included
+
+
+def test_resume_errors_name_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "holds no step_*.pt checkpoint" in proc.stderr
+    assert not run_dir.exists()
+
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    newest = step_checkpoints(run_dir)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    proc = run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and str(newest) in proc.stderr and "truncated" in proc.stderr
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # Observations turn NaN from the 501st env step: prefill 300 + one step per update -> update 201 adds the first.
+    args = ["env.id=nan_env:NanCartPole-v0", "+env.kwargs.nan_after=500", "trainer.checkpoint_every=50"]
+    proc = run_train([*RUN, *args, "trainer.steps=400", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2
+    diverged_at = int(re.search(r"non-finite at update (\d+)", proc.stderr).group(1))
+    assert 200 < diverged_at < 250 and "train/obs" in proc.stderr
+    found = step_checkpoints(run_dir)
+    assert found[-1][0] == 200 and str(found[-1][1]) in proc.stderr
+    weights = torch.load(found[-1][1], weights_only=True)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.checkpoint_every=20", "trainer.keep_checkpoints=2", f"hydra.run.dir={run_dir}"])
+    assert [s for s, _ in step_checkpoints(run_dir)] == [220, 240]
+    last, newest = run_dir / "checkpoints" / "last.pt", step_checkpoints(run_dir)[-1][1]
+    assert last.read_bytes() == newest.read_bytes()
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from worldmodel.env import EnvSpec
+
+    cfg = OmegaConf.create({"trainer": {"steps": 10}, "model": {"latent_dim": 8}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    ckpt.save({"model": {"w": torch.ones(3)}}, step=10)
+
+    def dies_halfway(obj, f):
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save({"model": {"w": torch.zeros(3)}}, step=20)
+    monkeypatch.undo()
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [10]
+    assert torch.equal(load_for_resume(tmp_path, cfg)["model"]["w"], torch.ones(3))
+
+
+def test_atomic_save_replaces_whole_files(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_torch_save({"a": torch.arange(3)}, path)
+    atomic_torch_save({"a": torch.arange(5)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_config_differences_and_what_may_change():
+    saved = {"env": {"id": "CartPole-v1"}, "trainer": {"steps": 10, "lr": 0.1}}
+    now = {"env": {"id": "Pendulum-v1"}, "trainer": {"steps": 20, "lr": 0.1}, "new": 1}
+    assert config_differences(saved, now) == {
+        "env.id": ("CartPole-v1", "Pendulum-v1"),
+        "trainer.steps": (10, 20),
+        "new": ("<absent>", 1),
+    }
+    with pytest.raises(WorldModelError, match="holds no step"):
+        load_for_resume(Path("/nonexistent"), None)
