@@ -48,7 +48,8 @@ def main(cfg: DictConfig) -> float:
         collector = Collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)
         val_seed = cfg.seed + VAL_SEED_OFFSET
         val_env = instantiate(cfg.env, seed=val_seed)
-        val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=device, seed=val_seed)
+        val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=device, seed=val_seed,
+                                 dataset=None)  # fmt: skip
         val_policy = RandomPolicy(val_env.action_space, val_seed)
         val_collector = Collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
 

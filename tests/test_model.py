@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import ReplayBuffer, WorldModel
+from worldmodel import GRUWorldModel, ReplayBuffer
 from worldmodel.replay import Batch
 
 
 def fitted_model(obs_dim=3, action_dim=2, **kw) -> WorldModel:
     torch.manual_seed(0)
-    model = WorldModel(obs_dim, action_dim, latent_dim=16, hidden_dim=32, **kw)
+    model = GRUWorldModel(obs_dim, action_dim, latent_dim=16, hidden_dim=32, **kw)
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(500, obs_dim)).astype(np.float32)
     model.normalizer.fit(obs, rng.normal(size=(500, action_dim)), rng.normal(size=500), obs + rng.normal(size=obs.shape))
@@ -57,13 +57,13 @@ def test_normalizer_lives_in_the_state_dict():
     model = fitted_model()
     state = model.state_dict()
     assert state["normalizer.fitted"] and "normalizer.obs_mean" in state and "normalizer.delta_std" in state
-    fresh = WorldModel(3, 2, latent_dim=16, hidden_dim=32)
+    fresh = GRUWorldModel(3, 2, latent_dim=16, hidden_dim=32)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.normalizer.obs_std, model.normalizer.obs_std)
 
 
 def test_unfitted_model_refuses_to_train():
-    model = WorldModel(3, 2)
+    model = GRUWorldModel(3, 2)
     obs, action = random_inputs()
     batch = Batch(obs, action, obs[..., 0], obs, *(torch.zeros(4, 6, dtype=torch.bool),) * 3)
     with pytest.raises(RuntimeError, match="fitted"):
@@ -89,7 +89,7 @@ def linear_system_buffer(steps: int, seed: int) -> ReplayBuffer:
 def test_learns_a_linear_system_to_tight_error():
     torch.manual_seed(0)
     train, val = linear_system_buffer(4000, 0), linear_system_buffer(500, 1)
-    model = WorldModel(3, 1, latent_dim=32, hidden_dim=64)
+    model = GRUWorldModel(3, 1, latent_dim=32, hidden_dim=64)
     rows = train[:]
     model.normalizer.fit(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)

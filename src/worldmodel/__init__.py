@@ -5,7 +5,7 @@ Pipeline: make_env -> rollout (Collector) -> RingBuffer -> ReplayBuffer -> World
 
 from worldmodel.env import EnvSpec, env_spec, make_env
 from worldmodel.errors import ConfigError, NotEnoughDataError, WorldModelError
-from worldmodel.model import WorldModel
+from worldmodel.models import GRUWorldModel, WorldModel
 from worldmodel.replay import Batch, ReplayBuffer
 from worldmodel.ring import RingBuffer
 from worldmodel.rollout import Collector, RandomPolicy
@@ -15,6 +15,7 @@ __all__ = [
     "Collector",
     "ConfigError",
     "EnvSpec",
+    "GRUWorldModel",
     "NotEnoughDataError",
     "RandomPolicy",
     "ReplayBuffer",

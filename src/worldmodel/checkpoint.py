@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.errors import WorldModelError
-from worldmodel.model import WorldModel
+from worldmodel.models import WorldModel
 
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")

@@ -29,11 +29,16 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "buffer.capacity", max(seq_len, 1), f" (at least trainer.seq_len={seq_len}, so one sequence fits)")
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
-    _int(cfg, "trainer.prefill", seq_len, f" (at least trainer.seq_len={seq_len}, so the first update can sample)")
+    if cfg.buffer.get("dataset"):
+        _int(cfg, "trainer.prefill", 0)
+    else:
+        _int(cfg, "trainer.prefill", seq_len, f" (at least trainer.seq_len={seq_len}, so the first update can sample)")
     _int(cfg, "trainer.env_steps_per_update", 0)
     _int(cfg, "trainer.val_steps", seq_len, f" (at least trainer.seq_len={seq_len}: one validation sequence)")
     _int(cfg, "trainer.eval_every", 1)
     _int(cfg, "trainer.log_every", 1)
+    _int(cfg, "trainer.eval_context", 1)
+    _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
     if not isinstance(t.resume, bool):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodel.errors import NotEnoughDataError
+from worldmodel.errors import ConfigError, NotEnoughDataError
 from worldmodel.ring import RingBuffer
 
 FORMAT_VERSION = 1
@@ -49,7 +49,15 @@ class Batch:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: str | torch.device = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        capacity: int,
+        obs_dim: int,
+        action_dim: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        dataset: str | Path | None = None,
+    ):
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.device = torch.device(device)
         self.ring = RingBuffer(
@@ -64,6 +72,8 @@ class ReplayBuffer:
             },
         )
         self.rng = np.random.default_rng(seed)
+        if dataset:
+            self._load_dataset(dataset)
 
     # ---- create -------------------------------------------------------------------------------------------------
     def add(self, obs, action, reward, next_obs, terminated, truncated) -> None:
@@ -94,7 +104,7 @@ class ReplayBuffer:
         """`batch_size` windows of `seq_len` consecutive transitions, uniformly over all windows stored."""
         n_starts = self._check_enough(seq_len)
         starts = self.rng.integers(0, n_starts, size=int(batch_size))
-        return self._gather(starts, seq_len)
+        return self.gather(starts, seq_len)
 
     def sequences(self, seq_len: int, batch_size: int) -> Iterator[Batch]:
         """Every stored transition once, as consecutive non-overlapping windows (the tail shorter than seq_len is
@@ -102,7 +112,7 @@ class ReplayBuffer:
         self._check_enough(seq_len)
         starts = np.arange(0, len(self) - seq_len + 1, seq_len)
         for chunk in np.array_split(starts, max(1, -(-len(starts) // batch_size))):
-            yield self._gather(chunk, seq_len)
+            yield self.gather(chunk, seq_len)
 
     # ---- update / delete ----------------------------------------------------------------------------------------
     def update(self, index, **fields) -> None:
@@ -168,6 +178,15 @@ class ReplayBuffer:
         self.load_state_dict(state, source=f"replay buffer file {path}")
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _load_dataset(self, path: str | Path) -> None:
+        from worldmodel.dataset import episodes_to_buffer, load_dataset  # dataset.py builds on this module
+
+        episodes = load_dataset(path, self.obs_dim, self.action_dim)
+        total = int(episodes["lengths"].sum())
+        if total > self.capacity:
+            raise ConfigError("buffer.capacity", self.capacity, f"at least the {total} transitions of dataset {path}")
+        episodes_to_buffer(self, episodes)
+
     def _check_enough(self, seq_len: int) -> int:
         n_starts = len(self) - int(seq_len) + 1
         if seq_len < 1 or n_starts < 1:
@@ -178,7 +197,9 @@ class ReplayBuffer:
             )
         return n_starts
 
-    def _gather(self, starts: np.ndarray, seq_len: int) -> Batch:
+    def gather(self, starts: np.ndarray, seq_len: int) -> Batch:
+        """Windows of seq_len consecutive transitions starting at logical indices `starts`."""
+        starts = np.asarray(starts)
         logical = starts[:, None] + np.arange(seq_len)  # [batch, seq_len], chronological, never past the newest
         rows = self.ring.physical(logical)
         cols = {name: col[rows] for name, col in self.ring.columns.items()}

@@ -38,6 +38,36 @@ class RandomPolicy:
         self.action_space.np_random.bit_generator.state = state["rng"]
 
 
+class StickyRandomPolicy(RandomPolicy):
+    """Repeats its previous action with probability `repeat_prob`, else draws a new uniform one.
+
+    Held actions drive an env much further from its resting states than uniform noise does (a pendulum swings up, a
+    cart runs away), so data gathered this way tests a model outside the random policy's distribution.
+    """
+
+    def __init__(self, action_space: gym.Space, seed: int, repeat_prob: float = 0.9):
+        super().__init__(action_space, seed)
+        self.repeat_prob = float(repeat_prob)
+        self._last: Any = None
+
+    def __call__(self, obs: np.ndarray) -> Any:
+        if self._last is None or self.action_space.np_random.random() >= self.repeat_prob:
+            self._last = self.action_space.sample()
+        return self._last
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "last": None if self._last is None else np.asarray(self._last).tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._last = None if state["last"] is None else self._as_action(state["last"])
+
+    def _as_action(self, value):
+        if isinstance(self.action_space, gym.spaces.Discrete):
+            return int(value)
+        return np.asarray(value, dtype=self.action_space.dtype)
+
+
 @dataclass
 class CollectStats:
     steps: int = 0

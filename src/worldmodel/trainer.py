@@ -15,14 +15,14 @@ from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import Checkpointer, step_checkpoints
 from worldmodel.errors import RunInterrupted, WorldModelError
+from worldmodel.evaluation import open_loop, trajectory_figure
 from worldmodel.logger import Logger
-from worldmodel.model import WorldModel
+from worldmodel.models import WorldModel
 from worldmodel.replay import ReplayBuffer
 from worldmodel.rollout import Collector
 from worldmodel.runtime import StopSignals, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-TERMS = ("loss", "obs", "reward", "terminated")
 
 
 class Trainer:
@@ -38,6 +38,9 @@ class Trainer:
         val_steps: int = 2000,
         eval_every: int = 500,
         log_every: int = 100,
+        eval_context: int = 5,
+        eval_horizon: int = 15,
+        eval_figure: bool = True,
         checkpoint_every: int = 1000,
         keep_checkpoints: int = 3,
         resume: bool = False,  # read by scripts/train.py, which loads the state to resume from
@@ -48,6 +51,7 @@ class Trainer:
         self.batch_size, self.seq_len, self.lr = int(batch_size), int(seq_len), float(lr)
         self.env_steps_per_update, self.grad_clip = int(env_steps_per_update), float(grad_clip)
         self.val_steps, self.eval_every, self.log_every = int(val_steps), int(eval_every), int(log_every)
+        self.eval_context, self.eval_horizon, self.eval_figure = int(eval_context), int(eval_horizon), eval_figure
         self.checkpoint_every, self.keep_checkpoints = int(checkpoint_every), int(keep_checkpoints)
         self.resume = bool(resume)
         self.device = torch.device(device)
@@ -69,6 +73,7 @@ class Trainer:
         # Late in training many values become subnormal floats, which CPUs process ~1.5x slower; flushing them to
         # zero left every loss bit-identical in our runs.
         torch.set_flush_denormal(True)
+        self.terms = ("loss", *model.loss_terms)  # what train/* and val/* report, in this order
         buffer = collector.buffer
         val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
         model.to(self.device).train()
@@ -79,7 +84,7 @@ class Trainer:
             stored = buffer[:]
             model.normalizer.fit(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
             initial = self.evaluate(model, val_collector.buffer)
-            logger.log(initial, step=0)
+            self._log_eval(logger, initial, model, val_collector.buffer, step=0)
             state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
         else:
             state = self._restore(resume_from, collector, model, optimizer)
@@ -101,7 +106,7 @@ class Trainer:
                 timer["update_s"] += time.perf_counter() - t1
                 timer["collect_s"] += t1 - t0
                 timer["updates"] += 1
-                self._accumulate(state, step, torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS[1:])]))
+                self._accumulate(state, step, torch.stack([loss, *terms.values()]).detach())
                 bar.update(1)
 
                 if step % self.log_every == 0 or step == self.steps:
@@ -119,7 +124,7 @@ class Trainer:
                     bad = [k for k, v in val.items() if not math.isfinite(v)]
                     if bad:
                         self._diverged(step, ", ".join(bad), checkpointer)
-                    logger.log(val, step)
+                    self._log_eval(logger, val, model, val_collector.buffer, step)
                     log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
                     state["metrics"].update(val)
                 state["step"] = step
@@ -135,16 +140,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: WorldModel, val_buffer: ReplayBuffer) -> dict[str, float]:
-        """Mean loss terms over every held-out transition, in fixed windows so numbers compare across steps."""
+        """val/*: mean loss terms over every held-out transition, in fixed windows so numbers compare across steps;
+        eval/*: open-loop prediction error per horizon next to the copy-last baseline (see evaluation.py)."""
         model.eval()
-        totals = torch.zeros(len(TERMS), dtype=torch.float64)
+        names = ("loss", *model.loss_terms)
+        totals = torch.zeros(len(names), dtype=torch.float64)
         count = 0
         for batch in val_buffer.sequences(self.seq_len, batch_size=256):
             loss, terms = model.loss(batch)
-            totals += torch.stack([loss, *(terms[k] for k in TERMS[1:])]).double().cpu() * len(batch)
+            totals += torch.stack([loss, *terms.values()]).double().cpu() * len(batch)
             count += len(batch)
         model.train()
-        return {f"val/{name}": float(v) / count for name, v in zip(TERMS, totals)}
+        metrics = {f"val/{name}": float(v) / count for name, v in zip(names, totals)}
+        result = open_loop(model, val_buffer, self.eval_context, self.eval_horizon)
+        if result is None:
+            log.warning("no held-out episode is %d steps long: eval/* skipped (lower trainer.eval_horizon or "
+                        "raise trainer.val_steps)", self.eval_context + self.eval_horizon - 1)  # fmt: skip
+            return metrics
+        return {**metrics, **result.scalars()}
+
+    def _log_eval(self, logger: Logger, metrics: dict, model: WorldModel, val_buffer: ReplayBuffer, step: int) -> None:
+        logger.log(metrics, step)
+        if self.eval_figure:
+            fig = trajectory_figure(model, val_buffer, self.eval_context, self.eval_horizon)
+            if fig is not None:
+                logger.writer.add_figure("eval/trajectory", fig, global_step=step, close=True)
 
     # ---- the loop's own state: small, explicit, checkpointed ----------------------------------------------------
     def _fresh_loop_state(self, metrics: dict) -> dict:
@@ -152,11 +172,11 @@ class Trainer:
             "step": 0,
             "metrics": metrics,
             # Summed on the device and read back only at log time: no host sync inside the update.
-            "window_sums": torch.zeros(len(TERMS), device=self.device),
+            "window_sums": torch.zeros(len(self.terms), device=self.device),
             "window_updates": 0,
             # Per term, the first update whose value was non-finite (-1 = none): tracked on the device for the same
             # reason, so a divergence is reported at the exact update and term where it began.
-            "first_nonfinite": torch.full((len(TERMS),), -1, dtype=torch.long, device=self.device),
+            "first_nonfinite": torch.full((len(self.terms),), -1, dtype=torch.long, device=self.device),
         }
 
     def _accumulate(self, state: dict, step: int, values: torch.Tensor) -> None:
@@ -170,11 +190,11 @@ class Trainer:
         means = (state["window_sums"] / state["window_updates"]).tolist()
         state["window_updates"] = 0
         state["window_sums"].zero_()
-        return {f"train/{name}": v for name, v in zip(TERMS, means)}
+        return {f"train/{name}": v for name, v in zip(self.terms, means)}
 
     def _check_finite(self, state: dict, checkpointer: Checkpointer | None) -> None:
         first = state["first_nonfinite"].tolist()
-        bad = [(s, name) for s, name in zip(first, TERMS) if s >= 0]
+        bad = [(s, name) for s, name in zip(first, self.terms) if s >= 0]
         if bad:
             step = min(s for s, _ in bad)
             self._diverged(step, ", ".join(f"train/{n}" for s, n in bad if s == step), checkpointer)

@@ -1,0 +1,45 @@
+"""Record episodes of a policy into an .npz dataset (format: src/worldmodel/dataset.py, README "Datasets").
+
+    python scripts/collect.py env=pendulum episodes=100 out=data/pendulum_random.npz
+    python scripts/collect.py env=cartpole episodes=200 policy=sticky out=data/cartpole_sticky.npz
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from worldmodel.cli import user_errors
+from worldmodel.dataset import collect_episodes, save_dataset
+from worldmodel.env import env_spec
+from worldmodel.errors import ConfigError, WorldModelError
+from worldmodel.rollout import RandomPolicy, StickyRandomPolicy
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        out = Path(cfg.out)
+        if out.exists():
+            raise WorldModelError(f"out={out} already exists; datasets are never overwritten. Choose another path.")
+        if not isinstance(cfg.episodes, int) or cfg.episodes < 1:
+            raise ConfigError("episodes", cfg.episodes, "an integer >= 1")
+        policies = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
+        if cfg.policy not in policies:
+            raise ConfigError("policy", cfg.policy, f"one of {', '.join(policies)}")
+        env = instantiate(cfg.env, seed=cfg.seed)
+        spec = env_spec(env)
+        extra = {"repeat_prob": cfg.sticky_prob} if cfg.policy == "sticky" else {}
+        policy = policies[cfg.policy](env.action_space, cfg.seed, **extra)
+        episodes = collect_episodes(env, spec, policy, cfg.episodes, seed=cfg.seed)
+        save_dataset(out, episodes)
+        lengths = episodes["lengths"]
+        print(f"wrote {out}: {len(lengths)} episodes of {spec.id} ({cfg.policy} policy), "
+              f"{int(lengths.sum())} transitions, length {lengths.min()}..{lengths.max()} (mean {lengths.mean():.1f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

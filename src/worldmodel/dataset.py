@@ -1,0 +1,149 @@
+"""Episode datasets on disk (.npz), for offline training and evaluation.
+
+Format: N episodes padded to T steps.
+    obs         [N, T+1, obs_dim]  float   observation before each step, then the final one
+    actions     [N, T, act_dim]    float   (Box actions)
+                [N, T] or [N, T, 1] int    (Discrete actions, as the action index)
+    rewards     [N, T]             float
+    terminated  [N, T]             bool
+    truncated   [N, T]             bool
+    lengths     [N]                int     real length of each episode; steps >= lengths[i] are padding
+Episode i's valid transitions are steps 0 .. lengths[i]-1: (obs[i, t], actions[i, t], rewards[i, t], obs[i, t+1]).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from worldmodel.errors import WorldModelError
+from worldmodel.replay import ReplayBuffer
+
+KEYS = ("obs", "actions", "rewards", "terminated", "truncated", "lengths")
+
+
+class DatasetError(WorldModelError):
+    pass
+
+
+def buffer_to_episodes(buffer: ReplayBuffer, discrete: bool) -> dict[str, np.ndarray]:
+    """The complete episodes in `buffer` (a trailing unfinished one is left out), padded into the format above."""
+    rows = buffer[:]
+    ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
+    begins = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64)
+    lengths = (ends - begins + 1).astype(np.int64)
+    n, t = len(lengths), int(lengths.max()) if len(lengths) else 0
+    act_shape = (n, t) if discrete else (n, t, buffer.action_dim)
+    out = {
+        "obs": np.zeros((n, t + 1, buffer.obs_dim), np.float32),
+        "actions": np.zeros(act_shape, np.int64 if discrete else np.float32),
+        "rewards": np.zeros((n, t), np.float32),
+        "terminated": np.zeros((n, t), bool),
+        "truncated": np.zeros((n, t), bool),
+        "lengths": lengths,
+    }
+    for i, (b, length) in enumerate(zip(begins, lengths)):
+        sl = slice(b, b + length)
+        out["obs"][i, :length] = rows["obs"][sl]
+        out["obs"][i, length] = rows["next_obs"][b + length - 1]
+        out["actions"][i, :length] = rows["action"][sl].argmax(-1) if discrete else rows["action"][sl]
+        out["rewards"][i, :length] = rows["reward"][sl]
+        out["terminated"][i, :length] = rows["terminated"][sl]
+        out["truncated"][i, :length] = rows["truncated"][sl]
+    return out
+
+
+def save_dataset(path: str | Path, episodes: dict[str, np.ndarray]) -> None:
+    """Atomic: a temporary file renamed into place, so an existing dataset is never left half-overwritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **{k: episodes[k] for k in KEYS})
+    os.replace(tmp, path)
+
+
+def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset") -> dict[str, np.ndarray]:
+    """Reads and checks a dataset file against the env's dimensions; every problem names the file and the key."""
+    path = Path(path)
+    where = f"{key}={path}"
+    if not path.is_file():
+        raise DatasetError(f"Dataset {where} does not exist (write one with scripts/collect.py).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            found = {k: data[k] for k in data.files}
+    except Exception as err:
+        raise DatasetError(f"Dataset {where} is not a readable .npz file ({type(err).__name__}: {err}).") from None
+    missing = [k for k in KEYS if k not in found]
+    if missing:
+        raise DatasetError(f"Dataset {where} is missing key(s) {missing}; a dataset holds {list(KEYS)}.")
+    obs, actions, lengths = found["obs"], found["actions"], found["lengths"]
+
+    def expect(name: str, ok: bool, shape: str) -> None:
+        if not ok:
+            raise DatasetError(
+                f"Dataset {where}: key `{name}` has shape {list(found[name].shape)} (dtype {found[name].dtype}), "
+                f"expected {shape}."
+            )
+
+    expect("obs", obs.ndim == 3 and obs.shape[1] >= 2, f"[N, T+1, {obs_dim}] floats")
+    n, t = obs.shape[0], obs.shape[1] - 1
+    expect("obs", obs.shape[2] == obs_dim, f"[N, T+1, {obs_dim}]: obs_dim {obs_dim} is the env's observation size")
+    discrete = np.issubdtype(actions.dtype, np.integer)
+    if discrete:
+        ok = actions.shape in ((n, t), (n, t, 1))
+        expect("actions", ok, f"[{n}, {t}] or [{n}, {t}, 1] integer action indices (Discrete env)")
+        actions = actions.reshape(n, t)
+    else:
+        expect("actions", actions.shape == (n, t, action_dim), f"[{n}, {t}, {action_dim}] floats (Box actions)")
+    for name in ("rewards", "terminated", "truncated"):
+        expect(name, found[name].shape == (n, t), f"[{n}, {t}]")
+    expect("lengths", lengths.shape == (n,) and np.issubdtype(lengths.dtype, np.integer), f"[{n}] integers")
+    if n == 0 or lengths.min() < 1 or lengths.max() > t:
+        raise DatasetError(f"Dataset {where}: key `lengths` must hold N >= 1 values in 1..{t} (the padded length).")
+    valid = np.arange(t)[None, :] < lengths[:, None]  # [N, T]
+    valid_obs = np.arange(t + 1)[None, :] <= lengths[:, None]
+    for name, values, mask in (("obs", obs, valid_obs), ("actions", actions, valid), ("rewards", found["rewards"], valid)):
+        bad = ~np.isfinite(values[mask].astype(np.float64))
+        if bad.any():
+            raise DatasetError(f"Dataset {where}: key `{name}` holds {int(bad.sum())} NaN/inf value(s) in valid steps.")
+    if discrete and (actions[valid].min() < 0 or actions[valid].max() >= action_dim):
+        raise DatasetError(f"Dataset {where}: key `actions` holds indices outside 0..{action_dim - 1}.")
+    return {**found, "actions": actions, "discrete": np.array(discrete)}
+
+
+def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) -> None:
+    """Writes every valid transition into `buffer`, episode by episode. An episode that ends with neither flag set
+    (cut short when it was recorded) is stored as truncated, which keeps consecutive rows consecutive steps."""
+    discrete = bool(episodes.get("discrete", np.issubdtype(episodes["actions"].dtype, np.integer)))
+    for i, length in enumerate(episodes["lengths"]):
+        length = int(length)
+        actions = episodes["actions"][i, :length]
+        if discrete:
+            actions = np.eye(buffer.action_dim, dtype=np.float32)[actions.reshape(length)]
+        truncated = episodes["truncated"][i, :length].copy()
+        truncated[-1] |= not episodes["terminated"][i, length - 1]
+        buffer.extend(
+            obs=episodes["obs"][i, :length],
+            action=actions,
+            reward=episodes["rewards"][i, :length],
+            next_obs=episodes["obs"][i, 1 : length + 1],
+            terminated=episodes["terminated"][i, :length],
+            truncated=truncated,
+        )
+
+
+def collect_episodes(env, spec, policy, episodes: int, seed: int, chunk: int = 1000) -> dict[str, np.ndarray]:
+    """Runs `policy` until `episodes` episodes are complete and returns them in the dataset format."""
+    from worldmodel.rollout import Collector  # rollout builds on replay; imported here to keep this module light
+
+    limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else 1000
+    buffer = ReplayBuffer(episodes * limit + chunk, spec.obs_dim, spec.action_dim)
+    collector = Collector(env, buffer, policy, seed=seed, spec=spec)
+    done = 0
+    while done < episodes:
+        done += len(collector.collect(chunk).episode_returns)
+    data = buffer_to_episodes(buffer, spec.discrete)
+    return {k: v[:episodes] for k, v in data.items()}

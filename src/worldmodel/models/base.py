@@ -1,0 +1,58 @@
+"""The one interface every world model implements, so the trainer and the evaluator never branch on model type.
+
+Data convention (see ReplayBuffer): row t of a sequence holds obs_t, action_t and the env's answer to it: next_obs_t,
+reward_t, terminated_t. `first` marks rows where a new episode starts (the model must forget its history there).
+
+Open-loop convention: `imagine(context_obs [B, C, D], actions [B, C+H-1, A])` observes obs_0..obs_{C-1} with
+actions_0..actions_{C-1}, then predicts next_obs_{C-1} (horizon 1), and keeps going on its own predictions with
+actions_C..actions_{C+H-2}: prediction k (horizon k) is next_obs_{C+k-2}. So horizon 1 is one-step prediction from
+the full context, and horizon H is H steps past the last true observation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+
+from worldmodel.normalize import Normalizer
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+    """Linear -> LayerNorm -> SiLU blocks, then a linear output: the usual stable MLP of model-based RL."""
+    blocks, width = [], in_dim
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(width, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU()]
+        width = hidden_dim
+    return nn.Sequential(*blocks, nn.Linear(width, out_dim))
+
+
+class WorldModel(nn.Module, ABC):
+    """Base of every world model: it owns a Normalizer fitted on data, a loss on sampled sequences, and `imagine`."""
+
+    #: Names of the loss terms `loss` returns besides the total (the trainer logs train/<term> and val/<term>).
+    loss_terms: tuple[str, ...] = ("obs", "reward", "terminated")
+
+    def __init__(self, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
+        self.normalizer = Normalizer(obs_dim, action_dim)
+
+    def fit_normalizer(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray) -> None:
+        self.normalizer.fit(obs, action, reward, next_obs)
+
+    def check_fitted(self) -> None:
+        if not bool(self.normalizer.fitted):
+            raise RuntimeError(f"{type(self).__name__}.normalizer must be fitted on data before training")
+
+    @abstractmethod
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, {term: value for term in loss_terms}, in loss_terms order) averaged over a Batch [B, T, ...]."""
+
+    @abstractmethod
+    def imagine(
+        self, context_obs: torch.Tensor, actions: torch.Tensor, first: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Open-loop rollout in env units: {"obs": [B, H, D], "reward": [B, H], "terminated_prob": [B, H]}."""

@@ -1,0 +1,155 @@
+"""GRUWorldModel (model=gru): encoder MLP -> GRU over (latent, action) -> heads for the *next* step.
+
+At step t the model has seen obs_0..obs_t and actions a_0..a_t of the current episode and predicts what the env
+returns for a_t: the next observation (as a normalized delta from obs_t), the reward and whether the episode
+terminates. It never sees the observation it is asked to predict, which is what makes it a world model rather than
+the seed notebook's autoencoder. The recurrent state is zeroed wherever `first` marks the start of an episode.
+
+With `open_loop_steps=k > 0`, each training sequence also ends with k steps where the model's own predicted
+observation is fed back instead of the true one, so the error it is trained on includes what it will make when
+imagining (the one-step loss alone lets small errors compound freely over a horizon).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldmodel.models.base import WorldModel, mlp
+
+
+class GRUWorldModel(WorldModel):
+    loss_terms = ("obs", "reward", "terminated", "open_loop")
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        latent_dim: int = 32,
+        hidden_dim: int = 128,
+        reward_coef: float = 1.0,
+        terminated_coef: float = 1.0,
+        open_loop_steps: int = 0,
+        open_loop_coef: float = 1.0,
+    ):
+        super().__init__(obs_dim, action_dim)
+        self.latent_dim, self.open_loop_steps = latent_dim, int(open_loop_steps)
+        self.reward_coef, self.terminated_coef, self.open_loop_coef = reward_coef, terminated_coef, open_loop_coef
+        self.encoder = mlp(obs_dim, hidden_dim, latent_dim)
+        self.rnn = nn.GRUCell(latent_dim + action_dim, latent_dim)
+        # Heads read the recurrent state (history) next to the current input (a skip path for Markovian envs).
+        head_in = 2 * latent_dim + action_dim
+        self.next_obs_head = mlp(head_in, hidden_dim, obs_dim)
+        self.reward_head = mlp(head_in, hidden_dim, 1)
+        self.terminated_head = mlp(head_in, hidden_dim, 1)
+
+    def initial_state(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch_size, self.latent_dim)
+
+    def _step(self, h: torch.Tensor, obs_n: torch.Tensor, action_n: torch.Tensor, keep: torch.Tensor):
+        """One step on normalized inputs: (state, obs_t, action_t, 1 - first_t) -> (state, normalized predictions)."""
+        x = torch.cat([self.encoder(obs_n), action_n], dim=-1)
+        h = self.rnn(x, h * keep)
+        features = torch.cat([h, x], dim=-1)
+        return h, {
+            "delta": self.next_obs_head(features),
+            "reward": self.reward_head(features).squeeze(-1),
+            "terminated_logit": self.terminated_head(features).squeeze(-1),
+        }
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher-forced: obs [B, T, D], action [B, T, A], first [B, T] -> normalized predictions per step."""
+        norm = self.normalizer
+        obs_n, action_n = norm.normalize("obs", obs), norm.normalize("action", action)
+        keep = (~first.bool()).unsqueeze(-1).to(obs_n.dtype)
+        h = self.initial_state(obs.shape[0], obs_n)
+        outs = []
+        for t in range(obs.shape[1]):
+            h, out = self._step(h, obs_n[:, t], action_n[:, t], keep[:, t])
+            outs.append(out)
+        return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over every step of a Batch. Each step's target is its own next_obs, never the next row's obs."""
+        self.check_fitted()
+        norm = self.normalizer
+        out = self(batch.obs, batch.action, batch.first)
+        terms = {
+            "obs": F.mse_loss(out["delta"], norm.normalize("delta", batch.next_obs - batch.obs)),
+            "reward": F.mse_loss(out["reward"], norm.normalize("reward", batch.reward.unsqueeze(-1)).squeeze(-1)),
+            "terminated": F.binary_cross_entropy_with_logits(out["terminated_logit"], batch.terminated.float()),
+            "open_loop": self._open_loop_loss(batch),
+        }
+        total = (
+            terms["obs"]
+            + self.reward_coef * terms["reward"]
+            + self.terminated_coef * terms["terminated"]
+            + self.open_loop_coef * terms["open_loop"]
+        )
+        return total, terms
+
+    def _open_loop_loss(self, batch) -> torch.Tensor:
+        """MSE (in normalized obs units) of the last k steps predicted on the model's own observations.
+
+        A step is scored only while the imagined stretch stays inside one episode: once a `first` flag appears, the
+        true observation there is a reset that no rollout could predict.
+        """
+        k, T = self.open_loop_steps, batch.obs.shape[1]
+        if k <= 0 or T < 2:
+            return batch.obs.new_zeros(())
+        k = min(k, T - 1)
+        c = T - k  # rows [0, c) are observed, rows [c, T) imagined
+        pred = self.imagine(batch.obs[:, :c], batch.action, batch.first[:, :c], units="normalized")["obs"]
+        target = self.normalizer.normalize("obs", batch.next_obs[:, c - 1 :])
+        # Horizon 1 predicts next_obs[c-1], which the rollout reaches without any imagined input; it is the
+        # teacher-forced loss again, so it is skipped here and horizons 2..k+1 are scored.
+        pred, target = pred[:, 1:], target[:, 1:]
+        inside = (torch.cumsum(batch.first[:, c:].long(), dim=1) == 0).unsqueeze(-1).to(pred.dtype)
+        return ((pred - target) ** 2 * inside).sum() / (inside.sum() * pred.shape[-1]).clamp_min(1.0)
+
+    def imagine(
+        self,
+        context_obs: torch.Tensor,
+        actions: torch.Tensor,
+        first: torch.Tensor | None = None,
+        units: str = "env",
+    ) -> dict[str, torch.Tensor]:
+        """Observe context_obs [B, C, D] (+ actions[:, :C]), then roll out on own predictions with the remaining
+        actions. Returns H = actions.shape[1] - C + 1 predictions (see models/base.py for the convention)."""
+        norm = self.normalizer
+        B, C = context_obs.shape[:2]
+        if first is None:
+            first = torch.zeros(B, C, dtype=torch.bool, device=context_obs.device)
+        first = first.clone()
+        first[:, 0] = True
+        obs_n, action_n = norm.normalize("obs", context_obs), norm.normalize("action", actions)
+        keep = (~first).unsqueeze(-1).to(obs_n.dtype)
+        ones = torch.ones_like(keep[:, 0])
+        h = self.initial_state(B, obs_n)
+        for t in range(C):
+            h, out = self._step(h, obs_n[:, t], action_n[:, t], keep[:, t])
+        current = context_obs[:, -1]
+        preds, rewards, terms = [], [], []
+        for t in range(C, actions.shape[1] + 1):
+            current = current + norm.denormalize("delta", out["delta"])
+            preds.append(current)
+            rewards.append(norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1))
+            terms.append(torch.sigmoid(out["terminated_logit"]))
+            if t < actions.shape[1]:
+                h, out = self._step(h, norm.normalize("obs", current), action_n[:, t], ones)
+        obs = torch.stack(preds, dim=1)
+        if units == "normalized":
+            obs = norm.normalize("obs", obs)
+        return {"obs": obs, "reward": torch.stack(rewards, dim=1), "terminated_prob": torch.stack(terms, dim=1)}
+
+    @torch.no_grad()
+    def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher-forced one-step predictions in the env's own units: next_obs, reward, terminated_prob."""
+        out = self(obs, action, first)
+        norm = self.normalizer
+        return {
+            "next_obs": obs + norm.denormalize("delta", out["delta"]),
+            "reward": norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1),
+            "terminated_prob": torch.sigmoid(out["terminated_logit"]),
+        }

@@ -1,0 +1,48 @@
+"""scripts/collect.py -> scripts/train.py buffer.dataset=... -> scripts/evaluate.py, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, TINY, run_train, train_env
+
+
+def script(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_collect_train_offline_and_evaluate(tmp_path):
+    data = tmp_path / "cartpole.npz"
+    proc = script("collect.py", ["env=cartpole", "episodes=60", "policy=sticky", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"])
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(data)["lengths"].shape == (60,)
+    again = script("collect.py", ["episodes=2", f"out={data}", f"hydra.run.dir={tmp_path / 'c2'}"])
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+
+    run_dir = tmp_path / "run"  # offline: the dataset only, no env steps at all
+    run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",
+               "trainer.eval_horizon=5", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={data}", "horizon=5", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert set(metrics["nmse"]) == {"1", "5"} and set(metrics["copy_last_nmse"]) == {"1", "5"}
+    assert metrics["nmse"]["1"] < metrics["copy_last_nmse"]["1"]
+    assert "horizon" in proc.stdout and "copy-last" in proc.stdout
+
+
+def test_evaluate_refuses_data_of_another_env(tmp_path):
+    data = tmp_path / "pendulum.npz"
+    assert script("collect.py", ["env=pendulum", "episodes=1", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.steps=10", f"hydra.run.dir={run_dir}"])
+    proc = script("evaluate.py", [f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"data={data}",
+                                  f"hydra.run.dir={tmp_path / 'e'}"])  # fmt: skip
+    assert proc.returncode == 2 and "`obs` has shape [1, 201, 3]" in proc.stderr and "[N, T+1, 4]" in proc.stderr
+    proc = script("evaluate.py", [f"checkpoint={tmp_path / 'none.pt'}", f"data={data}", f"hydra.run.dir={tmp_path / 'e2'}"])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -1,0 +1,91 @@
+"""The open-loop evaluator gives exactly the right numbers on a hand-made case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel import ReplayBuffer
+from worldmodel.evaluation import episode_window_starts, open_loop, trajectory_figure
+from worldmodel.models.base import WorldModel
+
+
+class Drift(WorldModel):
+    """Imagines obs_last + k * step at horizon k, reward 0.5, termination probability 0.9 from horizon 3 on."""
+
+    loss_terms = ()
+
+    def __init__(self, step):
+        super().__init__(obs_dim=2, action_dim=1)
+        self.step = torch.as_tensor(step, dtype=torch.float32)
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+    def imagine(self, context_obs, actions, first=None):
+        horizon = actions.shape[1] - context_obs.shape[1] + 1
+        k = torch.arange(1, horizon + 1, dtype=context_obs.dtype).view(1, -1, 1)
+        obs = context_obs[:, -1:] + k * self.step.to(context_obs.dtype)
+        b = context_obs.shape[0]
+        term = (k.view(1, -1).expand(b, -1) >= 3).to(obs.dtype) * 0.9
+        return {"obs": obs, "reward": torch.full((b, horizon), 0.5), "terminated_prob": term}
+
+
+def hand_made_buffer() -> ReplayBuffer:
+    """Two episodes: obs_t = (t, 2t) for 6 steps (terminated at the end), then (t^2, 0) for 4 steps (truncated)."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(6):
+        buffer.add([t, 2 * t], [0.0], 1.0, [t + 1, 2 * (t + 1)], t == 5, False)
+    for t in range(4):
+        buffer.add([t * t, 0], [0.0], 0.0, [(t + 1) ** 2, 0], False, t == 3)
+    return buffer
+
+
+def test_window_starts_stay_inside_episodes():
+    buffer = hand_made_buffer()
+    assert episode_window_starts(buffer, 3).tolist() == [0, 1, 2, 3, 6, 7]
+    assert episode_window_starts(buffer, 6).tolist() == [0]
+    assert episode_window_starts(buffer, 7).tolist() == []
+
+
+def test_open_loop_numbers_by_hand():
+    buffer = hand_made_buffer()
+    res = open_loop(Drift(step=1.0), buffer, context=2, horizon=2)  # windows of 3 rows: starts 0,1,2,3,6,7
+    # Targets (next_obs of rows s+1, s+2) and predictions (obs of row s+1, plus k):
+    #   first episode, s=0..3: targets (s+2, 2s+4), (s+3, 2s+6); preds (s+2, 2s+3), (s+3, 2s+4)
+    #   second episode, s=6 (t=0): targets (4,0),(9,0); preds (2,1),(3,1)   s=7 (t=1): targets (9,0),(16,0); preds (5,1),(6,1)
+    targets = [np.array([[s + 2, 2 * s + 4], [s + 3, 2 * s + 6]], float) for s in range(4)]
+    targets += [np.array([[4, 0], [9, 0]], float), np.array([[9, 0], [16, 0]], float)]
+    lasts = [np.array([s + 1, 2 * s + 2], float) for s in range(4)] + [np.array([1, 0.0]), np.array([4, 0.0])]
+    preds = [last + np.array([[1.0], [2.0]]) for last in lasts]
+    targets, preds, lasts = np.stack(targets), np.stack(preds), np.stack(lasts)
+    var = targets.reshape(-1, 2).var(0)
+    expected = (((preds - targets) ** 2).mean(0) / var).mean(-1)
+    expected_copy = (((lasts[:, None] - targets) ** 2).mean(0) / var).mean(-1)
+    np.testing.assert_allclose(res.nmse, expected, rtol=1e-12)
+    np.testing.assert_allclose(res.copy_last_nmse, expected_copy, rtol=1e-12)
+    rewards = np.array([[1, 1]] * 4 + [[0, 0]] * 2, float)
+    np.testing.assert_allclose(res.reward_mse, ((0.5 - rewards) ** 2).mean(0), rtol=1e-12)
+    # Window s=3 ends on row 5, the terminal step (a window's last row may end its episode): Drift says "no" there
+    # (probability 0 before horizon 3), so 11 of the 12 (window, horizon) termination calls are right.
+    assert res.windows == 6 and res.terminated_accuracy == pytest.approx(11 / 12)
+
+
+def test_perfect_model_scores_zero_and_reports_requested_horizons():
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(40):
+        buffer.add([t, -t], [0.0], 0.0, [t + 1, -(t + 1)], False, t == 39)
+    res = open_loop(Drift(step=[1.0, -1.0]), buffer, context=3, horizon=15)  # obs move by exactly (+1, -1): perfect
+    assert res.nmse.max() == pytest.approx(0.0, abs=1e-20) and res.copy_last_nmse[0] > 0
+    assert res.copy_last_nmse[14] == pytest.approx(res.copy_last_nmse[0] * 225)  # error grows as k^2
+    d = res.as_dict()
+    assert set(d["nmse"]) == {"1", "5", "10", "15"} and set(d["copy_last_nmse"]) == {"1", "5", "10", "15"}
+    assert "eval/nmse_h15" in res.scalars() and "eval/copy_last_nmse_h5" in res.scalars()
+
+
+def test_no_window_long_enough_gives_none_and_figure_has_a_panel_per_dim():
+    buffer = hand_made_buffer()
+    assert open_loop(Drift(1.0), buffer, context=5, horizon=5) is None
+    fig = trajectory_figure(Drift(1.0), buffer, context=2, horizon=2)
+    assert len(fig.axes) == 2
