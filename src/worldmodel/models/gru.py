@@ -47,28 +47,35 @@ class GRUWorldModel(WorldModel):
     def initial_state(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(batch_size, self.latent_dim)
 
-    def _step(self, h: torch.Tensor, obs_n: torch.Tensor, action_n: torch.Tensor, keep: torch.Tensor):
-        """One step on normalized inputs: (state, obs_t, action_t, 1 - first_t) -> (state, normalized predictions)."""
-        x = torch.cat([self.encoder(obs_n), action_n], dim=-1)
-        h = self.rnn(x, h * keep)
+    def _encode(self, obs_n: torch.Tensor, action_n: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.encoder(obs_n), action_n], dim=-1)
+
+    def _heads(self, h: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalized predictions from the recurrent state and the current input (works on [B, ...] or [B, T, ...])."""
         features = torch.cat([h, x], dim=-1)
-        return h, {
+        return {
             "delta": self.next_obs_head(features),
             "reward": self.reward_head(features).squeeze(-1),
             "terminated_logit": self.terminated_head(features).squeeze(-1),
         }
 
+    def _recur(self, x: torch.Tensor, first: torch.Tensor, h: torch.Tensor | None = None):
+        """Runs the GRU over x [B, T, F], zeroing the state where `first` is set. Only the cell is stepped in Python:
+        the encoder and heads run once over the whole sequence."""
+        keep = (~first.bool()).unsqueeze(-1).to(x.dtype)
+        h = self.initial_state(x.shape[0], x) if h is None else h
+        states = []
+        for t in range(x.shape[1]):
+            h = self.rnn(x[:, t], h * keep[:, t])
+            states.append(h)
+        return torch.stack(states, dim=1), h
+
     def forward(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher-forced: obs [B, T, D], action [B, T, A], first [B, T] -> normalized predictions per step."""
         norm = self.normalizer
-        obs_n, action_n = norm.normalize("obs", obs), norm.normalize("action", action)
-        keep = (~first.bool()).unsqueeze(-1).to(obs_n.dtype)
-        h = self.initial_state(obs.shape[0], obs_n)
-        outs = []
-        for t in range(obs.shape[1]):
-            h, out = self._step(h, obs_n[:, t], action_n[:, t], keep[:, t])
-            outs.append(out)
-        return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
+        x = self._encode(norm.normalize("obs", obs), norm.normalize("action", action))
+        states, _ = self._recur(x, first)
+        return self._heads(states, x)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over every step of a Batch. Each step's target is its own next_obs, never the next row's obs."""
@@ -123,12 +130,9 @@ class GRUWorldModel(WorldModel):
             first = torch.zeros(B, C, dtype=torch.bool, device=context_obs.device)
         first = first.clone()
         first[:, 0] = True
-        obs_n, action_n = norm.normalize("obs", context_obs), norm.normalize("action", actions)
-        keep = (~first).unsqueeze(-1).to(obs_n.dtype)
-        ones = torch.ones_like(keep[:, 0])
-        h = self.initial_state(B, obs_n)
-        for t in range(C):
-            h, out = self._step(h, obs_n[:, t], action_n[:, t], keep[:, t])
+        x = self._encode(norm.normalize("obs", context_obs), norm.normalize("action", actions[:, :C]))
+        _, h = self._recur(x, first)
+        out = self._heads(h, x[:, -1])
         current = context_obs[:, -1]
         preds, rewards, terms = [], [], []
         for t in range(C, actions.shape[1] + 1):
@@ -137,7 +141,9 @@ class GRUWorldModel(WorldModel):
             rewards.append(norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1))
             terms.append(torch.sigmoid(out["terminated_logit"]))
             if t < actions.shape[1]:
-                h, out = self._step(h, norm.normalize("obs", current), action_n[:, t], ones)
+                x = self._encode(norm.normalize("obs", current), norm.normalize("action", actions[:, t]))
+                h = self.rnn(x, h)
+                out = self._heads(h, x)
         obs = torch.stack(preds, dim=1)
         if units == "normalized":
             obs = norm.normalize("obs", obs)
