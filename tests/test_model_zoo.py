@@ -1,0 +1,274 @@
+"""The model zoo: every model config builds a WorldModel that keeps the interface of models/base.py, predicts without
+seeing the future or a previous episode, learns a known linear system open-loop, and trains bit-reproducibly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose_config
+from test_model import linear_system_buffer
+from worldmodel import WorldModel
+from worldmodel.replay import Batch
+
+MODELS = ["gru", "rssm", "mlp_ensemble"]
+RECURRENT = ["gru", "rssm"]
+#: Smaller than the yaml defaults, so each model learns the linear system in a few seconds on two CPU cores.
+SMALL = {
+    "gru": ["model.latent_dim=32", "model.hidden_dim=64"],
+    "rssm": ["model.latent_dim=32", "model.stoch_dim=8", "model.hidden_dim=64"],
+    "mlp_ensemble": ["model.latent_dim=64", "model.hidden_dim=64"],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small enough that one thread is fastest, and it leaves the other core to the rest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(name: str, obs_dim: int = 3, action_dim: int = 2, small: bool = True, seed: int = 0) -> WorldModel:
+    cfg = compose_config([f"model={name}", *(SMALL[name] if small else [])])
+    torch.manual_seed(seed)
+    return instantiate(cfg.model, obs_dim=obs_dim, action_dim=action_dim)
+
+
+def fitted(name: str, obs_dim: int = 3, action_dim: int = 2, **kw) -> WorldModel:
+    model = build(name, obs_dim, action_dim, **kw)
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(500, obs_dim)).astype(np.float32)
+    act, rew = rng.normal(size=(500, action_dim)), rng.normal(size=500)
+    model.fit_normalizer(obs, act, rew, obs + 0.3 * rng.normal(size=obs.shape))
+    return model.eval()
+
+
+def random_batch(b: int = 4, t: int = 6, obs_dim: int = 3, action_dim: int = 2) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    obs, action = torch.randn(b, t, obs_dim, generator=g), torch.randn(b, t, action_dim, generator=g)
+    next_obs, reward = obs + 0.3 * torch.randn(b, t, obs_dim, generator=g), torch.randn(b, t, generator=g)
+    terminated = torch.zeros(b, t, dtype=torch.bool)
+    terminated[0, 2] = True
+    first = torch.zeros(b, t, dtype=torch.bool)
+    first[:, 0] = first[0, 3] = True
+    return Batch(obs, action, reward, next_obs, terminated, torch.zeros_like(terminated), first)
+
+
+# ---- (a) the loss keeps the trainer's contract --------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_returns_exactly_its_terms_and_backpropagates(name):
+    model = fitted(name).train()
+    loss, terms = model.loss(random_batch())
+    assert list(terms) == list(model.loss_terms)
+    values = torch.stack([loss, *terms.values()])  # what the trainer does with them
+    assert values.shape == (1 + len(model.loss_terms),) and torch.isfinite(values).all()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_validation_loss_is_deterministic_and_draws_no_randomness(name):
+    model = fitted(name)  # eval mode, as in Trainer.evaluate
+    torch.manual_seed(123)
+    first = torch.stack([model.loss(random_batch())[0] for _ in range(2)])
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # the global RNG was not advanced
+    assert first[0] == first[1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unfitted_model_refuses_to_train(name):
+    with pytest.raises(RuntimeError, match="fitted"):
+        build(name).loss(random_batch())
+
+
+# ---- (b) imagine: shapes, and horizon 1 is the one-step prediction ------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_imagine_shapes_and_horizon_one_is_the_teacher_forced_prediction(name):
+    model = fitted(name)
+    B, C, H = 4, 3, 5
+    g = torch.Generator().manual_seed(2)
+    context, actions = torch.randn(B, C, 3, generator=g), torch.randn(B, C + H - 1, 2, generator=g)
+    first = torch.zeros(B, C, dtype=torch.bool)
+    out = model.imagine(context, actions, first)
+    assert set(out) == {"obs", "reward", "terminated_prob"}
+    assert out["obs"].shape == (B, H, 3) and out["reward"].shape == (B, H) and out["terminated_prob"].shape == (B, H)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert ((out["terminated_prob"] >= 0) & (out["terminated_prob"] <= 1)).all()
+    torch.testing.assert_close(model.imagine(context, actions), out)  # first=None means one episode
+    one_step = model.predict(context, actions[:, :C], first)
+    torch.testing.assert_close(out["obs"][:, 0], one_step["next_obs"][:, -1])
+    torch.testing.assert_close(out["reward"][:, 0], one_step["reward"][:, -1])
+    torch.testing.assert_close(out["terminated_prob"][:, 0], one_step["terminated_prob"][:, -1])
+    assert not torch.allclose(out["obs"][:, 1], out["obs"][:, 0])  # later horizons move on
+
+
+@torch.no_grad()
+def test_ensemble_rolls_out_on_its_own_mean_prediction():
+    model = fitted("mlp_ensemble")
+    g = torch.Generator().manual_seed(3)
+    context, actions = torch.randn(4, 3, 3, generator=g), torch.randn(4, 5, 2, generator=g)
+    out = model.imagine(context, actions)
+    current = context[:, -1]
+    for k in range(3):  # Markovian: horizon k+1 is one step from horizon k's prediction with action C-1+k
+        current = model.predict(current, actions[:, 2 + k])["next_obs"]
+        torch.testing.assert_close(out["obs"][:, k], current)
+    model.propagation = "members"
+    members = model.imagine(context, actions)
+    assert members["obs"].shape == (4, 3, 3)
+    torch.testing.assert_close(members["obs"][:, 0], out["obs"][:, 0])  # they part only after the first step
+
+
+# ---- (c) predictions never see the future or a previous episode ---------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_history_before_a_first_flag_is_forgotten(name):
+    model = fitted(name)
+    g = torch.Generator().manual_seed(4)
+    context, actions = torch.randn(4, 5, 3, generator=g), torch.randn(4, 9, 2, generator=g)
+    first = torch.zeros(4, 5, dtype=torch.bool)
+    first[:, 2] = True  # a new episode starts at context row 2
+    context2, actions2 = context.clone(), actions.clone()
+    context2[:, :2] += 5.0
+    actions2[:, :2] -= 3.0  # change only the previous episode
+    torch.testing.assert_close(model.imagine(context2, actions2, first), model.imagine(context, actions, first))
+    one, two = model.predict(context, actions[:, :5], first), model.predict(context2, actions2[:, :5], first)
+    torch.testing.assert_close(one["next_obs"][:, 2:], two["next_obs"][:, 2:])
+    if name in RECURRENT:  # without the flag the old episode does leak in: the flag is what isolates episodes
+        first[:, 2] = False
+        leaked = model.imagine(context2, actions2, first)["obs"]
+        assert not torch.allclose(leaked, model.imagine(context, actions)["obs"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_prediction_of_a_row_never_sees_its_target_or_later_rows(name):
+    model = fitted(name)
+    batch = random_batch()
+    first = torch.zeros(4, 6, dtype=torch.bool)
+    base = model.predict(batch.obs, batch.action, first)["next_obs"]
+    obs2 = batch.obs.clone()
+    obs2[:, 4:] += 10.0  # obs_4 is row 3's target
+    torch.testing.assert_close(model.predict(obs2, batch.action, first)["next_obs"][:, :4], base[:, :4])
+
+
+# ---- (d) each model learns a known linear system, open-loop ------------------------------------------------------
+def open_loop_errors(model: WorldModel, val, C: int = 4, H: int = 5, episode: int = 50) -> dict[str, torch.Tensor]:
+    """Per-horizon MSE / variance of the true observations, over every window inside one validation episode."""
+    length = C + H - 1
+    starts = np.array([e + s for e in range(0, len(val), episode) for s in range(episode - length + 1)])
+    rows = {k: torch.as_tensor(v) for k, v in val[starts[:, None] + np.arange(length)].items()}
+    with torch.no_grad():
+        out = model.eval().imagine(rows["obs"][:, :C], rows["action"])
+    target = rows["next_obs"][:, C - 1 :]
+    var = torch.as_tensor(val[:]["obs"]).var(0).mean()
+    return {
+        "nmse": ((out["obs"] - target) ** 2).mean(dim=(0, 2)) / var,
+        "copy_last": ((rows["obs"][:, C - 1 : C] - target) ** 2).mean(dim=(0, 2)) / var,
+        "reward_nmse": ((out["reward"] - rows["reward"][:, C - 1 :]) ** 2).mean(0) / rows["reward"].var(),
+        "terminated_max": out["terminated_prob"].max(),
+    }
+
+
+def train_on_linear_system(name: str, steps: int, seed: int = 0):
+    train, val = linear_system_buffer(4000, seed), linear_system_buffer(500, 1000 + seed)
+    model = build(name, obs_dim=3, action_dim=1, seed=seed)
+    rows = train[:]
+    model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    # A linear decay to 10% of the rate, so the score is of a settled model rather than of the last noisy step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / steps)
+    for _ in range(steps):
+        loss, _ = model.loss(train.sample(32, 8))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model, val
+
+
+# Measured here (torch 2.13 CPU), open-loop nmse at horizon 1 / 5 and reward nmse at horizon 1, seed 0:
+#   gru 1.7e-4 / 2.0e-3 / 1.6e-2, rssm 2.2e-4 / 2.8e-3 / 2.0e-2, mlp_ensemble 3.5e-6 / 2.2e-5 / 5.8e-3,
+# against copy-last's 0.080 / 0.996. Seeds 1-3 gave at most 1.1e-4 / 9.2e-4 (gru), 1.1e-4 / 2.7e-3 (rssm) and
+# 1.7e-6 / 1.7e-5 (mlp_ensemble). Bounds are ~4x the seed-0 values (and above every seed measured).
+LINEAR = {  # name: (updates, nmse bound at horizon 1, at horizon 5, reward nmse bound at horizon 1)
+    "gru": (600, 6e-4, 8e-3, 0.06),
+    "rssm": (600, 1e-3, 1.2e-2, 0.08),
+    "mlp_ensemble": (400, 1.5e-5, 1e-4, 0.03),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_learns_a_linear_system_open_loop(name):
+    steps, bound_h1, bound_h5, bound_reward = LINEAR[name]
+    model, val = train_on_linear_system(name, steps)
+    err = open_loop_errors(model, val)
+    nmse, copy_last = err["nmse"], err["copy_last"]
+    print(f"{name}: nmse {[f'{v:.2e}' for v in nmse.tolist()]}, copy-last {[f'{v:.3f}' for v in copy_last.tolist()]}")
+    assert nmse[0] < bound_h1 and nmse[4] < bound_h5
+    assert (nmse < copy_last / 20).all()  # far better than "nothing changes", at every horizon
+    assert err["reward_nmse"][0] < bound_reward
+    assert err["terminated_max"] < 0.05  # the system never terminates
+
+
+# ---- (e) seeded runs are bit-reproducible -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_seeded_training_is_bit_reproducible(name):
+    def run():
+        train = linear_system_buffer(400, 0)
+        model = build(name, obs_dim=3, action_dim=1, seed=7)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        rows = train[:]
+        model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(10):
+            loss, _ = model.loss(train.sample(8, 8))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return init, model.state_dict()
+
+    (init_a, a), (init_b, b) = run(), run()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(init_a[k], a[k]) for k in a if not k.startswith("normalizer"))
+
+
+# ---- ensemble specifics ---------------------------------------------------------------------------------------------
+def test_ensemble_bootstrap_is_each_member_training_on_its_own_resample():
+    """The count-weighted loss equals the NLL of each member on its own rows drawn with replacement (gathered)."""
+    model = fitted("mlp_ensemble").train()
+    batch = random_batch()
+    torch.manual_seed(5)
+    _, terms = model.loss(batch)
+    torch.manual_seed(5)
+    norm, E, N = model.normalizer, model.ensemble_size, batch.obs.shape[0] * batch.obs.shape[1]
+    idx = torch.randint(N, (E, N))
+    flat = lambda x: x.reshape(N, *x.shape[2:])  # noqa: E731
+    obs_n, act_n = norm.normalize("obs", flat(batch.obs))[idx], norm.normalize("action", flat(batch.action))[idx]
+    delta = norm.normalize("delta", flat(batch.next_obs - batch.obs))[idx]
+    target = torch.cat([delta, norm.normalize("reward", flat(batch.reward).unsqueeze(-1))[idx]], dim=-1)
+    out = model(obs_n, act_n)  # [E, N, .]: member e sees only its resampled rows
+    nll = 0.5 * ((out["mean"] - target) ** 2 * torch.exp(-out["logvar"]) + out["logvar"]).mean()
+    torch.testing.assert_close(terms["nll"], nll)
+    model.eval()  # no resampling in validation: every member scores every row
+    _, plain = model.loss(batch)
+    assert not torch.allclose(plain["nll"], terms["nll"])
+
+
+@torch.no_grad()
+def test_ensemble_members_differ_and_log_variance_stays_in_its_bounds():
+    model = fitted("mlp_ensemble")
+    out = model(1e3 * torch.randn(64, 3), torch.randn(64, 2))  # far outside the data
+    assert out["mean"].shape == (model.ensemble_size, 64, 4) and out["terminated_logit"].shape == (5, 64)
+    assert (out["logvar"] <= model.max_logvar + 1e-3).all() and (out["logvar"] >= model.min_logvar - 1e-3).all()
+    assert not torch.allclose(out["mean"][0], out["mean"][1])
