@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the package with its test tools.
+# Creates .venv (if missing) and installs the package with its test tools and the sweep plugins (README, Sweeps).
 # Torch goes in first, from TORCH_SPEC (default: the CPU build these machines carry locally), because a bare
 # `torch` requirement on a machine without torch pulls several GB of CUDA packages. pyproject.toml only asks
 # for a range that this build satisfies, so the editable install below adds nothing more.
@@ -13,5 +13,5 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/pip install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+.venv/bin/pip install -q -e ".[dev,sweep]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 .venv/bin/python -c "import torch, worldmodel; print(f'worldmodel ready: torch {torch.__version__}, cuda={torch.cuda.is_available()}')"

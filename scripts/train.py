@@ -61,6 +61,7 @@ def main(cfg: DictConfig) -> float:
             if resume_from is None:
                 logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
             metrics = trainer.fit(collector, val_collector, model, logger, checkpointer, resume_from)
+            logger.log_hparams(cfg, metrics, step=cfg.trainer.steps)  # HParams tab: flattened config, final metrics
         print(f"val/loss {metrics['val/loss_initial']:.4g} -> {metrics['val/loss']:.4g}; run dir: {run_dir}")
         return metrics["val/loss"]
 

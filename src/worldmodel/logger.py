@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+#: Prefix of the scalar tags that hold a run's final metrics for TensorBoard's HParams tab, e.g. hparams/val/loss.
+HPARAMS_PREFIX = "hparams/"
+
+
+def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int | float | str]:
+    """Every leaf of a (resolved) config as {dotted key: value}, values that TensorBoard's HParams tab can show.
+
+    Numbers and strings stay as they are; booleans become "true"/"false", None "null", lists their text, and an empty
+    mapping "{}" (its key is kept, so runs of one sweep share one key set).
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, int | float | str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, bool) or value is None:
+            flat[name] = {True: "true", False: "false", None: "null"}[value]
+        elif isinstance(value, int | float | str):
+            flat[name] = value
+        else:  # lists, empty mappings, anything else
+            flat[name] = str(value)
+    return flat
 
 
 class Logger:
@@ -28,6 +59,22 @@ class Logger:
     def log_config(self, yaml_text: str) -> None:
         # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.
         self.writer.add_text("config", "\n".join("    " + line for line in yaml_text.splitlines()), global_step=0)
+
+    def log_hparams(self, flat_config: DictConfig | Mapping[str, Any], metrics: Mapping[str, float], step: int = 0):
+        """The run's hyperparameters and final metrics for TensorBoard's HParams tab, in this run's own event file.
+
+        `flat_config`: {dotted key: value}; a nested config (DictConfig or dict) is flattened with flatten_config.
+        `metrics`: {name: final value}, each finite number also logged as the scalar `hparams/<name>` at `step`, which
+        is what the HParams tab reads. (SummaryWriter.add_hparams would write into a new subdirectory: a second run.)
+        """
+        hparams = flatten_config(flat_config)
+        final = {f"{HPARAMS_PREFIX}{name}": float(v) for name, v in metrics.items()
+                 if isinstance(v, numbers.Real) and math.isfinite(v)}  # fmt: skip
+        for summary in hparams_summaries(hparams, final):  # experiment, session start, session end
+            self.writer.file_writer.add_summary(summary, step)
+        for tag, value in final.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.flush()

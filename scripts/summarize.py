@@ -1,0 +1,259 @@
+"""Summarize a sweep: final validation metrics per configuration, mean ± std over seeds, as a table, CSV and plot.
+
+    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00
+    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00 --metric val/obs
+
+Every directory under the sweep directory that holds TensorBoard event files is a job. A job's final value of each
+`val/*` scalar is read from its event files (TensorBoard's own reader, so resumed runs read as one), and its
+configuration from `.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` (and in keys that do not change
+what a job computes: hydra.job.config.override_dirname.exclude_keys) form one configuration. The table goes to stdout,
+sorted by the main metric (lower is better), and is written to <sweep dir>/summary.csv; <sweep dir>/summary.png plots
+the main metric against the swept values (needs matplotlib, in the `sweep` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+METRIC_PREFIX = "val/"
+IGNORED_KEYS = {"seed"}
+
+
+@dataclass
+class Job:
+    dir: Path
+    overrides: dict[str, str]  # key -> value as written on the command line
+    typed: dict[str, object]  # key -> parsed value (numbers as numbers), for sorting and plotting
+    finals: dict[str, float]  # tag -> last logged value
+
+
+@dataclass
+class Group:
+    config: tuple[tuple[str, str], ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    def values(self, tag: str) -> list[float]:
+        return [j.finals[tag] for j in self.jobs if tag in j.finals]
+
+
+class SummaryError(Exception):
+    pass
+
+
+def find_job_dirs(sweep_dir: Path) -> list[Path]:
+    """Directories holding event files, outside hidden folders (.submitit, .hydra), in job-number order."""
+    dirs = {
+        p.parent
+        for p in sweep_dir.rglob("events.out.tfevents.*")
+        if not any(part.startswith(".") for part in p.parent.relative_to(sweep_dir).parts)
+    }
+
+    def order(d: Path):
+        num = re.match(r"\d+", d.name)
+        return (str(d.parent), int(num.group()) if num else math.inf, d.name)
+
+    return sorted(dirs, key=order)
+
+
+def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
+    """The job's task overrides that define its configuration: {key: text} and {key: parsed value}."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}, {}
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    ignored = set(IGNORED_KEYS)
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        excluded = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.config.override_dirname.exclude_keys")
+        ignored |= set(excluded or [])
+    texts, typed = {}, {}
+    for override in OverridesParser.create().parse_overrides(list(OmegaConf.load(path))):
+        key = override.key_or_group
+        if key in ignored or key.startswith("hydra"):
+            continue
+        texts[key] = override.get_value_element_as_str() if override.value() is not None else "null"
+        value = override.value()
+        typed[key] = value if isinstance(value, int | float | str | bool) else texts[key]
+    return texts, typed
+
+
+def read_finals(job_dir: Path) -> dict[str, float]:
+    """Last value of every val/* scalar in the job's own event files (not its subdirectories)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
+    acc = EventAccumulator(str(job_dir), size_guidance=guidance)
+    acc.Reload()
+    return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"] if tag.startswith(METRIC_PREFIX)}
+
+
+def load_jobs(sweep_dir: Path) -> list[Job]:
+    jobs = []
+    for job_dir in find_job_dirs(sweep_dir):
+        texts, typed = read_overrides(job_dir)
+        jobs.append(Job(job_dir, texts, typed, read_finals(job_dir)))
+    return jobs
+
+
+def group_jobs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, str]]:
+    """Groups of jobs with the same configuration, the keys that vary across groups, and the keys that do not."""
+    keys = sorted({k for j in jobs for k in j.overrides})
+    groups: dict[tuple, Group] = {}
+    for job in jobs:
+        config = tuple((k, job.overrides.get(k, "<default>")) for k in keys)
+        groups.setdefault(config, Group(config)).jobs.append(job)
+    swept = [k for i, k in enumerate(keys) if len({g.config[i][1] for g in groups.values()}) > 1]
+    fixed = {k: v for k, v in next(iter(groups.values())).config if k not in swept} if groups else {}
+    return list(groups.values()), swept, fixed
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4g}" if math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
+
+
+def typed_value(group: Group, key: str):
+    return group.jobs[0].typed.get(key, dict(group.config)[key])
+
+
+def shown_value(group: Group, key: str) -> str:
+    """The value for the table and the plot: floats to 4 significant digits (summary.csv keeps them whole)."""
+    value = typed_value(group, key)
+    return f"{value:.4g}" if isinstance(value, float) else dict(group.config)[key]
+
+
+def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dict[str, str], list[str]]:
+    if not sweep_dir.is_dir():
+        raise SummaryError(f"{sweep_dir} is not a directory. Pass a sweep's directory: outputs/multirun/<date>/<time>.")
+    jobs = load_jobs(sweep_dir)
+    if not jobs:
+        raise SummaryError(
+            f"{sweep_dir} holds no runs: no TensorBoard event files (events.out.tfevents.*) were found in it or its "
+            "subdirectories. Pass the directory a sweep wrote (python scripts/train.py -m ... prints it at the end, "
+            "outputs/multirun/<date>/<time> by default), or a single run's directory."
+        )
+    done = [j for j in jobs if metric in j.finals]
+    if not done:
+        tags = sorted({t for j in jobs for t in j.finals})
+        raise SummaryError(
+            f"None of the {len(jobs)} runs under {sweep_dir} logged {metric} (logged: {', '.join(tags) or 'none'}). "
+            "Choose another --metric, or wait for the runs to reach their first validation."
+        )
+    for job in jobs:
+        if job not in done:
+            print(f"note: {job.dir} has no {metric} yet (failed or still running); left out", file=sys.stderr)
+    groups, swept, fixed = group_jobs(done)
+    groups.sort(key=lambda g: mean_std(g.values(metric))[0])
+    tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})
+    return groups, swept, fixed, tags
+
+
+def write_table(groups, swept, fixed, tags, metric, out=sys.stdout) -> None:
+    header = [*swept, "n", *tags]
+    rows = [
+        [*(shown_value(g, k) for k in swept), str(len(g.values(metric))), *(fmt(*mean_std(g.values(t))) for t in tags)]
+        for g in groups
+    ]
+    if not swept:
+        header, rows = ["config", *header], [["(all runs)", *r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    if fixed:
+        print("fixed: " + " ".join(f"{k}={v}" for k, v in fixed.items()), file=out)
+    print(f"{metric}: final value, mean ± std over seeds (n runs); sorted by {metric}, lower is better", file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=out)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=out)
+
+
+def write_csv(path: Path, groups, swept, tags, metric) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*swept, "n", *(f"{t}_{s}" for t in tags for s in ("mean", "std")), "runs"])
+        for g in groups:
+            stats = [x for t in tags for x in mean_std(g.values(t))]
+            writer.writerow([*(dict(g.config)[k] for k in swept), len(g.values(metric)),
+                             *("" if math.isnan(x) else repr(x) for x in stats),
+                             ";".join(j.dir.name for j in g.jobs)])  # fmt: skip
+
+
+def write_plot(path: Path, groups, swept, metric, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = [mean_std(g.values(metric)) for g in groups]
+    err = [0.0 if math.isnan(s) else s for _, s in stats]
+    xs = [typed_value(g, swept[0]) for g in groups] if len(swept) == 1 else []
+    numeric = bool(xs) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+    if numeric:  # one swept number: metric against it, error bars over seeds
+        fig, ax = plt.subplots(figsize=(6, 4))
+        order = sorted(range(len(groups)), key=lambda i: xs[i])
+        ax.errorbar([xs[i] for i in order], [stats[i][0] for i in order], yerr=[err[i] for i in order],
+                    marker="o", capsize=4)  # fmt: skip
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        if len(set(xs)) <= 10:
+            ax.set_xticks(sorted(set(xs)), [f"{x:.4g}" if isinstance(x, float) else str(x) for x in sorted(set(xs))])
+        ax.set_xlabel(swept[0])
+        ax.set_ylabel(f"final {metric}")
+    else:  # several swept keys, or a non-numeric one: one bar per configuration, best at the top
+        labels = ["\n".join(f"{k}={shown_value(g, k)}" for k in swept) or "all runs" for g in groups]
+        width = 4.5 + 0.08 * max(len(line) for label in labels for line in label.split("\n"))
+        fig, ax = plt.subplots(figsize=(width, 1.2 + len(groups) * (0.25 + 0.2 * max(1, len(swept)))))
+        ax.barh(range(len(groups)), [m for m, _ in stats], xerr=err, capsize=4, color="tab:blue")
+        ax.set_yticks(range(len(groups)), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"final {metric}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir), or any parent of runs")
+    parser.add_argument("--metric", default="val/loss", help="main metric, lower is better (default: val/loss)")
+    args = parser.parse_args(argv)
+    try:
+        groups, swept, fixed, tags = summarize(args.sweep_dir, args.metric)
+    except SummaryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_table(groups, swept, fixed, tags, args.metric)
+    csv_path, png_path = args.sweep_dir / "summary.csv", args.sweep_dir / "summary.png"
+    write_csv(csv_path, groups, swept, tags, args.metric)
+    print(f"wrote {csv_path}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('note: summary.png needs matplotlib: pip install -e ".[sweep]"', file=sys.stderr)
+        return 0
+    n_runs = sum(len(g.jobs) for g in groups)
+    title = f"{args.sweep_dir.name}: final {args.metric}, mean ± std over seeds ({n_runs} runs)"
+    write_plot(png_path, groups, swept, args.metric, title)
+    print(f"wrote {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Sweeps: readable job directory names, submitit jobs that resume when requeued, and a pointer to the results.
+
+Two OmegaConf resolvers are registered when this module is imported:
+
+- `wm.job_dirname` names each job's directory (hydra.sweep.subdir in conf/config.yaml).
+- `wm.resume_if_checkpoints` is true when the running job's own directory already holds a step checkpoint.
+
+Hydra instantiates `SweepCallback` (hydra.callbacks.sweep in conf/config.yaml) in the process that starts a run or a
+sweep, and unpickles it in every process that runs jobs (joblib workers, submitit jobs), so this module, and with it
+the resolvers, is loaded wherever a job directory is named or a job starts.
+
+Requeue and resume: submitit requeues a SLURM job that is preempted or reaches its time limit, and the requeued job
+runs again with the same overrides in the same directory. For sweeps with a submitit launcher, SweepCallback gives
+every job the override `trainer.resume=${wm.resume_if_checkpoints:}`, which each job evaluates when it starts: false
+on a first start (train from scratch), true on a rerun that finds the job's own checkpoints (continue from the
+newest). Only a rerun can find any, since worldmodel.cli.PreflightChecks refuses a sweep directory that already holds
+checkpoints before any job starts. An explicit trainer.resume=... on the command line is left as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from worldmodel.checkpoint import step_checkpoints
+
+log = logging.getLogger(__name__)
+
+#: Longest job directory name before it is cut and given a hash suffix (file systems allow 255 bytes).
+MAX_DIRNAME = 160
+
+#: The override SweepCallback adds to the jobs of a submitit sweep.
+AUTO_RESUME = "trainer.resume=${wm.resume_if_checkpoints:}"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
+_LONG_DECIMAL = re.compile(r"(?<![A-Za-z0-9.])\d+\.\d{5,}(?:e-?\d+)?(?![A-Za-z0-9.])")
+
+
+def job_dirname(num: Any, override_dirname: Any) -> str:
+    """`<job num>_<overrides>` with every character that could nest directories or confuse Hydra's command-line
+    parser ('/', '=', ',', spaces, brackets, quotes...) replaced by '-'; just `<job num>` when there are no overrides.
+    Decimals with more than 4 digits after the point (an Optuna trial's learning rate) are shown to 4 significant
+    digits: the job number keeps names unique, and .hydra/overrides.yaml has the exact values.
+
+    `override_dirname` is Hydra's `hydra.job.override_dirname` (sorted overrides, minus
+    hydra.job.config.override_dirname.exclude_keys). The result is a valid unquoted Hydra value, so a job can be
+    continued as a single run with `hydra.run.dir=<sweep dir>/<name> trainer.resume=true`.
+    """
+    text = _LONG_DECIMAL.sub(lambda m: f"{float(m.group()):.4g}", str(override_dirname or ""))
+    text = _UNSAFE.sub("-", text).strip("-")
+    name = f"{num}_{text}" if text else str(num)
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_DIRNAME - 9].rstrip('-_.')}-{digest}"
+    return name
+
+
+def resume_if_checkpoints() -> bool:
+    """True when the running job's own directory (hydra.runtime.output_dir) already holds a step checkpoint; false
+    before Hydra has set that directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
+    return bool(output_dir) and bool(step_checkpoints(output_dir))
+
+
+OmegaConf.register_new_resolver("wm.job_dirname", job_dirname, replace=True)
+# Cached per config object: a job decides once, when it first reads trainer.resume, and its config keeps saying so
+# after it has written checkpoints of its own.
+OmegaConf.register_new_resolver("wm.resume_if_checkpoints", resume_if_checkpoints, replace=True, use_cache=True)
+
+
+class SweepCallback(Callback):
+    """Requeued submitit jobs resume (see the module docstring); a finished sweep says how to compare its jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        task = config.hydra.overrides.task
+        sets_resume = any(o.lstrip("+~").startswith("trainer.resume=") for o in OmegaConf.to_container(task))
+        if "submitit" in launcher and not sets_resume:
+            # The sweeper reads the jobs' overrides from here (unresolved) after this callback.
+            with read_write(config.hydra), open_dict(config.hydra):
+                task.append(AUTO_RESUME)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        log.info(
+            "Sweep done: %s. Compare the jobs with `tensorboard --logdir %s` (HParams tab) or "
+            "`python scripts/summarize.py %s`.",
+            sweep_dir, sweep_dir, sweep_dir,
+        )  # fmt: skip

@@ -1,0 +1,265 @@
+"""Sweeps as a user runs them: real multiruns (basic, Optuna, joblib, submitit_local), their job directories, event
+files and HParams summaries, scripts/summarize.py on the result, and a requeued submitit job that resumes.
+
+The launchers and the Optuna sweeper come with the `sweep` extra (pip install -e ".[sweep]"); tests that need one are
+skipped, saying so, where it is not installed. Each real sweep takes 15-30 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hp_metadata
+
+from conftest import REPO, TINY, run_train, scalars, train_env
+from worldmodel.logger import Logger, flatten_config
+from worldmodel.sweep import job_dirname
+
+NEEDS_EXTRA = 'needs the sweep extra: pip install -e ".[sweep]"'
+
+#: TINY with fewer and smaller updates, so that a job takes seconds; checkpoints every 10 updates for the requeue test.
+SHORTER = {"trainer.steps": 20, "trainer.prefill": 200, "trainer.val_steps": 100, "trainer.eval_every": 10,
+           "trainer.log_every": 5, "trainer.checkpoint_every": 10, "trainer.batch_size": 8,
+           "trainer.seq_len": 8}  # fmt: skip
+
+#: One torch thread per job: jobs side by side (joblib, submitit) then use a core each, as the README advises on
+#: CPU-only machines, and tiny jobs stay quick on a busy machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SWEEP_TINY = [o for o in TINY if o.split("=")[0] not in SHORTER] + [f"{k}={v}" for k, v in SHORTER.items()]
+
+#: Keys that job directory names leave out (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys).
+UNNAMED = {"hparams_search", "trainer.resume", "trainer.device", "trainer.progress", "trainer.log_every",
+           "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints"}  # fmt: skip
+
+#: The part of every job's directory name that SWEEP_TINY contributes, e.g. "trainer.prefill-300_trainer.steps-40_...".
+TINY_NAME = "_".join(sorted(o.replace("=", "-") for o in SWEEP_TINY if o.split("=")[0] not in UNNAMED))
+
+
+def need(module: str):
+    return pytest.importorskip(module, reason=f"{module} {NEEDS_EXTRA}")
+
+
+def job_dirs(sweep):
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: int(p.name.split("_")[0]))  # fmt: skip
+
+
+def hparams_of(run_dir) -> dict:
+    """The HParams tab's view of one run: {"hparams": {key: value}, "metrics": [tags], "status": int}."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent(hp_metadata.PLUGIN_NAME)
+    assert set(content) == {hp_metadata.EXPERIMENT_TAG, hp_metadata.SESSION_START_INFO_TAG,
+                            hp_metadata.SESSION_END_INFO_TAG}, f"no hparams summary in {run_dir}"  # fmt: skip
+    start = hp_metadata.parse_session_start_info_plugin_data(content[hp_metadata.SESSION_START_INFO_TAG])
+    experiment = hp_metadata.parse_experiment_plugin_data(content[hp_metadata.EXPERIMENT_TAG])
+    end = hp_metadata.parse_session_end_info_plugin_data(content[hp_metadata.SESSION_END_INFO_TAG])
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return {"hparams": values, "metrics": [m.name.tag for m in experiment.metric_infos], "status": end.status}
+
+
+def check_job(job, expect_name: str):
+    """A finished job: its readable name, one event file directly in it, no extra run directories, a checkpoint,
+    and an HParams summary whose final val/loss is the last val/loss point."""
+    assert job.name == expect_name
+    assert len(list(job.glob("events.out.tfevents.*"))) == 1
+    assert {p.name for p in job.iterdir() if p.is_dir()} == {".hydra", "checkpoints"}  # no add_hparams subdirectory
+    assert (job / "checkpoints" / "last.pt").is_file()
+    series = scalars(job)
+    assert series["hparams/val/loss"][-1][1] == series["val/loss"][-1][1]
+    hp = hparams_of(job)
+    assert "hparams/val/loss" in hp["metrics"] and hp["status"] == 1  # STATUS_SUCCESS
+    return hp, series["val/loss"][-1][1]
+
+
+def summarize(sweep_dir, *args):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(sweep_dir), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+# --- no training: names, presets, hparams summaries, summarize's error ---------------------------------------------
+
+
+def test_job_dirnames_are_readable_one_level_and_valid_hydra_values(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert job_dirname(3, "model.latent_dim-64_seed-1") == "3_model.latent_dim-64_seed-1"
+    assert job_dirname(0, "") == "0"
+    assert job_dirname(2, "trainer.lr-0.0012520653814999472_seed-0") == "2_trainer.lr-0.001252_seed-0"
+    odd = job_dirname(7, "env.id-ALE/Pong-v5_model.sizes-[8,16]_name-'a b=c'")
+    assert odd == "7_env.id-ALE-Pong-v5_model.sizes--8-16-_name--a-b-c"
+    long = job_dirname(12, "_".join(f"trainer.key{i}-{i}" for i in range(40)))
+    assert len(long) <= 160 and long.startswith("12_trainer.key0-0_") and re.fullmatch(r".*-[0-9a-f]{8}", long)
+    for name in (odd, long):
+        # `hydra.run.dir=<job dir>` (how a job is resumed as a single run) parses as one plain value
+        [override] = OverridesParser.create().parse_overrides([f"hydra.run.dir={tmp_path}/{name}"])
+        assert not override.is_sweep_override() and override.value() == f"{tmp_path}/{name}"
+
+
+def test_log_hparams_writes_into_the_runs_own_event_file(tmp_path):
+    config = {"seed": 1, "model": {"latent_dim": 16, "lr": 1e-3}, "env": {"id": "CartPole-v1", "kwargs": {},
+              "max_episode_steps": None}, "trainer": {"resume": False, "sizes": [8, 16]}}  # fmt: skip
+    flat = flatten_config(config)
+    assert flat == {"seed": 1, "model.latent_dim": 16, "model.lr": 1e-3, "env.id": "CartPole-v1", "env.kwargs": "{}",
+                    "env.max_episode_steps": "null", "trainer.resume": "false", "trainer.sizes": "[8, 16]"}  # fmt: skip
+    with Logger(tmp_path) as logger:
+        logger.log({"val/loss": 0.5}, step=10)
+        logger.log_hparams(config, {"val/loss": 0.5, "val/obs": 0.25}, step=10)
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # SummaryWriter.add_hparams would add a subdirectory
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    hp = hparams_of(tmp_path)
+    assert hp["hparams"] == {k: float(v) if isinstance(v, int | float) else v for k, v in flat.items()}
+    assert hp["metrics"] == ["hparams/val/loss", "hparams/val/obs"]
+    assert scalars(tmp_path)["hparams/val/obs"] == [(10, 0.25)]
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm", "submitit_local", "basic"])
+def test_submitit_sweeps_resume_requeued_jobs_and_slurm_preset_composes(launcher):
+    need("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.sweep import AUTO_RESUME, SweepCallback
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "seed=1"], return_hydra_config=True)
+        explicit = compose("config", overrides=[f"hydra/launcher={launcher}", "trainer.resume=false"],
+                           return_hydra_config=True)  # fmt: skip
+    if launcher == "slurm":  # the preset: the plugin's schema, with this repo's defaults
+        assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.max_num_timeout == 3
+    SweepCallback().on_multirun_start(cfg)
+    task = OmegaConf.to_container(cfg.hydra.overrides.task)  # as the sweeper reads it: unresolved
+    assert (AUTO_RESUME in task) == (launcher != "basic")  # jobs that can be requeued resume
+    SweepCallback().on_multirun_start(explicit)
+    assert AUTO_RESUME not in OmegaConf.to_container(explicit.hydra.overrides.task)  # the user's own choice stands
+
+
+def test_summarize_refuses_a_directory_without_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("no runs here")
+    proc = summarize(tmp_path)
+    assert proc.returncode == 2 and "holds no runs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "summary.csv").exists()
+
+
+# --- real sweeps ------------------------------------------------------------------------------------------------------
+
+
+def test_grid_sweep_names_jobs_logs_hparams_and_summarizes(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "model.latent_dim=8,16", "seed=0,1", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+                     env_vars=ONE_THREAD)
+    assert f"tensorboard --logdir {sweep}" in proc.stderr + proc.stdout  # the sweep says how to compare its jobs
+
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 4
+    finals, key_sets = {}, set()
+    for num, (dim, seed) in enumerate([(8, 0), (8, 1), (16, 0), (16, 1)]):
+        # 0_model.latent_dim-8_seed-0_trainer.batch_size-8_trainer.prefill-200_trainer.seq_len-8_trainer.steps-20_...
+        hp, final = check_job(jobs[num], f"{num}_model.latent_dim-{dim}_seed-{seed}_{TINY_NAME}")
+        assert hp["hparams"]["model.latent_dim"] == dim and hp["hparams"]["seed"] == seed
+        key_sets.add(frozenset(hp["hparams"]))
+        finals.setdefault(dim, []).append(final)
+    assert len(key_sets) == 1  # one key set across the sweep: the HParams tab lines the jobs up
+
+    proc = summarize(sweep)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["8"], ["16"])]
+    assert sorted(r[0] for r in rows) == ["16", "8"] and all(r[1] == "2" for r in rows)  # 2 configs, n=2 seeds each
+    with (sweep / "summary.csv").open() as f:
+        table = {row["model.latent_dim"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"8", "16"}
+    for dim, values in finals.items():
+        row = table[str(dim)]
+        assert row["n"] == "2"
+        assert float(row["val/loss_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["val/loss_std"]) == pytest.approx(statistics.stdev(values))
+    try:
+        import matplotlib  # noqa: F401  (the plot needs the sweep extra; the table and CSV do not)
+    except ImportError:
+        assert "summary.png needs matplotlib" in proc.stderr
+    else:
+        assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A job directory is a valid hydra.run.dir: the job continues as a single run, on the same curves.
+    job = jobs[3]
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    overrides = [o for o in overrides if not o.startswith("trainer.steps=")]
+    run_train([*overrides, f"hydra.run.dir={job}", "trainer.resume=true", "trainer.steps=30"], env_vars=ONE_THREAD)
+    assert [step for step, _ in scalars(job)["val/loss"]] == [0, 10, 20, 30]
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    need("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    # SWEEP_TINY fixes two keys of the search space (small, so trials are quick): Optuna searches the other two.
+    run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+              env_vars=ONE_THREAD)
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 3
+    searched = {"trainer.lr", "model.latent_dim"}
+    finals = []
+    for num, job in enumerate(jobs):
+        params = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        assert searched <= set(params) and params["trainer.seq_len"] == "8" and params["trainer.batch_size"] == "8"
+        assert job.name.startswith(f"{num}_model.latent_dim-{params['model.latent_dim']}_trainer.batch_size-8_")
+        assert "hparams_search" not in job.name
+        hp = hparams_of(job)
+        assert hp["hparams"]["trainer.lr"] == pytest.approx(float(params["trainer.lr"]))
+        finals.append(scalars(job)["val/loss"][-1][1])
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == searched
+    assert results["best_value"] == pytest.approx(min(finals))  # train.py's return value is what Optuna minimized
+
+
+def test_joblib_runs_jobs_in_parallel_processes(tmp_path):
+    need("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *SWEEP_TINY,
+               f"hydra.sweep.dir={sweep}"], env_vars=ONE_THREAD)  # fmt: skip
+    jobs = job_dirs(sweep)
+    for num, job in enumerate(jobs):
+        check_job(job, f"{num}_seed-{num}_{TINY_NAME}")
+    pids = {next(job.glob("events.out.tfevents.*")).name.split(".")[-2] for job in jobs}
+    assert len(jobs) == 2 and len(pids) == 2  # each job was written by its own worker process
+
+
+def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
+    need("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "hydra/launcher=submitit_local", "seed=0,1", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+              env_vars=ONE_THREAD)
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 2
+    finals = [check_job(job, f"{num}_seed-{num}_{TINY_NAME}")[1] for num, job in enumerate(jobs)]
+    assert finals[0] != finals[1]
+    job_ids = [yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"] for job in jobs]
+    for job_id in job_ids:  # submitit ran each job in its own process and collected its result
+        assert (sweep / ".submitit" / job_id / f"{job_id}_0_result.pkl").is_file()
+    job = jobs[0]
+    assert "trainer.resume" in (job / ".hydra" / "overrides.yaml").read_text()  # added for submitit sweeps
+    assert hparams_of(job)["hparams"]["trainer.resume"] == "false"  # a first start trains from scratch
+
+    # SLURM requeues a preempted job by running its batch script again: submitit loads the job's pickle and runs the
+    # same job in the same directory. Here the job "was killed" right after its checkpoint at update 10.
+    for name in ("step_00000020.pt", "last.pt"):
+        (job / "checkpoints" / name).unlink()
+    env = train_env({**ONE_THREAD, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": job_ids[0],
+                     "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+                     "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_GLOBALID": "0"})  # fmt: skip
+    rerun = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(sweep / ".submitit" / "%j")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from" in (job / "train.log").read_text() and "step_00000010.pt" in (job / "train.log").read_text()
+    series = scalars(job)["val/loss"]
+    assert [step for step, _ in series] == [0, 10, 20]  # the killed run's later points are purged, none twice
+    assert series[-1][1] == finals[0]  # and the resumed job ends exactly where the uninterrupted one did
+    assert (job / "checkpoints" / "last.pt").is_file() and len(job_dirs(sweep)) == 2  # same directory, no new one
