@@ -56,6 +56,10 @@ class Logger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, global_step=step)
 
+    def log_figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure as an image; the figure is closed afterwards."""
+        self.writer.add_figure(tag, figure, global_step=step, close=True)
+
     def log_config(self, yaml_text: str) -> None:
         # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.
         self.writer.add_text("config", "\n".join("    " + line for line in yaml_text.splitlines()), global_step=0)

@@ -82,7 +82,7 @@ class Trainer:
             collector.collect(self.prefill)
             # Statistics from the prefill data, then frozen: see Normalizer.
             stored = buffer[:]
-            model.normalizer.fit(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+            model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
             initial = self.evaluate(model, val_collector.buffer)
             self._log_eval(logger, initial, model, val_collector.buffer, step=0)
             state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
@@ -164,7 +164,7 @@ class Trainer:
         if self.eval_figure:
             fig = trajectory_figure(model, val_buffer, self.eval_context, self.eval_horizon)
             if fig is not None:
-                logger.writer.add_figure("eval/trajectory", fig, global_step=step, close=True)
+                logger.log_figure("eval/trajectory", fig, step)
 
     # ---- the loop's own state: small, explicit, checkpointed ----------------------------------------------------
     def _fresh_loop_state(self, metrics: dict) -> dict:
