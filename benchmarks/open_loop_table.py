@@ -4,6 +4,9 @@ uniform random policy rarely visits) next to the copy-last baseline. Prints a ma
 
     python benchmarks/open_loop_table.py                          # every env config x every model config
     python benchmarks/open_loop_table.py --envs cartpole --models gru --steps 500   # a quick look
+    python benchmarks/open_loop_table.py --envs pendulum --models gru --overrides experiment=pendulum  # a preset
+
+--overrides are passed to every scripts/train.py run as they are (Hydra syntax), after the env and model.
 
 Each cell runs the same commands a user would: scripts/collect.py, scripts/train.py, scripts/evaluate.py.
 """
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="trainer.steps (default: the trainer config's)")
     parser.add_argument("--episodes", type=int, default=100, help="evaluation episodes per env")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra overrides for scripts/train.py, e.g. experiment=pendulum model.open_loop_steps=4")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
@@ -52,6 +57,7 @@ def main() -> None:
                              "trainer.eval_figure=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
                 if args.steps:
                     overrides.append(f"trainer.steps={args.steps}")
+                overrides += args.overrides
                 start = time.perf_counter()
                 run("train.py", overrides)
                 seconds = time.perf_counter() - start
@@ -59,7 +65,7 @@ def main() -> None:
                 run("evaluate.py", [f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"data={data}",
                                     f"hydra.run.dir={eval_dir}"])  # fmt: skip
                 m = json.loads((eval_dir / "metrics.json").read_text())
-                rows.append({"env": env, "model": model, "train_s": round(seconds, 1), **m})
+                rows.append({"env": env, "model": model, "overrides": args.overrides, "train_s": round(seconds, 1), **m})
                 print(f"done {env} {model} in {seconds:.0f}s", file=sys.stderr, flush=True)
 
     hs = ["1", "5", "15"]

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
         policies = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
         if cfg.policy not in policies:
             raise ConfigError("policy", cfg.policy, f"one of {', '.join(policies)}")
-        env = instantiate(cfg.env, seed=cfg.seed)
+        env = instantiate(cfg.env, seed=cfg.seed, num_envs=1)  # whole episodes, one at a time
         spec = env_spec(env)
         extra = {"repeat_prob": cfg.sticky_prob} if cfg.policy == "sticky" else {}
         policy = policies[cfg.policy](env.action_space, cfg.seed, **extra)

@@ -21,8 +21,9 @@ from worldmodel.cli import user_errors
 from worldmodel.config import validate_config
 from worldmodel.env import env_spec
 from worldmodel.logger import Logger
-from worldmodel.rollout import Collector, RandomPolicy
+from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
+from worldmodel.vector import make_collector
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -35,23 +36,25 @@ def main(cfg: DictConfig) -> float:
         resume_from = load_for_resume(run_dir, cfg) if cfg.trainer.resume else None
         seed_everything(cfg.seed)
         device = resolve_device(cfg.trainer.device)
+        storage = resolve_device(cfg.buffer.device, key="buffer.device", auto=device)  # where the replay ring lives
 
         # 2. Build: env -> replay buffer -> world model -> trainer.
-        env = instantiate(cfg.env, seed=cfg.seed)
+        env = instantiate(cfg.env, seed=cfg.seed)  # a gymnasium vector env when env.num_envs > 1
         spec = env_spec(env)
         dims = {"obs_dim": spec.obs_dim, "action_dim": spec.action_dim}
-        buffer = instantiate(cfg.buffer, **dims, device=device, seed=cfg.seed)
+        streams = getattr(env, "num_envs", 1)  # one replay stream per env, so no sequence mixes two envs
+        buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed)
         model = instantiate(cfg.model, **dims)
         trainer = instantiate(cfg.trainer, device=device)
 
         # 3. Rollout: random actions fill the training buffer; a separately seeded env gives held-out episodes.
-        collector = Collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)
+        collector = make_collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)
         val_seed = cfg.seed + VAL_SEED_OFFSET
-        val_env = instantiate(cfg.env, seed=val_seed)
-        val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=device, seed=val_seed,
-                                 dataset=None)  # fmt: skip
+        val_env = instantiate(cfg.env, seed=val_seed, num_envs=1)
+        val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=storage,
+                                 batch_device=device, seed=val_seed, dataset=None)  # fmt: skip
         val_policy = RandomPolicy(val_env.action_space, val_seed)
-        val_collector = Collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
+        val_collector = make_collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
 
         # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir and
         #    checkpointing the whole state (model, optimizer, buffer, env, RNGs) to <run dir>/checkpoints/.

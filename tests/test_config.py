@@ -88,11 +88,20 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("trainer.device=tpu", "trainer.device", "auto, cpu, cuda"),
         ("env.id=CartPole-v9", "env.id", "registered gymnasium id"),
         ("env.id=NoSuchEnv-v0", "env.id", "registered gymnasium id"),
+        ("env.num_envs=0", "env.num_envs", ">= 1"),
+        ("env.vectorization_mode=threads", "env.vectorization_mode", "sync, async"),
+        ("buffer.obs_dtype=int8", "buffer.obs_dtype", "float32, float16, bfloat16"),
+        ("buffer.device=tpu", "buffer.device", "auto, cpu, cuda"),
+        ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
+        ("trainer.compile=maybe", "trainer.compile", "true or false"),
+        # 8 envs x seq_len 16: each env's stream must hold a sequence, and the prefill must fill every stream.
+        ("env.num_envs=8 buffer.capacity=100", "buffer.capacity", "env.num_envs=8"),
+        ("env.num_envs=8 trainer.prefill=100", "trainer.prefill", "env.num_envs=8"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
     with pytest.raises(ConfigError) as err:
-        validate_config(compose_config([override]))
+        validate_config(compose_config(override.split()))
     assert err.value.key == key
     assert key in str(err.value) and valid in str(err.value)
 

@@ -49,6 +49,17 @@ def test_window_starts_stay_inside_episodes():
     assert episode_window_starts(buffer, 7).tolist() == []
 
 
+def test_window_starts_never_cross_from_one_stream_into_the_next():
+    """Two streams, each with an episode still open at its newest row: stream 0 holds logical rows 0..4 and stream 1
+    rows 5..8, so a window may end at row 4 but not run on into row 5."""
+    buffer = ReplayBuffer(20, obs_dim=2, action_dim=1, streams=2)
+    for k, n in ((1, 4), (0, 5)):
+        for t in range(n):
+            buffer.add([t, k], [0.0], 0.0, [t + 1, k], False, False, stream=k)
+    assert episode_window_starts(buffer, 3).tolist() == [0, 1, 2, 5, 6]
+    assert episode_window_starts(buffer, 5).tolist() == [0]
+
+
 def test_open_loop_numbers_by_hand():
     buffer = hand_made_buffer()
     res = open_loop(Drift(step=1.0), buffer, context=2, horizon=2)  # windows of 3 rows: starts 0,1,2,3,6,7

@@ -188,7 +188,7 @@ def test_write_then_read(data, capacity, n):
 
 def test_write_rejects_unknown_column_and_bad_index_without_writing():
     ring = filled(3, 5)
-    before = {k: v.copy() for k, v in ring.columns.items()}
+    before = {k: v.clone() for k, v in ring.columns.items()}
     with pytest.raises(KeyError):
         ring.write(0, nope=1)
     with pytest.raises(IndexError):
@@ -225,7 +225,7 @@ def test_clear_keeps_allocation_and_empties(n):
 @pytest.mark.parametrize("op", ["append", "extend"])
 def test_missing_or_unknown_column_raises_key_error_and_writes_nothing(op):
     ring = filled(3, 2)
-    before = {k: v.copy() for k, v in ring.columns.items()}
+    before = {k: v.clone() for k, v in ring.columns.items()}
     full = row(7) if op == "append" else rows([7, 8])
     missing = {k: v for k, v in full.items() if k != "flag"}
     unknown = {**full, "extra": full["id"]}

@@ -119,3 +119,23 @@ def test_default_run_finishes_and_validation_loss_falls_tenfold(tmp_path):
     val = scalars(run_dir)["val/loss"]
     assert val[0][0] == 0 and val[-1][0] == 3000
     assert val[-1][1] < val[0][1] / 10
+
+
+def test_bf16_autocast_run_trains(tmp_path):
+    """trainer.precision=bf16 (autocast; on CPU too, where it is slower but must still learn)."""
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.precision=bf16", f"hydra.run.dir={run_dir}"])
+    val_first, val_last = first_last(scalars(run_dir)["val/loss"])
+    assert val_last < val_first / 3
+
+
+@pytest.mark.slow  # about 45 s on 2 CPU cores, most of it compiling
+def test_compiled_run_matches_eager_and_trains(tmp_path):
+    """trainer.compile=true computes the same loss as eager mode (up to float reassociation) and learns."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train([*TINY, f"hydra.run.dir={eager}"])
+    run_train([*TINY, "trainer.compile=true", f"hydra.run.dir={compiled}"])
+    e, c = scalars(eager), scalars(compiled)
+    assert c["train/loss"][0][1] == pytest.approx(e["train/loss"][0][1], rel=1e-3)  # mean of the first 20 updates
+    val_first, val_last = first_last(c["val/loss"])
+    assert val_last < val_first / 3

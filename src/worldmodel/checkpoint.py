@@ -29,7 +29,8 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 #: would silently continue a different experiment (another env, another model shape, another data pipeline).
 RESUMABLE_CHANGES = {
     "trainer.steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-    "trainer.keep_checkpoints", "trainer.device", "trainer.progress", "trainer.resume",
+    "trainer.keep_checkpoints", "trainer.device", "trainer.progress", "trainer.resume", "trainer.compile",
+    "trainer.compile_mode", "buffer.device",
 }  # fmt: skip
 
 

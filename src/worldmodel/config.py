@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 from omegaconf import DictConfig
 
-from worldmodel.env import check_env_id
+from worldmodel.env import VECTORIZATION_MODES, check_env_id
 from worldmodel.errors import ConfigError
+from worldmodel.replay import OBS_DTYPES
 from worldmodel.runtime import resolve_device
+from worldmodel.trainer import PRECISIONS
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
@@ -26,13 +28,22 @@ def validate_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     _int(cfg, "seed", 0)
     seq_len = _int(cfg, "trainer.seq_len", 1)
-    _int(cfg, "buffer.capacity", max(seq_len, 1), f" (at least trainer.seq_len={seq_len}, so one sequence fits)")
+    envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
+    _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
+         "env's stream must hold one sequence)")  # fmt: skip
+    mode = cfg.env.get("vectorization_mode")
+    if mode is not None and mode not in VECTORIZATION_MODES:
+        raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
+    resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device")
+    if cfg.buffer.get("obs_dtype", "float32") not in OBS_DTYPES:
+        raise ConfigError("buffer.obs_dtype", cfg.buffer.obs_dtype, f"one of {', '.join(OBS_DTYPES)}")
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
     if cfg.buffer.get("dataset"):
         _int(cfg, "trainer.prefill", 0)
     else:
-        _int(cfg, "trainer.prefill", seq_len, f" (at least trainer.seq_len={seq_len}, so the first update can sample)")
+        _int(cfg, "trainer.prefill", envs * seq_len, f" (at least env.num_envs={envs} x trainer.seq_len={seq_len}, so "
+             "the first update can sample)")  # fmt: skip
     _int(cfg, "trainer.env_steps_per_update", 0)
     _int(cfg, "trainer.val_steps", seq_len, f" (at least trainer.seq_len={seq_len}: one validation sequence)")
     _int(cfg, "trainer.eval_every", 1)
@@ -41,8 +52,11 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    if not isinstance(t.resume, bool):
-        raise ConfigError("trainer.resume", t.resume, "true or false")
+    for key in ("resume", "compile"):
+        if not isinstance(t.get(key, False), bool):
+            raise ConfigError(f"trainer.{key}", t[key], "true or false")
+    if t.get("precision", "fp32") not in PRECISIONS:
+        raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     _int(cfg, "model.latent_dim", 1)
     _int(cfg, "model.hidden_dim", 1)
     for key, value in (("trainer.lr", t.lr), ("trainer.grad_clip", t.grad_clip)):

@@ -115,8 +115,9 @@ def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "bu
 
 
 def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) -> None:
-    """Writes every valid transition into `buffer`, episode by episode. An episode that ends with neither flag set
-    (cut short when it was recorded) is stored as truncated, which keeps consecutive rows consecutive steps."""
+    """Writes every valid transition into `buffer`, episode by episode (dealt to its streams in turn). An episode that
+    ends with neither flag set (cut short when it was recorded) is stored as truncated, which keeps consecutive rows
+    consecutive steps."""
     discrete = bool(episodes.get("discrete", np.issubdtype(episodes["actions"].dtype, np.integer)))
     for i, length in enumerate(episodes["lengths"]):
         length = int(length)
@@ -132,6 +133,7 @@ def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) ->
             next_obs=episodes["obs"][i, 1 : length + 1],
             terminated=episodes["terminated"][i, :length],
             truncated=truncated,
+            stream=i % buffer.streams,
         )
 
 

@@ -62,10 +62,13 @@ def check_env_id(env_id: str) -> None:
         ) from None
 
 
-def env_spec(env: gym.Env) -> EnvSpec:
-    """Reads observation/action widths, refusing spaces the world model cannot consume."""
+def env_spec(env: gym.Env | gym.vector.VectorEnv) -> EnvSpec:
+    """Reads observation/action widths (of one env of a vector env), refusing spaces the model cannot consume."""
     env_id = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
-    obs_space, act_space = env.observation_space, env.action_space
+    if isinstance(env, gym.vector.VectorEnv):
+        obs_space, act_space = env.single_observation_space, env.single_action_space
+    else:
+        obs_space, act_space = env.observation_space, env.action_space
     if not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError(
             "env.id", env_id, f"an env with Box (vector) observations; this one has {obs_space}"
@@ -77,13 +80,35 @@ def env_spec(env: gym.Env) -> EnvSpec:
     raise ConfigError("env.id", env_id, f"an env with Discrete or Box actions; this one has {act_space}")
 
 
-def make_env(id: str, seed: int, max_episode_steps: int | None = None, kwargs: dict | None = None) -> gym.Env:
+VECTORIZATION_MODES = ("vector_entry_point", "sync", "async")
+
+
+def make_env(
+    id: str,
+    seed: int,
+    max_episode_steps: int | None = None,
+    kwargs: dict | None = None,
+    num_envs: int = 1,
+    vectorization_mode: str | None = None,
+) -> gym.Env | gym.vector.VectorEnv:
     """Builds `id` with its action space seeded, so random policies are reproducible.
 
+    With num_envs > 1 it builds a gymnasium vector env: by default the env's own batched implementation where it
+    has one (`vector_entry_point`, e.g. CartPole steps all envs in one numpy call), else `sync` (one process);
+    `async` runs each env in its own process, which pays off only for slow envs.
     The observation stream is seeded by the collector's first `reset(seed=...)`, the gymnasium>=1.0 way.
     """
     check_env_id(id)
-    env = gym.make(id, max_episode_steps=max_episode_steps, **dict(kwargs or {}))
+    kwargs = dict(kwargs or {})
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    if int(num_envs) == 1:
+        env = gym.make(id, **kwargs)
+    else:
+        if vectorization_mode is None:
+            has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
+            vectorization_mode = "vector_entry_point" if has_own else "sync"
+        env = gym.make_vec(id, num_envs=int(num_envs), vectorization_mode=vectorization_mode, **kwargs)
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
     return env

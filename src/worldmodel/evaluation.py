@@ -20,11 +20,14 @@ from worldmodel.replay import ReplayBuffer
 
 
 def episode_window_starts(buffer: ReplayBuffer, length: int, stride: int = 1) -> np.ndarray:
-    """Logical starts of windows [s, s + length) whose rows all belong to one episode (only the last row may end it)."""
+    """Logical starts of windows [s, s + length) whose rows all belong to one episode (only the last row may end it)
+    and to one stream (logical order runs stream after stream, and a stream's newest row may be mid-episode)."""
     if len(buffer) < length:
         return np.zeros(0, dtype=np.int64)
     rows = buffer[:]
-    ends = np.concatenate([[0], np.cumsum(rows["terminated"] | rows["truncated"])])
+    boundary = rows["terminated"] | rows["truncated"]
+    boundary[np.cumsum(buffer.ring.sizes)[buffer.ring.sizes > 0] - 1] = True
+    ends = np.concatenate([[0], np.cumsum(boundary)])
     starts = np.arange(0, len(buffer) - length + 1, stride)
     return starts[ends[starts + length - 1] - ends[starts] == 0]
 

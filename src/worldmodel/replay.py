@@ -12,7 +12,13 @@ Sampling contract (each point is a bug of the seed notebook):
   episode's last step to the next episode's reset observation;
 * `first` is derived from the previous row's done flags at sample time, never stored, so `update` cannot leave it
   stale;
-* sampling is one vectorized gather, returning torch tensors of shape [batch, seq_len, ...] on the buffer's device.
+* with several streams (one per parallel env, see vector.py) a window never mixes two streams;
+* sampling is index arithmetic plus one gather per storage dtype (each window is a contiguous block of the table, so
+  the gather copies whole blocks), returning torch tensors of shape [batch, seq_len, ...] on `batch_device`.
+
+Storage lives on `device` (`buffer.device=cuda` keeps it next to the model, so a batch never crosses the bus); with
+host storage and a CUDA model, batches are gathered into pinned memory and copied without blocking.
+`obs_dtype=float16` halves the memory of observations (the bulk of a buffer); batches are always float32.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +34,10 @@ import torch
 
 from worldmodel.errors import ConfigError, NotEnoughDataError
 from worldmodel.ring import RingBuffer
+from worldmodel.runtime import resolve_device
 
-FORMAT_VERSION = 1
+OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMAT_VERSION = 2  # 2: per-stream sizes, rows saved in logical order
 
 
 @dataclass
@@ -57,62 +65,93 @@ class ReplayBuffer:
         device: str | torch.device = "cpu",
         seed: int = 0,
         dataset: str | Path | None = None,
+        streams: int = 1,
+        obs_dtype: str = "float32",
+        batch_device: str | torch.device | None = None,
     ):
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
-        self.device = torch.device(device)
+        self.batch_device = None if batch_device is None else torch.device(batch_device)
+        self.device = resolve_device(device, key="buffer.device", auto=self.batch_device or torch.device("cpu"))
+        self.batch_device = self.batch_device or self.device
+        if obs_dtype not in OBS_DTYPES:
+            raise ConfigError("buffer.obs_dtype", obs_dtype, f"one of {', '.join(OBS_DTYPES)}")
+        self.obs_dtype = obs_dtype
+        store = OBS_DTYPES[obs_dtype]
         self.ring = RingBuffer(
             capacity,
             {
-                "obs": ((self.obs_dim,), np.float32),
-                "action": ((self.action_dim,), np.float32),
-                "reward": ((), np.float32),
-                "next_obs": ((self.obs_dim,), np.float32),
-                "terminated": ((), np.bool_),
-                "truncated": ((), np.bool_),
+                "obs": ((self.obs_dim,), store),
+                "action": ((self.action_dim,), torch.float32),
+                "reward": ((), torch.float32),
+                "next_obs": ((self.obs_dim,), store),
+                "terminated": ((), torch.bool),
+                "truncated": ((), torch.bool),
             },
+            streams=streams,
+            device=self.device,
         )
+        # Host storage feeding a CUDA model: gather into page-locked memory so the copy to the GPU is asynchronous.
+        self._pin = self.device.type == "cpu" and self.batch_device.type == "cuda"
         self.rng = np.random.default_rng(seed)
         if dataset:
             self._load_dataset(dataset)
 
     # ---- create -------------------------------------------------------------------------------------------------
-    def add(self, obs, action, reward, next_obs, terminated, truncated) -> None:
-        """Stores one transition."""
-        self.ring.append(
-            obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated, truncated=truncated
-        )
+    def add(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:
+        """Stores one transition of `stream`."""
+        self.ring.append(stream=stream, obs=obs, action=action, reward=reward, next_obs=next_obs,
+                         terminated=terminated, truncated=truncated)  # fmt: skip
 
-    def extend(self, obs, action, reward, next_obs, terminated, truncated) -> None:
-        """Stores a batch of consecutive transitions (leading axis = time)."""
-        self.ring.extend(
-            obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated, truncated=truncated
-        )
+    def extend(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:
+        """Stores a batch of consecutive transitions of `stream` (leading axis = time)."""
+        self.ring.extend(stream=stream, obs=obs, action=action, reward=reward, next_obs=next_obs,
+                         terminated=terminated, truncated=truncated)  # fmt: skip
+
+    def extend_streams(self, valid, obs, action, reward, next_obs, terminated, truncated) -> None:
+        """Stores T steps of every stream at once (arrays [T, streams, ...]); rows where `valid` [T, streams] is False
+        are not transitions (a vectorized env's reset step) and are skipped."""
+        self.ring.extend_streams(valid, obs=obs, action=action, reward=reward, next_obs=next_obs,
+                                 terminated=terminated, truncated=truncated)  # fmt: skip
 
     # ---- read ---------------------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self.ring.capacity
 
+    @property
+    def streams(self) -> int:
+        return self.ring.streams
+
     def __len__(self) -> int:
         return len(self.ring)
 
     def __getitem__(self, index) -> dict[str, np.ndarray]:
-        """Rows by logical index (0 = oldest stored, -1 = newest); ints, slices and integer arrays work."""
+        """Rows by logical index (0 = oldest stored, -1 = newest; with several streams, stream 0's rows come first);
+        ints, slices and integer arrays work. Returns numpy copies."""
         return self.ring.read(index)
 
     def sample(self, batch_size: int, seq_len: int) -> Batch:
         """`batch_size` windows of `seq_len` consecutive transitions, uniformly over all windows stored."""
-        n_starts = self._check_enough(seq_len)
-        starts = self.rng.integers(0, n_starts, size=int(batch_size))
-        return self.gather(starts, seq_len)
+        per_stream = self._window_counts(seq_len)
+        ends = np.cumsum(per_stream)
+        draw = self.rng.integers(0, ends[-1], size=int(batch_size))
+        stream = np.searchsorted(ends, draw, side="right")
+        return self._gather(stream, draw - (ends - per_stream)[stream], int(seq_len))
 
     def sequences(self, seq_len: int, batch_size: int) -> Iterator[Batch]:
-        """Every stored transition once, as consecutive non-overlapping windows (the tail shorter than seq_len is
-        dropped). Deterministic, for validation."""
-        self._check_enough(seq_len)
-        starts = np.arange(0, len(self) - seq_len + 1, seq_len)
+        """Every stored transition once, as consecutive non-overlapping windows per stream (each stream's tail shorter
+        than seq_len is dropped). Deterministic, for validation."""
+        self._window_counts(seq_len)
+        starts = np.concatenate([np.arange(0, n - seq_len + 1, seq_len) + begin for begin, n in self._stream_spans()])
         for chunk in np.array_split(starts, max(1, -(-len(starts) // batch_size))):
             yield self.gather(chunk, seq_len)
+
+    def gather(self, starts: np.ndarray, seq_len: int) -> Batch:
+        """Windows of seq_len consecutive transitions starting at logical indices `starts`."""
+        stream, offset = self.ring.locate(np.asarray(starts, dtype=np.int64))
+        if np.any(offset + seq_len > self.ring.sizes[stream]):
+            raise IndexError(f"a window of {seq_len} rows from logical indices {starts} runs past its stream's newest")
+        return self._gather(stream, offset, int(seq_len))
 
     # ---- update / delete ----------------------------------------------------------------------------------------
     def update(self, index, **fields) -> None:
@@ -124,30 +163,29 @@ class ReplayBuffer:
 
     # ---- persistence --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Contents, write pointer and sampling RNG: everything needed to restore an identical buffer."""
-        ring = self.ring
+        """Contents, per-stream sizes and sampling RNG: everything needed to restore a buffer that samples, and
+        keeps filling, exactly like this one. Rows are saved in logical order (only the filled ones)."""
         return {
             "format_version": FORMAT_VERSION,
-            "capacity": ring.capacity,
-            "ptr": ring.ptr,
-            "size": ring.size,
-            "obs_dim": self.obs_dim,
-            "action_dim": self.action_dim,
+            **self._shape(),
+            "sizes": self.ring.sizes.tolist(),
             "rng": self.rng.bit_generator.state,
-            # Only the filled rows: until the ring wraps they are rows [0, size), afterwards all of them.
-            "columns": {k: torch.from_numpy(v[: ring.size].copy()) for k, v in ring.columns.items()},
+            "columns": {k: torch.from_numpy(v) for k, v in self.ring.read(slice(None)).items()},
         }
 
     def load_state_dict(self, state: dict, source: str = "replay buffer state") -> None:
-        """Restores a `state_dict`; refuses one whose capacity or shapes differ from this buffer's."""
-        mine = {"capacity": self.capacity, "obs_dim": self.obs_dim, "action_dim": self.action_dim}
+        """Restores a `state_dict`; refuses one whose capacity, streams or shapes differ from this buffer's."""
+        mine = self._shape()
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine or state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{source} holds a buffer of {theirs}, but this buffer is {mine}")
-        ring, size = self.ring, int(state["size"])
+        ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
+        # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest row.
+        rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])
+        index = torch.from_numpy(rows).to(self.device)
         for name, values in state["columns"].items():
-            ring.columns[name][:size] = np.asarray(values)
-        ring.ptr, ring.size = int(state["ptr"]), size
+            ring.columns[name][index] = torch.as_tensor(np.asarray(values)).to(self.device, ring.schema[name][1])
+        ring.sizes, ring.ptrs = sizes.copy(), sizes % ring.stream_capacity
         self.rng.bit_generator.state = state["rng"]
 
     def save(self, path: str | Path) -> None:
@@ -178,34 +216,61 @@ class ReplayBuffer:
         self.load_state_dict(state, source=f"replay buffer file {path}")
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _shape(self) -> dict:
+        return {"capacity": self.capacity, "streams": self.streams, "obs_dim": self.obs_dim,
+                "action_dim": self.action_dim, "obs_dtype": self.obs_dtype}  # fmt: skip
+
+    def _stream_spans(self) -> list[tuple[int, int]]:
+        """(first logical index, rows stored) of each stream."""
+        sizes = self.ring.sizes
+        return list(zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()))
+
     def _load_dataset(self, path: str | Path) -> None:
         from worldmodel.dataset import episodes_to_buffer, load_dataset  # dataset.py builds on this module
 
         episodes = load_dataset(path, self.obs_dim, self.action_dim)
-        total = int(episodes["lengths"].sum())
-        if total > self.capacity:
-            raise ConfigError("buffer.capacity", self.capacity, f"at least the {total} transitions of dataset {path}")
+        # Episodes are dealt to the streams in turn, so each stream holds whole episodes.
+        per_stream = [int(episodes["lengths"][k :: self.streams].sum()) for k in range(self.streams)]
+        if max(per_stream) > self.ring.stream_capacity:
+            need = max(per_stream) * self.streams
+            raise ConfigError("buffer.capacity", self.capacity, f"at least {need} to hold the {sum(per_stream)} "
+                              f"transitions of dataset {path} dealt over {self.streams} stream(s)")  # fmt: skip
         episodes_to_buffer(self, episodes)
 
-    def _check_enough(self, seq_len: int) -> int:
-        n_starts = len(self) - int(seq_len) + 1
-        if seq_len < 1 or n_starts < 1:
+    def _window_counts(self, seq_len: int) -> np.ndarray:
+        """Number of windows of seq_len that start in each stream; refuses when there are none at all."""
+        per_stream = np.maximum(self.ring.sizes - int(seq_len) + 1, 0)
+        if seq_len < 1 or per_stream.sum() < 1:
+            longest = int(self.ring.sizes.max())
             raise NotEnoughDataError(
-                f"Cannot sample sequences of seq_len={seq_len}: the replay buffer holds {len(self)} transitions and "
-                f"needs at least {max(int(seq_len), 1)} (collect {max(int(seq_len) - len(self), 0)} more steps, e.g. "
-                "raise trainer.prefill, or lower trainer.seq_len)."
+                f"Cannot sample sequences of seq_len={seq_len}: the replay buffer's longest stream holds {longest} "
+                f"transitions and needs at least {max(int(seq_len), 1)} (collect {max(int(seq_len) - longest, 0)} more "
+                "steps per env, e.g. raise trainer.prefill, or lower trainer.seq_len)."
             )
-        return n_starts
+        return per_stream
 
-    def gather(self, starts: np.ndarray, seq_len: int) -> Batch:
-        """Windows of seq_len consecutive transitions starting at logical indices `starts`."""
-        starts = np.asarray(starts)
-        logical = starts[:, None] + np.arange(seq_len)  # [batch, seq_len], chronological, never past the newest
-        rows = self.ring.physical(logical)
-        cols = {name: col[rows] for name, col in self.ring.columns.items()}
-        first = np.empty_like(cols["terminated"])
-        first[:, 0] = True
-        first[:, 1:] = cols["terminated"][:, :-1] | cols["truncated"][:, :-1]
-        cols["first"] = first
-        to = self.device
-        return Batch(**{f.name: torch.from_numpy(cols[f.name]).to(to, non_blocking=True) for f in fields(Batch)})
+    def _gather(self, stream: np.ndarray, offset: np.ndarray, seq_len: int) -> Batch:
+        ring, seg = self.ring, self.ring.stream_capacity
+        start = ring.physical_of(stream, offset)
+        # A window that runs over the end of its stream's segment wraps around to the segment's start: those few are
+        # gathered row by row, all others as one contiguous block each.
+        wrapped = np.flatnonzero(start - stream * seg + seq_len > seg)
+        block = torch.from_numpy(np.where(start + seq_len > ring.capacity, 0, start)).to(self.device)
+        if len(wrapped):
+            rows = ring.physical_of(stream[wrapped, None], offset[wrapped, None] + np.arange(seq_len))
+            wrapped, rows = torch.from_numpy(wrapped).to(self.device), torch.from_numpy(rows).to(self.device)
+        gathered = {}
+        for dtype, table in ring.tables.items():
+            width = table.shape[1]
+            windows = table.as_strided((ring.capacity - seq_len + 1, seq_len, width), (width, width, 1))
+            out = torch.empty((len(start), seq_len, width), dtype=dtype, pin_memory=self._pin) if self._pin else None
+            out = torch.index_select(windows, 0, block, out=out) if out is not None else windows.index_select(0, block)
+            if len(wrapped):
+                out[wrapped] = table[rows]
+            gathered[dtype] = out.to(self.batch_device, non_blocking=True)
+        cols = {name: ring.unpack(name, gathered) for name in ring.columns}
+        cols["obs"], cols["next_obs"] = cols["obs"].float(), cols["next_obs"].float()
+        done = cols["terminated"] | cols["truncated"]
+        first = torch.ones_like(done)
+        first[:, 1:] = done[:, :-1]
+        return Batch(**cols, first=first)

@@ -3,90 +3,164 @@
 It knows nothing about episodes or sampling (that is ReplayBuffer's job). Rows are addressed by *logical* index:
 0 is the oldest row still stored and len-1 the newest, whatever the physical position of the write pointer. Working
 in logical indices is what keeps every reader from running across the seam between newest and oldest data.
+
+Two layout choices make reads fast and let the table live on any torch device:
+* columns of one dtype are packed side by side in one 2-D tensor, so a read of every column is one gather per dtype;
+* with `streams=N` (one per parallel env) the table is split into N equal segments, each its own ring with its own
+  write pointer. Logical order is stream-major (stream 0 oldest..newest, then stream 1, ...), so a run of
+  consecutive logical rows inside one stream is a run of consecutive steps of one env.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from math import prod
 
 import numpy as np
+import torch
 
 Schema = Mapping[str, tuple[tuple[int, ...], np.dtype | type]]
 
 
+def torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+
+
 class RingBuffer:
-    def __init__(self, capacity: int, schema: Schema):
-        if int(capacity) <= 0:
-            raise ValueError(f"RingBuffer capacity must be a positive integer, got {capacity}")
-        self.capacity = int(capacity)
-        self.schema = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in schema.items()}
-        self.columns = {
-            name: np.zeros((self.capacity, *shape), dtype=dtype) for name, (shape, dtype) in self.schema.items()
-        }
-        self.ptr = 0  # physical row the next append writes
-        self.size = 0
+    def __init__(self, capacity: int, schema: Schema, streams: int = 1, device: str | torch.device = "cpu"):
+        capacity, streams = int(capacity), int(streams)
+        if streams < 1 or capacity < streams:
+            raise ValueError(f"RingBuffer needs streams >= 1 and capacity >= streams, got {capacity=}, {streams=}")
+        self.streams = streams
+        self.stream_capacity = capacity // streams  # rows per stream; a remainder of capacity % streams is unused
+        self.capacity = self.stream_capacity * streams
+        self.device = torch.device(device)
+        self.schema = {name: (tuple(shape), torch_dtype(dtype)) for name, (shape, dtype) in schema.items()}
+        widths: dict[torch.dtype, int] = {}
+        self.slots: dict[str, tuple[torch.dtype, int, int]] = {}  # column -> (table, first, last+1 packed position)
+        for name, (shape, dtype) in self.schema.items():
+            start = widths.get(dtype, 0)
+            widths[dtype] = start + prod(shape)
+            self.slots[name] = (dtype, start, widths[dtype])
+        self.tables = {dt: torch.zeros(self.capacity, w, dtype=dt, device=self.device) for dt, w in widths.items()}
+        self.columns = {name: self.unpack(name, self.tables) for name in self.schema}  # views into the tables
+        self.ptrs = np.zeros(streams, np.int64)  # per stream: row (within its segment) the next write goes to
+        self.sizes = np.zeros(streams, np.int64)
 
+    # ---- shape of the contents ---------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.size
+        return int(self.sizes.sum())
 
-    def append(self, **row) -> None:
-        """Writes one row in O(1), overwriting the oldest when full."""
-        self._check_names(row, complete=True)
-        for name, value in row.items():
-            self.columns[name][self.ptr] = value
-        self.ptr = (self.ptr + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+    @property
+    def size(self) -> int:
+        return len(self)
 
-    def extend(self, **rows) -> None:
-        """Writes n rows (leading axis) with at most two slice copies per column."""
+    @property
+    def ptr(self) -> int:
+        """The write pointer of a single-stream ring (a physical row)."""
+        if self.streams != 1:
+            raise AttributeError("a multi-stream ring has one pointer per stream: use .ptrs")
+        return int(self.ptrs[0])
+
+    def unpack(self, name: str, tables: Mapping[torch.dtype, torch.Tensor]) -> torch.Tensor:
+        """Column `name` as a view of packed `tables` shaped [..., width] (stored rows or a gathered batch)."""
+        dtype, start, stop = self.slots[name]
+        shape = self.schema[name][0]
+        part = tables[dtype][..., start:stop]
+        return part.squeeze(-1) if shape == () else part.unflatten(-1, shape)
+
+    # ---- writes -------------------------------------------------------------------------------------------------
+    def append(self, stream: int = 0, **row) -> None:
+        """Writes one row to `stream`, overwriting its oldest when full."""
+        self.extend(stream=stream, **{k: np.asarray(v)[None] for k, v in row.items()})
+
+    def extend(self, stream: int = 0, **rows) -> None:
+        """Writes n consecutive rows (leading axis) to `stream` with one indexed write per column."""
         self._check_names(rows, complete=True)
         n = len(next(iter(rows.values())))
         if any(len(v) != n for v in rows.values()):
             raise ValueError(f"extend: columns have different lengths {[len(v) for v in rows.values()]}")
-        if n == 0:
-            return
-        skip = max(0, n - self.capacity)  # rows that would be overwritten within this same call
-        start = (self.ptr + skip) % self.capacity
-        head = min(n - skip, self.capacity - start)
-        for name, value in rows.items():
-            value = np.asarray(value)[skip:]
-            col = self.columns[name]
-            col[start : start + head] = value[:head]
-            col[: len(value) - head] = value[head:]
-        self.ptr = (start + n - skip) % self.capacity
-        self.size = min(self.size + n, self.capacity)
+        if not 0 <= int(stream) < self.streams:
+            raise IndexError(f"stream {stream} out of range for a ring of {self.streams} streams")
+        valid = np.zeros((n, self.streams), dtype=bool)
+        valid[:, stream] = True
+        # The other streams' rows are masked out, so a broadcast view (no copy) stands in for them.
+        self.extend_streams(valid, **{k: self._spread(np.asarray(v), n) for k, v in rows.items()})
 
-    def physical(self, logical) -> np.ndarray:
-        """Maps logical indices (negative counts from the newest) to physical rows, with bounds checks."""
+    def _spread(self, value: np.ndarray, n: int) -> np.ndarray:
+        """[n, ...] rows of one stream as a read-only [n, streams, ...] view."""
+        return np.broadcast_to(value[:, None], (n, self.streams, *value.shape[1:]))
+
+    def extend_streams(self, valid: np.ndarray, **rows) -> None:
+        """Writes a block of steps of every stream at once: rows[name] is [T, streams, ...] and valid [T, streams]
+        says which of them are real rows (the others are skipped, e.g. the reset step of a vectorized env)."""
+        self._check_names(rows, complete=True)
+        valid = np.asarray(valid, dtype=bool)
+        if valid.ndim != 2 or valid.shape[1] != self.streams:
+            raise ValueError(f"extend_streams: valid must be [T, {self.streams}], got {valid.shape}")
+        counts = np.cumsum(valid, axis=0)  # rows written so far in this call, per stream
+        total = counts[-1] if len(valid) else np.zeros(self.streams, np.int64)
+        # A stream given more rows than it holds keeps only its newest stream_capacity of them.
+        keep = valid & (counts > total - self.stream_capacity)
+        position = (self.ptrs + counts - 1) % self.stream_capacity
+        rows_at = (np.arange(self.streams) * self.stream_capacity + position)[keep]
+        if rows_at.size:
+            index = torch.from_numpy(rows_at).to(self.device)
+            for name, value in rows.items():
+                value = np.asarray(value)[keep]
+                self.columns[name][index] = torch.as_tensor(value).to(self.device, self.schema[name][1])
+        self.ptrs = (self.ptrs + total) % self.stream_capacity
+        self.sizes = np.minimum(self.sizes + total, self.stream_capacity)
+
+    # ---- addressing ---------------------------------------------------------------------------------------------
+    def locate(self, logical) -> tuple[np.ndarray, np.ndarray]:
+        """Logical indices (negative counts from the newest) -> (stream, offset within that stream's rows)."""
         logical = np.asarray(logical)
         if not np.issubdtype(logical.dtype, np.integer):
             raise TypeError(f"ring indices must be integers, got dtype {logical.dtype}")
-        if logical.size and (logical.min() < -self.size or logical.max() >= self.size):
-            raise IndexError(f"index out of range for a ring holding {self.size} rows")
-        logical = np.where(logical < 0, logical + self.size, logical)
-        return (self.ptr - self.size + logical) % self.capacity
+        size = len(self)
+        if logical.size and (logical.min() < -size or logical.max() >= size):
+            raise IndexError(f"index out of range for a ring holding {size} rows")
+        logical = np.where(logical < 0, logical + size, logical)
+        ends = np.cumsum(self.sizes)
+        stream = np.searchsorted(ends, logical, side="right")
+        return stream, logical - (ends - self.sizes)[stream]
+
+    def physical_of(self, stream: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """(stream, offset among its stored rows, oldest = 0) -> physical row of the table."""
+        seg = self.stream_capacity
+        return stream * seg + (self.ptrs[stream] - self.sizes[stream] + offset) % seg
+
+    def physical(self, logical) -> np.ndarray:
+        """Maps logical indices to physical rows, with bounds checks."""
+        return self.physical_of(*self.locate(logical))
 
     def logical(self, index) -> np.ndarray:
         """Normalises an int, slice or integer array into logical indices."""
         if isinstance(index, slice):
-            return np.arange(self.size)[index]
+            return np.arange(len(self))[index]
         return np.asarray(index)
 
+    # ---- reads and in-place updates -----------------------------------------------------------------------------
     def read(self, index, names=None) -> dict[str, np.ndarray]:
-        rows = self.physical(self.logical(index))
-        return {name: self.columns[name][rows] for name in (names or self.columns)}
+        """Rows at logical `index` as numpy arrays (a copy, on the host; bfloat16, which numpy lacks, as float32)."""
+        rows = torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
+        out = {name: self.columns[name][rows] for name in (names or self.columns)}
+        return {name: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for name, v in out.items()}
 
     def write(self, index, **fields) -> None:
         """Overwrites stored fields in place at logical `index`."""
         self._check_names(fields)
-        rows = self.physical(self.logical(index))
+        rows = torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
         for name, value in fields.items():
-            self.columns[name][rows] = value
+            self.columns[name][rows] = torch.as_tensor(np.asarray(value)).to(self.device, self.schema[name][1])
 
     def clear(self) -> None:
         """Forgets every row; the tables stay allocated so clearing costs nothing."""
-        self.ptr = 0
-        self.size = 0
+        self.ptrs[:] = 0
+        self.sizes[:] = 0
 
     def _check_names(self, fields: Mapping, complete: bool = False) -> None:
         # A new row with a column left out would silently keep the overwritten row's stale value.

@@ -22,23 +22,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means cuda when available, else cpu; asking for an accelerator that is not there is an error."""
+def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | None = None) -> torch.device:
+    """`auto` means `auto` when given (e.g. the trainer's device for buffer.device), else cuda when available, else
+    cpu; asking for an accelerator that is not there is an error (naming config `key`)."""
     name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return auto if auto is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("trainer.device", name, "one of auto, cpu, cuda, cuda:N, mps") from None
+        raise ConfigError(key, name, "one of auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", name, "auto or cpu: this machine has no CUDA device visible to torch")
+        raise ConfigError(key, name, "auto or cpu: this machine has no CUDA device visible to torch")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError("trainer.device", name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(key, name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("trainer.device", name, "auto or cpu: MPS is not available on this machine")
+        raise ConfigError(key, name, "auto or cpu: MPS is not available on this machine")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError("trainer.device", name, "one of auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(key, name, "one of auto, cpu, cuda, cuda:N, mps")
     return device
 
 

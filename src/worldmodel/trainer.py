@@ -24,6 +24,8 @@ from worldmodel.runtime import StopSignals, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "bf16")
+
 
 class Trainer:
     def __init__(
@@ -46,6 +48,9 @@ class Trainer:
         resume: bool = False,  # read by scripts/train.py, which loads the state to resume from
         device: str | torch.device = "cpu",
         progress: bool = True,
+        compile: bool = False,
+        compile_mode: str = "default",
+        precision: str = "fp32",
     ):
         self.steps, self.prefill = int(steps), int(prefill)
         self.batch_size, self.seq_len, self.lr = int(batch_size), int(seq_len), float(lr)
@@ -56,6 +61,7 @@ class Trainer:
         self.resume = bool(resume)
         self.device = torch.device(device)
         self.progress = progress
+        self.compile, self.compile_mode, self.precision = bool(compile), str(compile_mode), str(precision)
 
     def fit(
         self,
@@ -77,7 +83,7 @@ class Trainer:
         buffer = collector.buffer
         val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
         model.to(self.device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        optimizer, update = self.build_update(model)
         if resume_from is None:
             collector.collect(self.prefill)
             # Statistics from the prefill data, then frozen: see Normalizer.
@@ -98,15 +104,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 timer["env_steps"] += collector.collect(self.env_steps_per_update).steps
                 t1 = time.perf_counter()
-                loss, terms = model.loss(buffer.sample(self.batch_size, self.seq_len))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-                optimizer.step()
+                values = update(buffer.sample(self.batch_size, self.seq_len))
                 timer["update_s"] += time.perf_counter() - t1
                 timer["collect_s"] += t1 - t0
                 timer["updates"] += 1
-                self._accumulate(state, step, torch.stack([loss, *terms.values()]).detach())
+                self._accumulate(state, step, values)
                 bar.update(1)
 
                 if step % self.log_every == 0 or step == self.steps:
@@ -137,6 +139,38 @@ class Trainer:
                     raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
         bar.close()
         return state["metrics"]
+
+    def build_update(self, model: WorldModel):
+        """(optimizer, update): update(batch) takes one gradient step and returns [loss, *terms] (detached, still on
+        the device). Nothing in it reads a value back to the host, so on a GPU the host goes on to sample the next
+        batch while the kernels of this update still run."""
+        # One fused kernel for the whole parameter update instead of a handful per parameter tensor.
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=self.device.type in ("cuda", "cpu"))
+        loss_fn = self._loss_fn(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def update(batch) -> torch.Tensor:
+            values = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            values[0].backward()
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+            optimizer.step()
+            return values.detach()
+
+        return optimizer, update
+
+    def _loss_fn(self, model: WorldModel):
+        """batch -> [loss, *terms] as one fp32 tensor, under bf16 autocast and/or torch.compile when configured."""
+        bf16 = self.precision == "bf16"
+
+        def loss_fn(batch):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, terms = model.loss(batch)
+            return torch.stack([loss, *terms.values()]).float()
+
+        if not self.compile:
+            return loss_fn
+        return torch.compile(loss_fn, mode=self.compile_mode, dynamic=False)
 
     @torch.no_grad()
     def evaluate(self, model: WorldModel, val_buffer: ReplayBuffer) -> dict[str, float]:

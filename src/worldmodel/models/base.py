@@ -44,8 +44,15 @@ class WorldModel(nn.Module, ABC):
         self.normalizer.fit(obs, action, reward, next_obs)
 
     def check_fitted(self) -> None:
-        if not bool(self.normalizer.fitted):
-            raise RuntimeError(f"{type(self).__name__}.normalizer must be fitted on data before training")
+        # Reading the flag from a CUDA tensor would stall every training step on the GPU, so a pass is remembered.
+        if not getattr(self, "_fitted_seen", False):
+            if not bool(self.normalizer.fitted):
+                raise RuntimeError(f"{type(self).__name__}.normalizer must be fitted on data before training")
+            self._fitted_seen = True
+
+    def load_state_dict(self, *args, **kwargs):
+        self._fitted_seen = False  # the loaded normalizer may not be fitted
+        return super().load_state_dict(*args, **kwargs)
 
     @abstractmethod
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -72,21 +72,25 @@ class GRUWorldModel(WorldModel):
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher-forced: obs [B, T, D], action [B, T, A], first [B, T] -> normalized predictions per step."""
+        return self._teacher_forced(obs, action, first)[0]
+
+    def _teacher_forced(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor):
+        """forward's predictions, plus the recurrent states [B, T, latent] and inputs [B, T, F] they were read from."""
         norm = self.normalizer
         x = self._encode(norm.normalize("obs", obs), norm.normalize("action", action))
         states, _ = self._recur(x, first)
-        return self._heads(states, x)
+        return self._heads(states, x), states, x
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over every step of a Batch. Each step's target is its own next_obs, never the next row's obs."""
         self.check_fitted()
         norm = self.normalizer
-        out = self(batch.obs, batch.action, batch.first)
+        out, states, x = self._teacher_forced(batch.obs, batch.action, batch.first)
         terms = {
             "obs": F.mse_loss(out["delta"], norm.normalize("delta", batch.next_obs - batch.obs)),
             "reward": F.mse_loss(out["reward"], norm.normalize("reward", batch.reward.unsqueeze(-1)).squeeze(-1)),
             "terminated": F.binary_cross_entropy_with_logits(out["terminated_logit"], batch.terminated.float()),
-            "open_loop": self._open_loop_loss(batch),
+            "open_loop": self._open_loop_loss(batch, out, states),
         }
         total = (
             terms["obs"]
@@ -96,18 +100,22 @@ class GRUWorldModel(WorldModel):
         )
         return total, terms
 
-    def _open_loop_loss(self, batch) -> torch.Tensor:
+    def _open_loop_loss(self, batch, out: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
         """MSE (in normalized obs units) of the last k steps predicted on the model's own observations.
 
-        A step is scored only while the imagined stretch stays inside one episode: once a `first` flag appears, the
-        true observation there is a reset that no rollout could predict.
+        The same as imagine(obs[:, :c], action, first[:, :c]) with c = T - k, but the observed part reuses the
+        teacher-forced pass (`out`, `states`: rows [0, c) saw exactly those inputs), so only the k imagined steps
+        cost extra. A step is scored only while the imagined stretch stays inside one episode: once a `first` flag
+        appears, the true observation there is a reset that no rollout could predict.
         """
         k, T = self.open_loop_steps, batch.obs.shape[1]
         if k <= 0 or T < 2:
             return batch.obs.new_zeros(())
         k = min(k, T - 1)
         c = T - k  # rows [0, c) are observed, rows [c, T) imagined
-        pred = self.imagine(batch.obs[:, :c], batch.action, batch.first[:, :c], units="normalized")["obs"]
+        step = {key: value[:, c - 1] for key, value in out.items()}
+        pred = self._rollout(states[:, c - 1], step, batch.obs[:, c - 1], batch.action[:, c:])["obs"]
+        pred = self.normalizer.normalize("obs", pred)
         target = self.normalizer.normalize("obs", batch.next_obs[:, c - 1 :])
         # Horizon 1 predicts next_obs[c-1], which the rollout reaches without any imagined input; it is the
         # teacher-forced loss again, so it is skipped here and horizons 2..k+1 are scored.
@@ -132,10 +140,19 @@ class GRUWorldModel(WorldModel):
         first[:, 0] = True
         x = self._encode(norm.normalize("obs", context_obs), norm.normalize("action", actions[:, :C]))
         _, h = self._recur(x, first)
-        out = self._heads(h, x[:, -1])
-        current = context_obs[:, -1]
+        result = self._rollout(h, self._heads(h, x[:, -1]), context_obs[:, -1], actions[:, C:])
+        if units == "normalized":
+            result["obs"] = norm.normalize("obs", result["obs"])
+        return result
+
+    def _rollout(
+        self, h: torch.Tensor, out: dict[str, torch.Tensor], current: torch.Tensor, actions: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """From state h and its heads' output `out` (the prediction for the step after obs `current`), imagines
+        actions.shape[1] + 1 steps on the model's own predictions. Observations in env units."""
+        norm = self.normalizer
         preds, rewards, terms = [], [], []
-        for t in range(C, actions.shape[1] + 1):
+        for t in range(actions.shape[1] + 1):
             current = current + norm.denormalize("delta", out["delta"])
             preds.append(current)
             rewards.append(norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1))
@@ -145,8 +162,6 @@ class GRUWorldModel(WorldModel):
                 h = self.rnn(x, h)
                 out = self._heads(h, x)
         obs = torch.stack(preds, dim=1)
-        if units == "normalized":
-            obs = norm.normalize("obs", obs)
         return {"obs": obs, "reward": torch.stack(rewards, dim=1), "terminated_prob": torch.stack(terms, dim=1)}
 
     @torch.no_grad()

@@ -1,0 +1,156 @@
+"""Vectorized collection: N envs stepped together through gymnasium's vector API (`env.num_envs=N`).
+
+Each env writes its own stream of the replay buffer, so a sampled sequence never mixes two envs.
+
+gymnasium >= 1.0 vector envs autoreset in NEXT_STEP mode: the step that returns terminated/truncated for env k
+carries its true final observation, and env k's *next* step ignores the action and only resets. That reset step
+is not a transition, so it is never stored (its `valid` flag is False). The transition before it keeps the
+final observation as its target, as in the single-env Collector.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+from worldmodel.env import EnvSpec, env_spec
+from worldmodel.replay import ReplayBuffer
+from worldmodel.rollout import Collector, CollectStats, Policy
+
+
+class VectorCollector:
+    """Owns N envs' episodes in progress across calls, so collection can be interleaved with training.
+
+    `collect(n)` asks for n env steps: it runs whole vector steps (N env steps each) and carries any remainder to the
+    next call, so `trainer.env_steps_per_update` keeps its meaning whatever num_envs is.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, buffer: ReplayBuffer, policy: Policy, seed: int,
+                 spec: EnvSpec | None = None):  # fmt: skip
+        mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        if mode != AutoresetMode.NEXT_STEP:
+            raise ValueError(f"VectorCollector handles NEXT_STEP autoreset only; {env} uses {mode}")
+        if buffer.streams != env.num_envs:
+            raise ValueError(f"the buffer has {buffer.streams} streams for {env.num_envs} envs; give it one per env")
+        self.env, self.buffer, self.policy = env, buffer, policy
+        self.spec = spec or env_spec(env)
+        self.num_envs = env.num_envs
+        self._seed: int | None = seed  # used by the first reset only
+        self._obs: np.ndarray | None = None
+        self._resetting = np.zeros(self.num_envs, dtype=bool)  # env k's next step is an autoreset, not a transition
+        self._returns = np.zeros(self.num_envs)
+        self._lengths = np.zeros(self.num_envs, dtype=np.int64)
+        self._credit = 0  # env steps asked for but not yet run (less than one vector step)
+        self.total_steps = 0
+        self._eye = np.eye(self.spec.action_dim, dtype=np.float32)
+
+    def collect(self, n_steps: int) -> CollectStats:
+        self._credit += int(n_steps)
+        steps, self._credit = divmod(self._credit, self.num_envs)
+        stats = CollectStats()
+        if steps == 0:
+            return stats
+        if self._obs is None:
+            obs, _ = self.env.reset(seed=self._seed)
+            self._seed = None
+            self._obs = self._flat(obs)
+        n, d, a = self.num_envs, self.spec.obs_dim, self.spec.action_dim
+        # One block for the whole call, written to the buffer at once: a write per step would cost more than the
+        # vectorized env step itself.
+        block = {
+            "obs": np.empty((steps, n, d), np.float32),
+            "action": np.empty((steps, n, a), np.float32),
+            "reward": np.empty((steps, n), np.float32),
+            "next_obs": np.empty((steps, n, d), np.float32),
+            "terminated": np.empty((steps, n), bool),
+            "truncated": np.empty((steps, n), bool),
+        }
+        valid = np.empty((steps, n), bool)
+        for t in range(steps):  # kept minimal: at 64 envs, every numpy call here costs as much as the env's step
+            action = self.policy(self._obs)
+            next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            next_obs = self._flat(next_obs)
+            block["obs"][t] = self._obs
+            block["action"][t] = self._eye[action] if self.spec.discrete else np.reshape(action, (n, a))
+            block["reward"][t] = reward
+            block["next_obs"][t] = next_obs
+            block["terminated"][t] = terminated
+            block["truncated"][t] = truncated
+            valid[t] = ~self._resetting
+            self._resetting = valid[t] & (terminated | truncated)
+            self._obs = next_obs
+        self.buffer.extend_streams(valid, **block)
+        stats.steps = int(valid.sum())
+        self.total_steps += stats.steps
+        self._episode_stats(block["reward"], valid, valid & (block["terminated"] | block["truncated"]), stats)
+        return stats
+
+    def _episode_stats(self, reward: np.ndarray, valid: np.ndarray, ends: np.ndarray, stats: CollectStats) -> None:
+        """Returns and lengths of the episodes that ended in this block, continuing those in progress."""
+        returns = self._returns + np.cumsum(np.where(valid, reward, 0.0), axis=0)  # [T, N] running, per env
+        lengths = self._lengths + np.cumsum(valid, axis=0)
+        for k in range(self.num_envs):
+            done_at = np.flatnonzero(ends[:, k])
+            if len(done_at):
+                cut_r, cut_l = returns[done_at, k], lengths[done_at, k]
+                stats.episode_returns += np.diff(cut_r, prepend=0.0).tolist()
+                stats.episode_lengths += np.diff(cut_l, prepend=0).tolist()
+                self._returns[k], self._lengths[k] = returns[-1, k] - cut_r[-1], lengths[-1, k] - cut_l[-1]
+            else:
+                self._returns[k], self._lengths[k] = returns[-1, k], lengths[-1, k]
+
+    def state_dict(self) -> dict:
+        """The episodes in progress, the vector env itself and the policy's RNG, so collection continues exactly.
+        An env that cannot be pickled (e.g. an async vector env's subprocesses) is saved as None: see load."""
+        try:
+            env_blob = pickle.dumps(self.env)
+        except Exception:
+            env_blob = None
+        return {
+            "env": env_blob,
+            "obs": None if self._obs is None else self._obs.tolist(),
+            "resetting": self._resetting.tolist(),
+            "returns": self._returns.tolist(),
+            "lengths": self._lengths.tolist(),
+            "credit": self._credit,
+            "total_steps": self.total_steps,
+            "seed": self._seed,
+            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_steps, self._seed, self._credit = state["total_steps"], state["seed"], state["credit"]
+        if state["policy"] is not None:
+            self.policy.load_state_dict(state["policy"])
+        if state["env"] is not None:
+            self.env = pickle.loads(state["env"])  # our own checkpoint, written by state_dict above
+            self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
+            self._resetting = np.asarray(state["resetting"], dtype=bool)
+            self._returns = np.asarray(state["returns"], dtype=np.float64)
+            self._lengths = np.asarray(state["lengths"], dtype=np.int64)
+        elif state["obs"] is not None:
+            # The envs could not be saved, so their episodes cannot continue: end each stream's open episode as a
+            # truncation (consecutive rows stay consecutive steps) and start fresh episodes.
+            spans = np.cumsum(self.buffer.ring.sizes)
+            newest = [int(end) - 1 for end, size in zip(spans, self.buffer.ring.sizes) if size]
+            if newest:
+                rows = self.buffer[np.array(newest)]
+                open_ = [i for i, t, u in zip(newest, rows["terminated"], rows["truncated"]) if not (t or u)]
+                if open_:
+                    self.buffer.update(np.array(open_), truncated=True)
+            self._obs = None
+            self._resetting[:] = False
+            self._returns[:], self._lengths[:] = 0.0, 0
+
+    def _flat(self, obs) -> np.ndarray:
+        return np.asarray(obs, dtype=np.float32).reshape(self.num_envs, -1)
+
+
+def make_collector(env, buffer: ReplayBuffer, policy: Policy, seed: int, spec: EnvSpec | None = None):
+    """The collector for `env`: a VectorCollector for a vector env, else the single-env Collector."""
+    if isinstance(env, gym.vector.VectorEnv):
+        return VectorCollector(env, buffer, policy, seed=seed, spec=spec)
+    return Collector(env, buffer, policy, seed=seed, spec=spec)

@@ -1,0 +1,137 @@
+"""Vectorized collection: one replay stream per env, reset steps never stored, every stored row a real transition."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel.vector import VectorCollector, make_collector
+
+
+def vector_run(env_id: str, num_envs: int, steps: int, seed: int = 0, **env_kwargs):
+    env = make_env(env_id, seed=seed, num_envs=num_envs, **env_kwargs)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=num_envs, seed=seed)
+    collector = make_collector(env, buffer, RandomPolicy(env.action_space, seed), seed=seed, spec=spec)
+    assert isinstance(collector, VectorCollector)
+    stats = collector.collect(steps)
+    return buffer, spec, stats
+
+
+def stream_rows(buffer: ReplayBuffer) -> list[dict[str, np.ndarray]]:
+    rows, begin = buffer[:], 0
+    out = []
+    for size in buffer.ring.sizes:
+        out.append({k: v[begin : begin + size] for k, v in rows.items()})
+        begin += size
+    return out
+
+
+@pytest.mark.parametrize(
+    "env_id, num_envs, kwargs",
+    [
+        ("CartPole-v1", 4, {}),  # gymnasium's own batched CartPole (vector_entry_point)
+        ("Pendulum-v1", 3, {"max_episode_steps": 7}),  # SyncVectorEnv, Box actions, many truncations
+        ("CartPole-v1", 2, {"vectorization_mode": "sync"}),
+    ],
+)
+def test_every_stored_row_is_the_transition_a_replay_of_the_env_returns(env_id, num_envs, kwargs):
+    """Steps a second, identically seeded vector env by hand with the stored actions. An env whose previous step
+    ended its episode is autoresetting: the action is ignored (we send any), and nothing may be stored for it.
+    Every other env's step must be exactly the next stored row of that env's stream."""
+    vector_steps = 60
+    buffer, spec, stats = vector_run(env_id, num_envs, vector_steps * num_envs, **kwargs)
+    streams = stream_rows(buffer)
+    env = make_env(env_id, seed=0, num_envs=num_envs, **kwargs)
+    obs, _ = env.reset(seed=0)
+    cursor = np.zeros(num_envs, dtype=int)
+    resetting = np.zeros(num_envs, dtype=bool)
+    ends = 0
+    for _ in range(vector_steps):
+        actions = []
+        for k in range(num_envs):
+            if resetting[k]:
+                actions.append(env.single_action_space.sample())
+            else:
+                a = streams[k]["action"][cursor[k]]
+                actions.append(int(np.argmax(a)) if spec.discrete else a.reshape(env.single_action_space.shape))
+        next_obs, reward, terminated, truncated, _ = env.step(np.array(actions))
+        for k in range(num_envs):
+            if resetting[k]:
+                continue
+            row = {name: col[cursor[k]] for name, col in streams[k].items()}
+            np.testing.assert_array_equal(row["obs"], np.asarray(obs[k], np.float32).reshape(-1))
+            np.testing.assert_array_equal(row["next_obs"], np.asarray(next_obs[k], np.float32).reshape(-1))
+            assert row["reward"] == np.float32(reward[k])
+            assert (row["terminated"], row["truncated"]) == (terminated[k], truncated[k])
+            cursor[k] += 1
+        ends += int((~resetting & (terminated | truncated)).sum())
+        resetting = ~resetting & (terminated | truncated)
+        obs = next_obs
+    assert (cursor == buffer.ring.sizes).all()  # nothing stored beyond the real transitions
+    assert stats.steps == len(buffer) == vector_steps * num_envs - int(
+        sum(1 for s in streams for d in (s["terminated"] | s["truncated"])[:-1] if d)
+    )  # one reset step per episode end, except an end on the very last step
+    assert ends >= 2 * num_envs  # many boundaries were crossed
+    assert len(stats.episode_lengths) == ends
+    # Within a stream, rows chain: each next_obs is the next row's obs unless the episode ended there.
+    for s in streams:
+        cont = ~(s["terminated"] | s["truncated"])[:-1]
+        np.testing.assert_array_equal(s["next_obs"][:-1][cont], s["obs"][1:][cont])
+
+
+def test_collect_counts_env_steps_and_carries_the_remainder():
+    env = make_env("CartPole-v1", seed=0, num_envs=4)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, streams=4)
+    collector = VectorCollector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+    assert collector.collect(3).steps == 0 and len(buffer) == 0  # less than one vector step: carried over
+    assert collector.collect(1).steps == 4  # 3 + 1 = one vector step of 4 envs, nothing is reset yet
+    assert collector.collect(9).steps > 0 and collector._credit == 1
+
+
+def test_split_collection_equals_one_call_and_resume_continues_exactly():
+    a, spec, _ = vector_run("CartPole-v1", 4, 400, seed=5)
+    env = make_env("CartPole-v1", seed=5, num_envs=4)
+    b = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=4, seed=5)
+    collector = VectorCollector(env, b, RandomPolicy(env.action_space, 5), seed=5, spec=spec)
+    collector.collect(150)
+    state, saved = collector.state_dict(), b.state_dict()
+    # A fresh collector, restored from the saved state, finishes the job.
+    env2 = make_env("CartPole-v1", seed=123, num_envs=4)
+    c = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=4)
+    c.load_state_dict(saved)
+    resumed = VectorCollector(env2, c, RandomPolicy(env2.action_space, 123), seed=123, spec=spec)
+    resumed.load_state_dict(state)
+    resumed.collect(250)
+    for key, value in a[:].items():
+        np.testing.assert_array_equal(c[:][key], value, err_msg=key)
+    assert (c.ring.sizes == a.ring.sizes).all()
+
+
+def test_unpicklable_env_on_resume_truncates_each_open_episode():
+    _, spec, _ = vector_run("Pendulum-v1", 3, 30)
+    env = make_env("Pendulum-v1", seed=0, num_envs=3)
+    buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, streams=3)
+    collector = VectorCollector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+    collector.collect(30)
+    state = {**collector.state_dict(), "env": None}  # what an AsyncVectorEnv's state looks like
+    collector.load_state_dict(state)
+    for s in stream_rows(buffer):
+        assert s["truncated"][-1]  # each stream's open episode is closed
+        assert not s["truncated"][:-1].any()
+    collector.collect(30)  # and collection starts fresh episodes
+    assert len(buffer) == 60
+
+
+def test_vector_env_options_and_errors():
+    env = make_env("CartPole-v1", seed=0, num_envs=3)
+    assert type(env).__name__ == "CartPoleVectorEnv"  # the env's own batched version by default
+    assert isinstance(make_env("CartPole-v1", seed=0, num_envs=2, vectorization_mode="sync"), gym.vector.SyncVectorEnv)
+    assert not isinstance(make_env("CartPole-v1", seed=0), gym.vector.VectorEnv)
+    spec = env_spec(env)
+    assert (spec.obs_dim, spec.action_dim, spec.discrete) == (4, 2, True)
+    with pytest.raises(ValueError, match="streams"):
+        VectorCollector(env, ReplayBuffer(100, 4, 2, streams=2), RandomPolicy(env.action_space, 0), seed=0)
