@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,9 @@ class Batch:
 
     def __len__(self) -> int:
         return self.obs.shape[0]
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 class ReplayBuffer:
@@ -269,7 +272,8 @@ class ReplayBuffer:
                 out[wrapped] = table[rows]
             gathered[dtype] = out.to(self.batch_device, non_blocking=True)
         cols = {name: ring.unpack(name, gathered) for name in ring.columns}
-        cols["obs"], cols["next_obs"] = cols["obs"].float(), cols["next_obs"].float()
+        if self.obs_dtype != "float32":
+            cols["obs"], cols["next_obs"] = cols["obs"].float(), cols["next_obs"].float()
         done = cols["terminated"] | cols["truncated"]
         first = torch.ones_like(done)
         first[:, 1:] = done[:, :-1]

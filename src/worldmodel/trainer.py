@@ -150,6 +150,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def update(batch) -> torch.Tensor:
+            model.check_fitted()  # here, not inside a compiled loss, where reading the flag would break the graph
             values = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             values[0].backward()

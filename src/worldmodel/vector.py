@@ -58,30 +58,39 @@ class VectorCollector:
             self._seed = None
             self._obs = self._flat(obs)
         n, d, a = self.num_envs, self.spec.obs_dim, self.spec.action_dim
-        # One block for the whole call, written to the buffer at once: a write per step would cost more than the
-        # vectorized env step itself.
+        # Preallocated for the whole call and written to the buffer at once: at 64 envs every numpy call in the loop
+        # costs about as much as the env's own step, so the loop only stores what the env returns. obs[t] is what
+        # step t-1 returned, so one [steps + 1] array holds both obs and next_obs.
+        seen = np.empty((steps + 1, n, d), np.float32)
+        if self.spec.discrete:
+            actions = np.empty((steps, n), np.int64)
+        else:
+            actions = np.empty((steps, *self.env.action_space.shape), np.float32)
+        reward = np.empty((steps, n), np.float32)
+        terminated = np.empty((steps, n), bool)
+        truncated = np.empty((steps, n), bool)
+        seen[0] = self._obs
+        for t in range(steps):
+            actions[t] = action = self.policy(seen[t])
+            next_obs, reward[t], terminated[t], truncated[t], _ = self.env.step(action)
+            seen[t + 1] = next_obs.reshape(n, d)
+        self._obs = seen[-1].copy()
+        # NEXT_STEP autoreset: the step after env k's episode ends is its reset step (not a transition), and a reset
+        # step itself never reports terminated/truncated, so "valid" is simply "the previous step did not end".
+        done = terminated | truncated
+        valid = np.concatenate([~self._resetting[None], ~done[:-1]])
+        if (done & ~valid).any():
+            raise RuntimeError(f"{self.env} reported an episode end on an autoreset step; VectorCollector relies on "
+                               "gymnasium's NEXT_STEP contract that reset steps have terminated = truncated = False")
+        self._resetting = done[-1].copy()
         block = {
-            "obs": np.empty((steps, n, d), np.float32),
-            "action": np.empty((steps, n, a), np.float32),
-            "reward": np.empty((steps, n), np.float32),
-            "next_obs": np.empty((steps, n, d), np.float32),
-            "terminated": np.empty((steps, n), bool),
-            "truncated": np.empty((steps, n), bool),
+            "obs": seen[:-1],
+            "action": self._eye[actions] if self.spec.discrete else actions.reshape(steps, n, a),
+            "reward": reward,
+            "next_obs": seen[1:],
+            "terminated": terminated,
+            "truncated": truncated,
         }
-        valid = np.empty((steps, n), bool)
-        for t in range(steps):  # kept minimal: at 64 envs, every numpy call here costs as much as the env's step
-            action = self.policy(self._obs)
-            next_obs, reward, terminated, truncated, _ = self.env.step(action)
-            next_obs = self._flat(next_obs)
-            block["obs"][t] = self._obs
-            block["action"][t] = self._eye[action] if self.spec.discrete else np.reshape(action, (n, a))
-            block["reward"][t] = reward
-            block["next_obs"][t] = next_obs
-            block["terminated"][t] = terminated
-            block["truncated"][t] = truncated
-            valid[t] = ~self._resetting
-            self._resetting = valid[t] & (terminated | truncated)
-            self._obs = next_obs
         self.buffer.extend_streams(valid, **block)
         stats.steps = int(valid.sum())
         self.total_steps += stats.steps

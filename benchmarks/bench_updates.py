@@ -1,0 +1,118 @@
+"""Row 3: training updates per second (sample a batch + one gradient step), ours against the seed notebook's loop.
+
+Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (batch 256 x seq_len 64 x latent
+256). Ours is Trainer.build_update on GRUWorldModel (the default model: next-obs delta, reward and termination heads)
+with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy -> tensor every step, and
+trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. The notes give the share of
+our step spent sampling the batch (waiting on data).
+
+    python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common import Row, time_per_call
+from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
+from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel.models import GRUWorldModel
+from worldmodel.replay import Batch
+from worldmodel.rollout import Collector
+from worldmodel.trainer import Trainer
+
+CONFIGS = {"seed config": (32, 16, 32), "large": (256, 64, 256)}  # batch, seq_len, latent
+DATA_STEPS = 50_000
+
+
+def cartpole_data(steps: int) -> dict[str, np.ndarray]:
+    env = make_env("CartPole-v1", seed=0)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(steps, spec.obs_dim, spec.action_dim, seed=0)
+    Collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec).collect(steps)
+    return buffer[:]
+
+
+def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool):
+    """(update callable, sample callable) for our pipeline, storage and model on `device`."""
+    n, obs_dim, action_dim = len(data["obs"]), data["obs"].shape[1], data["action"].shape[1]
+    buffer = ReplayBuffer(n, obs_dim, action_dim, device=device, seed=0)
+    buffer.extend(*(data[k] for k in ("obs", "action", "reward", "next_obs", "terminated", "truncated")))
+    model = GRUWorldModel(obs_dim, action_dim, latent_dim=latent)
+    model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
+    model.to(device)
+    trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile)
+    _, update = trainer.build_update(model)
+    return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
+
+
+def seed(data: dict, batch: int, seq_len: int, latent: int, device: str):
+    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
+    buffer = SeedReplayBuffer(len(data["obs"]), (obs_dim,), (action_dim,))
+    for obs, action, reward, term, trunc in zip(*(data[k] for k in ("obs", "action", "reward", "terminated",
+                                                                     "truncated"))):  # fmt: skip
+        buffer.add(obs, action, reward, term or trunc)
+    model = SeedWorldModel(obs_dim, action_dim, latent).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return lambda: seed_update(model, optimizer, buffer, batch, seq_len, device)
+
+
+def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, device: str):
+    """The seed's loop (np.stack sampling, numpy -> tensor copies, plain Adam) driving our model: the same work per
+    update as ours, so the ratio isolates the loop (sampling, transfers, the update step) from the model's cost."""
+    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
+    buffer = SeedReplayBuffer(len(data["obs"]), (obs_dim,), (action_dim,))
+    for obs, action, reward, term, trunc in zip(*(data[k] for k in ("obs", "action", "reward", "terminated",
+                                                                     "truncated"))):  # fmt: skip
+        buffer.add(obs, action, reward, term or trunc)
+    model = GRUWorldModel(obs_dim, action_dim, latent_dim=latent)
+    model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def update():
+        obs, action, reward, done = (torch.tensor(x, device=device) for x in buffer.sample(batch, seq_len + 1))
+        first = torch.ones_like(done[:, :-1])
+        first[:, 1:] = done[:, :-2]
+        b = Batch(obs=obs[:, :-1], action=action[:, :-1], reward=reward[:, :-1], next_obs=obs[:, 1:],
+                  terminated=done[:, :-1], truncated=torch.zeros_like(done[:, :-1]), first=first)  # fmt: skip
+        loss, _ = model.loss(b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return update
+
+
+def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> list[Row]:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    data = cartpole_data(DATA_STEPS // 5 if quick else DATA_STEPS)
+    out = []
+    for name, (batch, seq_len, latent) in CONFIGS.items():
+        calls = max(2, (200 if name == "seed config" else 10) // (4 if quick else 1))
+        if torch.device(device).type == "cuda":
+            calls *= 5
+        repeats = 3 if quick else 5
+        case = f"{name}: batch {batch}, seq_len {seq_len}, latent {latent}, {device}"
+        t_seed = time_per_call(seed(data, batch, seq_len, latent, device), calls, repeats, device=device)
+        for compiled in sorted({False, compile}):
+            update, sample = ours(data, batch, seq_len, latent, device, compiled)
+            t_ours = time_per_call(update, calls, repeats, device=device)
+            t_sample = time_per_call(sample, calls, repeats, device=device)
+            label = case + (", trainer.compile=true" if compiled else "")
+            out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True,
+                           {"sampling share of step": f"{t_sample / t_ours:.0%}"}))  # fmt: skip
+            if not compiled:
+                t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
+                                       device=device)  # fmt: skip
+                out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
+                               "seed loop, our model", "updates/s", True))  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    from run import main
+
+    main(only=["updates"])

@@ -1,0 +1,59 @@
+"""Every benchmark, one table. Each row measures ours and its baseline in the same run and prints the ratio.
+
+    python benchmarks/run.py                 # all four rows on this machine (about 15 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick         # smaller sizes and fewer repeats (a few minutes)
+    python benchmarks/run.py --device cuda   # also the CUDA rows (sampling from a GPU-resident buffer, updates)
+    python benchmarks/run.py --only sampling updates --json results.json
+
+TorchRL's SliceSampler joins the sampling row when torchrl is installed: pip install -e ".[bench]".
+Benchmarks are never tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however this file is started
+
+import torch  # noqa: E402
+
+from common import print_table, write_json  # noqa: E402
+
+BENCHES = ("sampling", "collection", "updates", "time-to-quality")
+
+
+def main(only: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device for the GPU rows (default: cuda when available)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="updates: also measure trainer.compile=true")
+    parser.add_argument("--only", nargs="*", choices=BENCHES, default=only or list(BENCHES))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    import bench_collection
+    import bench_sampling
+    import bench_time_to_quality
+    import bench_updates
+
+    runners = {
+        "sampling": lambda: bench_sampling.rows(args.quick, args.device),
+        "collection": lambda: bench_collection.rows(args.quick),
+        "updates": lambda: bench_updates.rows(args.quick, "cpu", args.compile)
+        + (bench_updates.rows(args.quick, args.device, args.compile) if args.device != "cpu" else []),
+        "time-to-quality": lambda: bench_time_to_quality.rows(args.quick, args.device),
+    }
+    rows = []
+    for name in args.only:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows += runners[name]()
+    print_table(rows)
+    if args.json:
+        write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
