@@ -117,7 +117,7 @@ def test_default_run_finishes_and_validation_loss_falls_tenfold(tmp_path):
     run_dir = tmp_path / "default"
     run_train([f"hydra.run.dir={run_dir}"])
     val = scalars(run_dir)["val/loss"]
-    assert val[0][0] == 0 and val[-1][0] == 3000
+    assert val[0][0] == 0 and val[-1][0] == 10000
     assert val[-1][1] < val[0][1] / 10
 
 

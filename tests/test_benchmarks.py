@@ -1,0 +1,58 @@
+"""The benchmarks' building blocks run against the current API (no timings here: benchmarks are never tests)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_collection  # noqa: E402
+import bench_sampling  # noqa: E402
+import bench_time_to_quality  # noqa: E402
+import bench_updates  # noqa: E402
+from common import Row, time_per_call  # noqa: E402
+
+
+def test_sampling_setups_hold_the_same_wrapped_stream():
+    ours = bench_sampling.ours(1000, 3, "cpu")
+    seed = bench_sampling.seed(1000, 3)
+    assert len(ours) == seed.size == 1000
+    # Both were fed capacity + 10%: the oldest stored row is the 101st written, in both.
+    oldest_seed = seed.obs_buffer[seed.ptr]
+    np.testing.assert_array_equal(ours[0]["obs"], oldest_seed)
+    batch = ours.sample(bench_sampling.BATCH, bench_sampling.SEQ_LEN)
+    assert batch.obs.shape == (bench_sampling.BATCH, bench_sampling.SEQ_LEN, 3)
+
+
+def test_collection_counts_only_stored_steps():
+    assert bench_collection.ours_steps_per_s(4, 400) > 0
+    assert bench_collection.seed_steps_per_s(200) > 0
+
+
+@pytest.mark.parametrize("make", ["ours", "seed", "seed_loop_our_model"])
+def test_update_closures_take_finite_steps(make):
+    data = bench_updates.cartpole_data(500)
+    if make == "ours":
+        update, sample = bench_updates.ours(data, 4, 8, 8, "cpu", compile=False)
+        assert torch.isfinite(update()).all() and sample().obs.shape == (4, 8, 4)
+    elif make == "seed":
+        assert torch.isfinite(bench_updates.seed(data, 4, 8, 8, "cpu")())
+    else:
+        bench_updates.seed_loop_our_model(data, 4, 8, 8, "cpu")()
+
+
+def test_time_to_quality_metric_and_rows():
+    target = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    assert bench_time_to_quality.nmse(target, target) == 0.0
+    # Predicting the mean of each dimension scores exactly 1.
+    assert bench_time_to_quality.nmse(target.mean(0).expand(2, 2), target) == pytest.approx(1.0)
+    val = bench_time_to_quality.validation_windows(seed=3, steps=300)
+    assert val.obs.shape[1] == bench_time_to_quality.CONTEXT and not val.first[:, 1:].any()
+    row = Row("x", "y", ours=2.0, baseline=6.0, baseline_name="b", unit="s", higher_is_better=False)
+    assert row.ratio == 3.0 and time_per_call(lambda: None, calls=2, repeats=2) >= 0
