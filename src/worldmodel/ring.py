@@ -91,10 +91,10 @@ class RingBuffer:
         skip = max(0, n - seg)  # rows that would be overwritten within this same call
         first = stream * seg + (ptr + skip) % seg
         if first + n - skip <= (stream + 1) * seg:  # no wrap inside the segment: one slice (the common case)
-            self._write(slice(first, first + n - skip), {k: np.asarray(v)[skip:] for k, v in rows.items()})
+            rows_at = slice(first, first + n - skip)
         else:
             rows_at = stream * seg + (ptr + np.arange(skip, n)) % seg
-            self._write(rows_at, {k: np.asarray(v)[skip:] for k, v in rows.items()})
+        self._write(rows_at, {k: np.asarray(v)[skip:] for k, v in rows.items()})
         self.ptrs[stream] = (ptr + n) % seg
         self.sizes[stream] = min(int(self.sizes[stream]) + n, seg)
 
