@@ -34,26 +34,35 @@ def cartpole_data(steps: int) -> dict[str, np.ndarray]:
     return buffer[:]
 
 
+def our_model(data: dict, latent: int, device: str) -> GRUWorldModel:
+    model = GRUWorldModel(data["obs"].shape[1], data["action"].shape[1], latent_dim=latent)
+    model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
+    return model.to(device)
+
+
+def seed_buffer(data: dict) -> SeedReplayBuffer:
+    """The seed's buffer holding `data`, written one transition at a time as the seed does."""
+    buffer = SeedReplayBuffer(len(data["obs"]), (data["obs"].shape[1],), (data["action"].shape[1],))
+    for obs, action, reward, term, trunc in zip(*(data[k] for k in ("obs", "action", "reward", "terminated",
+                                                                     "truncated"))):  # fmt: skip
+        buffer.add(obs, action, reward, term or trunc)
+    return buffer
+
+
 def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool):
     """(update callable, sample callable) for our pipeline, storage and model on `device`."""
     n, obs_dim, action_dim = len(data["obs"]), data["obs"].shape[1], data["action"].shape[1]
     buffer = ReplayBuffer(n, obs_dim, action_dim, device=device, seed=0)
     buffer.extend(*(data[k] for k in ("obs", "action", "reward", "next_obs", "terminated", "truncated")))
-    model = GRUWorldModel(obs_dim, action_dim, latent_dim=latent)
-    model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
-    model.to(device)
+    model = our_model(data, latent, device)
     trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile)
     _, update = trainer.build_update(model)
     return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
 
 
 def seed(data: dict, batch: int, seq_len: int, latent: int, device: str):
-    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
-    buffer = SeedReplayBuffer(len(data["obs"]), (obs_dim,), (action_dim,))
-    for obs, action, reward, term, trunc in zip(*(data[k] for k in ("obs", "action", "reward", "terminated",
-                                                                     "truncated"))):  # fmt: skip
-        buffer.add(obs, action, reward, term or trunc)
-    model = SeedWorldModel(obs_dim, action_dim, latent).to(device)
+    buffer = seed_buffer(data)
+    model = SeedWorldModel(data["obs"].shape[1], data["action"].shape[1], latent).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     return lambda: seed_update(model, optimizer, buffer, batch, seq_len, device)
 
@@ -61,14 +70,8 @@ def seed(data: dict, batch: int, seq_len: int, latent: int, device: str):
 def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, device: str):
     """The seed's loop (np.stack sampling, numpy -> tensor copies, plain Adam) driving our model: the same work per
     update as ours, so the ratio isolates the loop (sampling, transfers, the update step) from the model's cost."""
-    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
-    buffer = SeedReplayBuffer(len(data["obs"]), (obs_dim,), (action_dim,))
-    for obs, action, reward, term, trunc in zip(*(data[k] for k in ("obs", "action", "reward", "terminated",
-                                                                     "truncated"))):  # fmt: skip
-        buffer.add(obs, action, reward, term or trunc)
-    model = GRUWorldModel(obs_dim, action_dim, latent_dim=latent)
-    model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
-    model.to(device)
+    buffer = seed_buffer(data)
+    model = our_model(data, latent, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def update():

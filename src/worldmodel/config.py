@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from worldmodel.env import VECTORIZATION_MODES, check_env_id
 from worldmodel.errors import ConfigError
-from worldmodel.replay import OBS_DTYPES
+from worldmodel.replay import obs_storage_dtype
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import PRECISIONS
 
@@ -35,8 +35,7 @@ def validate_config(cfg: DictConfig) -> None:
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
     resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device")
-    if cfg.buffer.get("obs_dtype", "float32") not in OBS_DTYPES:
-        raise ConfigError("buffer.obs_dtype", cfg.buffer.obs_dtype, f"one of {', '.join(OBS_DTYPES)}")
+    obs_storage_dtype(cfg.buffer.get("obs_dtype", "float32"))
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
     if cfg.buffer.get("dataset"):

@@ -26,7 +26,7 @@ def episode_window_starts(buffer: ReplayBuffer, length: int, stride: int = 1) ->
         return np.zeros(0, dtype=np.int64)
     rows = buffer[:]
     boundary = rows["terminated"] | rows["truncated"]
-    boundary[np.cumsum(buffer.ring.sizes)[buffer.ring.sizes > 0] - 1] = True
+    boundary[buffer.newest_rows()] = True
     ends = np.concatenate([[0], np.cumsum(boundary)])
     starts = np.arange(0, len(buffer) - length + 1, stride)
     return starts[ends[starts + length - 1] - ends[starts] == 0]

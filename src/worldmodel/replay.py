@@ -37,6 +37,13 @@ from worldmodel.ring import RingBuffer
 from worldmodel.runtime import resolve_device
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def obs_storage_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `buffer.obs_dtype=name`, or a ConfigError naming the valid ones."""
+    if name not in OBS_DTYPES:
+        raise ConfigError("buffer.obs_dtype", name, f"one of {', '.join(OBS_DTYPES)}")
+    return OBS_DTYPES[name]
 FORMAT_VERSION = 2  # 2: per-stream sizes, rows saved in logical order
 
 
@@ -73,13 +80,11 @@ class ReplayBuffer:
         batch_device: str | torch.device | None = None,
     ):
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
-        self.batch_device = None if batch_device is None else torch.device(batch_device)
-        self.device = resolve_device(device, key="buffer.device", auto=self.batch_device or torch.device("cpu"))
-        self.batch_device = self.batch_device or self.device
-        if obs_dtype not in OBS_DTYPES:
-            raise ConfigError("buffer.obs_dtype", obs_dtype, f"one of {', '.join(OBS_DTYPES)}")
+        batch_device = None if batch_device is None else torch.device(batch_device)
+        self.device = resolve_device(device, key="buffer.device", auto=batch_device or torch.device("cpu"))
+        self.batch_device = batch_device or self.device
+        store = obs_storage_dtype(obs_dtype)
         self.obs_dtype = obs_dtype
-        store = OBS_DTYPES[obs_dtype]
         self.ring = RingBuffer(
             capacity,
             {
@@ -127,6 +132,11 @@ class ReplayBuffer:
 
     def __len__(self) -> int:
         return len(self.ring)
+
+    def newest_rows(self) -> np.ndarray:
+        """Logical index of each non-empty stream's newest row (where that stream's data ends, maybe mid-episode)."""
+        sizes = self.ring.sizes
+        return np.cumsum(sizes)[sizes > 0] - 1
 
     def __getitem__(self, index) -> dict[str, np.ndarray]:
         """Rows by logical index (0 = oldest stored, -1 = newest; with several streams, stream 0's rows come first);

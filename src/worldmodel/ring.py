@@ -159,16 +159,20 @@ class RingBuffer:
     # ---- reads and in-place updates -----------------------------------------------------------------------------
     def read(self, index, names=None) -> dict[str, np.ndarray]:
         """Rows at logical `index` as numpy arrays (a copy, on the host; bfloat16, which numpy lacks, as float32)."""
-        rows = torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
+        rows = self._device_rows(index)
         out = {name: self.columns[name][rows] for name in (names or self.columns)}
         return {name: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for name, v in out.items()}
 
     def write(self, index, **fields) -> None:
         """Overwrites stored fields in place at logical `index`."""
         self._check_names(fields)
-        rows = torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
+        rows = self._device_rows(index)
         for name, value in fields.items():
             self.columns[name][rows] = torch.as_tensor(np.asarray(value)).to(self.device, self.schema[name][1])
+
+    def _device_rows(self, index) -> torch.Tensor:
+        """Physical rows of logical `index` (int, slice or integer array, bounds-checked) as a tensor on the device."""
+        return torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
 
     def clear(self) -> None:
         """Forgets every row; the tables stay allocated so clearing costs nothing."""

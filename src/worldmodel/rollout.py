@@ -68,6 +68,27 @@ class StickyRandomPolicy(RandomPolicy):
         return np.asarray(value, dtype=self.action_space.dtype)
 
 
+def env_and_policy_state(env, policy: Policy) -> dict:
+    """What both collectors save of the env and the policy: the env object pickled and the policy's RNG state.
+
+    gymnasium has no generic get/set-state API; pickling the env object restores the classic-control envs exactly
+    (physics state, time-limit counter and RNG). An env that cannot be pickled (a simulator, an async vector env's
+    subprocesses) is saved as None, and the collector's load_state_dict cuts the episodes in progress instead.
+    """
+    try:
+        env_blob = pickle.dumps(env)
+    except Exception:
+        env_blob = None
+    return {"env": env_blob, "policy": policy.state_dict() if hasattr(policy, "state_dict") else None}
+
+
+def load_env_and_policy(state: dict, policy: Policy):
+    """Restores the policy's RNG from an env_and_policy_state; returns the unpickled env, or None if none was saved."""
+    if state["policy"] is not None:
+        policy.load_state_dict(state["policy"])
+    return None if state["env"] is None else pickle.loads(state["env"])  # our own checkpoint, written by us
+
+
 @dataclass
 class CollectStats:
     steps: int = 0
@@ -121,32 +142,22 @@ class Collector:
         return stats
 
     def state_dict(self) -> dict:
-        """The episode in progress, the env itself and the policy's RNG, so collection continues exactly.
-
-        gymnasium has no generic get/set-state API; pickling the env object restores the classic-control envs exactly
-        (physics state, time-limit counter and RNG). Where an env cannot be pickled, the episode in progress is cut
-        on resume instead (see load_state_dict).
-        """
-        try:
-            env_blob = pickle.dumps(self.env)
-        except Exception:
-            env_blob = None
+        """The episode in progress, the env itself and the policy's RNG, so collection continues exactly (see
+        env_and_policy_state for an env that cannot be saved)."""
         return {
-            "env": env_blob,
+            **env_and_policy_state(self.env, self.policy),
             "obs": None if self._obs is None else self._obs.tolist(),
             "episode_return": self._return,
             "episode_length": self._length,
             "total_steps": self.total_steps,
             "seed": self._seed,
-            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self._seed = state["total_steps"], state["seed"]
-        if state["policy"] is not None:
-            self.policy.load_state_dict(state["policy"])
-        if state["env"] is not None:
-            self.env = pickle.loads(state["env"])  # our own checkpoint, written by state_dict above
+        env = load_env_and_policy(state, self.policy)
+        if env is not None:
+            self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
             self._return, self._length = state["episode_return"], state["episode_length"]
         elif state["obs"] is not None and len(self.buffer):

@@ -10,15 +10,13 @@ final observation as its target, as in the single-env Collector.
 
 from __future__ import annotations
 
-import pickle
-
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from worldmodel.env import EnvSpec, env_spec
 from worldmodel.replay import ReplayBuffer
-from worldmodel.rollout import Collector, CollectStats, Policy
+from worldmodel.rollout import Collector, CollectStats, Policy, env_and_policy_state, load_env_and_policy
 
 
 class VectorCollector:
@@ -94,7 +92,7 @@ class VectorCollector:
         self.buffer.extend_streams(valid, **block)
         stats.steps = int(valid.sum())
         self.total_steps += stats.steps
-        self._episode_stats(block["reward"], valid, valid & (block["terminated"] | block["truncated"]), stats)
+        self._episode_stats(reward, valid, done, stats)  # done implies valid (checked above)
         return stats
 
     def _episode_stats(self, reward: np.ndarray, valid: np.ndarray, ends: np.ndarray, stats: CollectStats) -> None:
@@ -112,14 +110,10 @@ class VectorCollector:
                 self._returns[k], self._lengths[k] = returns[-1, k], lengths[-1, k]
 
     def state_dict(self) -> dict:
-        """The episodes in progress, the vector env itself and the policy's RNG, so collection continues exactly.
-        An env that cannot be pickled (e.g. an async vector env's subprocesses) is saved as None: see load."""
-        try:
-            env_blob = pickle.dumps(self.env)
-        except Exception:
-            env_blob = None
+        """The episodes in progress, the vector env itself and the policy's RNG, so collection continues exactly (see
+        env_and_policy_state for an env that cannot be saved)."""
         return {
-            "env": env_blob,
+            **env_and_policy_state(self.env, self.policy),
             "obs": None if self._obs is None else self._obs.tolist(),
             "resetting": self._resetting.tolist(),
             "returns": self._returns.tolist(),
@@ -127,15 +121,13 @@ class VectorCollector:
             "credit": self._credit,
             "total_steps": self.total_steps,
             "seed": self._seed,
-            "policy": self.policy.state_dict() if hasattr(self.policy, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self._seed, self._credit = state["total_steps"], state["seed"], state["credit"]
-        if state["policy"] is not None:
-            self.policy.load_state_dict(state["policy"])
-        if state["env"] is not None:
-            self.env = pickle.loads(state["env"])  # our own checkpoint, written by state_dict above
+        env = load_env_and_policy(state, self.policy)
+        if env is not None:
+            self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
             self._resetting = np.asarray(state["resetting"], dtype=bool)
             self._returns = np.asarray(state["returns"], dtype=np.float64)
@@ -143,13 +135,11 @@ class VectorCollector:
         elif state["obs"] is not None:
             # The envs could not be saved, so their episodes cannot continue: end each stream's open episode as a
             # truncation (consecutive rows stay consecutive steps) and start fresh episodes.
-            spans = np.cumsum(self.buffer.ring.sizes)
-            newest = [int(end) - 1 for end, size in zip(spans, self.buffer.ring.sizes) if size]
-            if newest:
-                rows = self.buffer[np.array(newest)]
-                open_ = [i for i, t, u in zip(newest, rows["terminated"], rows["truncated"]) if not (t or u)]
-                if open_:
-                    self.buffer.update(np.array(open_), truncated=True)
+            newest = self.buffer.newest_rows()
+            rows = self.buffer[newest]
+            open_ = newest[~(rows["terminated"] | rows["truncated"])]
+            if len(open_):
+                self.buffer.update(open_, truncated=True)
             self._obs = None
             self._resetting[:] = False
             self._returns[:], self._lengths[:] = 0.0, 0
