@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldmodel.models.base import WorldModel, mlp
+from worldmodel.models.layers import gru_sequence
 
 
 class GRUWorldModel(WorldModel):
@@ -44,9 +45,6 @@ class GRUWorldModel(WorldModel):
         self.reward_head = mlp(head_in, hidden_dim, 1)
         self.terminated_head = mlp(head_in, hidden_dim, 1)
 
-    def initial_state(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(batch_size, self.latent_dim)
-
     def _encode(self, obs_n: torch.Tensor, action_n: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.encoder(obs_n), action_n], dim=-1)
 
@@ -60,15 +58,9 @@ class GRUWorldModel(WorldModel):
         }
 
     def _recur(self, x: torch.Tensor, first: torch.Tensor, h: torch.Tensor | None = None):
-        """Runs the GRU over x [B, T, F], zeroing the state where `first` is set. Only the cell is stepped in Python:
-        the encoder and heads run once over the whole sequence."""
-        keep = (~first.bool()).unsqueeze(-1).to(x.dtype)
-        h = self.initial_state(x.shape[0], x) if h is None else h
-        states = []
-        for t in range(x.shape[1]):
-            h = self.rnn(x[:, t], h * keep[:, t])
-            states.append(h)
-        return torch.stack(states, dim=1), h
+        """Runs the GRU over x [B, T, F], zeroing the state where `first` is set (see layers.gru_sequence). The
+        encoder and heads run once over the whole sequence."""
+        return gru_sequence(self.rnn, x, first, h)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher-forced: obs [B, T, D], action [B, T, A], first [B, T] -> normalized predictions per step."""
