@@ -183,6 +183,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_readable(tmp_path, m
     monkeypatch.undo()
     assert [s for s, _ in step_checkpoints(tmp_path)] == [10]
     assert torch.equal(load_for_resume(tmp_path, cfg)["model"]["w"], torch.ones(3))
+    assert torch.equal(load_for_resume(tmp_path, cfg, mmap=True)["model"]["w"], torch.ones(3))  # the pre-run check
 
 
 def test_atomic_save_replaces_whole_files(tmp_path):

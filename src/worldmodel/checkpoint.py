@@ -90,12 +90,14 @@ class Checkpointer:
         os.replace(tmp, last)
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint's payload. mmap=True maps its tensors (the replay buffer is most of a checkpoint) instead of
+    reading them, for checks that only look at the config."""
     path = Path(path)
     if not path.is_file():
         raise WorldModelError(f"Checkpoint {path} does not exist; a finished run writes <run dir>/checkpoints/last.pt.")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:
         raise WorldModelError(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}).") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
@@ -103,8 +105,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return payload
 
 
-def load_for_resume(run_dir: str | Path, cfg: DictConfig) -> dict:
-    """The newest checkpoint of `run_dir`, after checking that `cfg` continues the same experiment."""
+def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> dict:
+    """The newest checkpoint of `run_dir`, after checking that `cfg` continues the same experiment (mmap: see
+    read_checkpoint)."""
     found = step_checkpoints(run_dir)
     if not found:
         raise WorldModelError(
@@ -112,7 +115,7 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig) -> dict:
             "Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a new one."
         )
     path = found[-1][1]
-    payload = read_checkpoint(path)
+    payload = read_checkpoint(path, mmap=mmap)
     diffs = config_differences(payload["config"], OmegaConf.to_container(cfg, resolve=True))
     refused = {k: v for k, v in diffs.items() if k not in RESUMABLE_CHANGES}
     if refused:

@@ -64,7 +64,8 @@ class PreflightChecks(Callback):
         with user_errors():
             validate_config(task_cfg)
             if task_cfg.trainer.resume:
-                load_for_resume(run_dir, task_cfg)
+                # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
+                load_for_resume(run_dir, task_cfg, mmap=True)
             elif found:
                 raise WorldModelError(
                     f"hydra.run.dir={run_dir} already holds another run's checkpoints ({found[-1]}); nothing was "
