@@ -4,7 +4,7 @@ Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (b
 256). Ours is Trainer.build_update on GRUWorldModel (the default model: next-obs delta, reward and termination heads)
 with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy -> tensor every step, and
 trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. The notes give the share of
-our step spent sampling the batch (waiting on data).
+our step spent sampling the batch (waiting on data) and, on a GPU, the share of the time it was busy.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import Row, time_per_call
+from common import Row, gpu_busy, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.models import GRUWorldModel
@@ -105,8 +105,10 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
             t_ours = time_per_call(update, calls, repeats, device=device)
             t_sample = time_per_call(sample, calls, repeats, device=device)
             label = case + (", trainer.compile=true" if compiled else "")
-            out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True,
-                           {"sampling share of step": f"{t_sample / t_ours:.0%}"}))  # fmt: skip
+            notes = {"sampling share of step": f"{t_sample / t_ours:.0%}"}
+            if torch.device(device).type == "cuda":
+                notes["GPU busy"] = f"{gpu_busy(update, calls, device):.0%}"
+            out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes))
             if not compiled:
                 t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
                                        device=device)  # fmt: skip

@@ -58,6 +58,40 @@ def time_per_call(fn: Callable[[], object], calls: int, repeats: int = 5, warmup
     return statistics.median(samples)
 
 
+def gpu_busy(fn: Callable[[], object], calls: int, device: torch.device | str) -> float:
+    """Share of the time the GPU was executing (kernels, copies, memsets) while `fn` ran `calls` times, from the
+    first device activity to the last, as recorded by the CUDA profiler. 1.0 means the host never kept it waiting.
+    The profiler's own CPU overhead can only lower this number: it is a lower bound."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA and not e.is_user_annotation]  # fmt: skip
+    return busy_share(spans)
+
+
+def busy_share(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans over the span from the earliest start to the latest end."""
+    if not spans:
+        return 0.0
+    spans = sorted(spans)
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy / max(max(end for _, end in spans) - spans[0][0], 1e-12)
+
+
 def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Plain host memcpy bandwidth (bytes copied per second, in GB/s): the ceiling for any gather on this machine."""
     src = np.ones(nbytes // 8)

@@ -16,7 +16,7 @@ import bench_collection  # noqa: E402
 import bench_sampling  # noqa: E402
 import bench_time_to_quality  # noqa: E402
 import bench_updates  # noqa: E402
-from common import Row, time_per_call  # noqa: E402
+from common import Row, busy_share, time_per_call  # noqa: E402
 
 
 def test_sampling_setups_hold_the_same_wrapped_stream():
@@ -56,3 +56,11 @@ def test_time_to_quality_metric_and_rows():
     assert val.obs.shape[1] == bench_time_to_quality.CONTEXT and not val.first[:, 1:].any()
     row = Row("x", "y", ours=2.0, baseline=6.0, baseline_name="b", unit="s", higher_is_better=False)
     assert row.ratio == 3.0 and time_per_call(lambda: None, calls=2, repeats=2) >= 0
+
+
+def test_gpu_busy_share_is_the_union_of_device_spans():
+    assert busy_share([]) == 0.0
+    assert busy_share([(0, 10)]) == 1.0
+    # Two overlapping kernels [0, 4) and [2, 6), a gap, then [8, 10): busy 6 + 2 of the 10 between first and last.
+    assert busy_share([(8, 10), (0, 4), (2, 6)]) == pytest.approx(0.8)
+    assert busy_share([(0, 10), (2, 3)]) == 1.0  # nested spans count once
