@@ -86,18 +86,27 @@ def linear_system_buffer(steps: int, seed: int) -> ReplayBuffer:
     return buffer
 
 
-def test_learns_a_linear_system_to_tight_error():
-    torch.manual_seed(0)
-    train, val = linear_system_buffer(4000, 0), linear_system_buffer(500, 1)
-    model = GRUWorldModel(3, 1, latent_dim=32, hidden_dim=64)
-    rows = train[:]
-    model.normalizer.fit(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(600):
-        loss, _ = model.loss(train.sample(32, 8))
+def fit_on(model, buffer: ReplayBuffer, steps: int, lr: float, batch_size: int = 32, seq_len: int = 8,
+           decay: bool = False):  # fmt: skip
+    """Fits the normalizer on everything in `buffer`, then takes `steps` Adam updates on sampled windows. decay: the
+    rate falls linearly to 10%, so a score is of a settled model rather than of the last noisy step."""
+    rows = buffer[:]
+    model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / steps if decay else 1.0)
+    for _ in range(steps):
+        loss, _ = model.loss(buffer.sample(batch_size, seq_len))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
+    return model
+
+
+def test_learns_a_linear_system_to_tight_error():
+    torch.manual_seed(0)
+    train, val = linear_system_buffer(4000, 0), linear_system_buffer(500, 1)
+    model = fit_on(GRUWorldModel(3, 1, latent_dim=32, hidden_dim=64), train, steps=600, lr=2e-3)
     batch = next(val.sequences(8, batch_size=1000))
     pred = model.predict(batch.obs, batch.action, batch.first)
     obs_mse = ((pred["next_obs"] - batch.next_obs) ** 2).mean() / batch.next_obs.var(dim=(0, 1)).mean()

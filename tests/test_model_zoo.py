@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from test_model import linear_system_buffer
+from test_model import fit_on, linear_system_buffer
 from worldmodel import WorldModel
 from worldmodel.replay import Batch
 
@@ -180,18 +180,7 @@ def open_loop_errors(model: WorldModel, val, C: int = 4, H: int = 5, episode: in
 
 def train_on_linear_system(name: str, steps: int, seed: int = 0):
     train, val = linear_system_buffer(4000, seed), linear_system_buffer(500, 1000 + seed)
-    model = build(name, obs_dim=3, action_dim=1, seed=seed)
-    rows = train[:]
-    model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    # A linear decay to 10% of the rate, so the score is of a settled model rather than of the last noisy step.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / steps)
-    for _ in range(steps):
-        loss, _ = model.loss(train.sample(32, 8))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    model = fit_on(build(name, obs_dim=3, action_dim=1, seed=seed), train, steps=steps, lr=2e-3, decay=True)
     return model, val
 
 
@@ -226,15 +215,7 @@ def test_seeded_training_is_bit_reproducible(name):
         train = linear_system_buffer(400, 0)
         model = build(name, obs_dim=3, action_dim=1, seed=7)
         init = {k: v.clone() for k, v in model.state_dict().items()}
-        rows = train[:]
-        model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(10):
-            loss, _ = model.loss(train.sample(8, 8))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return init, model.state_dict()
+        return init, fit_on(model, train, steps=10, lr=1e-3, batch_size=8).state_dict()
 
     (init_a, a), (init_b, b) = run(), run()
     assert list(a) == list(b)
