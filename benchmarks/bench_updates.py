@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from common import Row, gpu_busy, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.models import GRUWorldModel
+from worldmodel.models.layers import gru_sequence
 from worldmodel.replay import Batch
 from worldmodel.rollout import Collector
 from worldmodel.trainer import Trainer
@@ -88,6 +90,37 @@ def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, devic
     return update
 
 
+def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:
+    """The recurrence alone, forward + backward over a window: our gru_sequence (state zeroed where an episode starts)
+    against stepping nn.GRUCell under autograd (the same function) and the fused nn.GRU (which cannot reset)."""
+    out = []
+    for name, (batch, seq_len, latent) in CONFIGS.items():
+        torch.manual_seed(0)
+        features = latent + 2  # the GRU input: latent + CartPole's one-hot action
+        cell = nn.GRUCell(features, latent).to(device)
+        fused = nn.GRU(features, latent, batch_first=True).to(device)
+        x = torch.randn(batch, seq_len, features, device=device, requires_grad=True)
+        first = torch.rand(batch, seq_len, device=device) < 0.05
+        first[:, 0] = True
+
+        def step_cell():
+            h, keep = x.new_zeros(batch, latent), (~first).unsqueeze(-1).float()
+            states = []
+            for t in range(seq_len):
+                h = cell(x[:, t], h * keep[:, t])
+                states.append(h)
+            torch.stack(states, 1).sum().backward()
+
+        calls = max(2, (200 if name == "seed config" else 5) // (4 if quick else 1))
+        timed = lambda fn: time_per_call(fn, calls, 3 if quick else 5, device=device)  # noqa: E731
+        t_ours = timed(lambda: gru_sequence(cell, x, first)[0].sum().backward())
+        case = f"GRU forward + backward, {name}: batch {batch}, seq_len {seq_len}, latent {latent}, {device}"
+        out.append(Row("updates", case, t_ours * 1e3, timed(step_cell) * 1e3, "nn.GRUCell stepped", "ms", False))
+        out.append(Row("updates", case, t_ours * 1e3, timed(lambda: fused(x)[0].sum().backward()) * 1e3,
+                       "nn.GRU, no resets", "ms", False))  # fmt: skip
+    return out
+
+
 def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> list[Row]:
     torch.manual_seed(0)
     np.random.seed(0)
@@ -114,7 +147,7 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                                        device=device)  # fmt: skip
                 out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
                                "seed loop, our model", "updates/s", True))  # fmt: skip
-    return out
+    return out + gru_rows(quick, device)
 
 
 if __name__ == "__main__":

@@ -52,27 +52,33 @@ class _ResetGRU(torch.autograd.Function):
         T, B, F = x.shape
         H = w_hh.shape[1]
         r, z = rz[:, :, 0], rz[:, :, 1]
-        # d(pre-activation of n)/dh = (1 - z)(1 - n^2); the r and z pre-activations follow through the chain rule.
-        dn = (1 - z) * (1 - n * n)
-        dgh_dh = torch.stack([dn * gh[:, :, 2] * r * (1 - r), (hp - n) * z * (1 - z), dn * r], dim=2)
-        d_states = d_states.contiguous()
+        # dL/dgh_t = dL/dh_t * dgh_dh[t]: the factors that do not depend on the incoming gradient, for all steps at
+        # once, written in place (at large sizes these elementwise passes cost as much as the loop's matmuls).
+        # d(pre-activation of n)/dh = (1 - z)(1 - n^2); r's and z's pre-activations follow by the chain rule.
+        one_minus_z = torch.rsub(z, 1)
+        dn = torch.addcmul(torch.ones_like(n), n, n, value=-1).mul_(one_minus_z)
+        dgh_dh = torch.empty_like(gh)
+        torch.mul(dn, gh[:, :, 2], out=dgh_dh[:, :, 0]).mul_(torch.addcmul(r, r, r, value=-1))  # * r (1 - r)
+        torch.sub(hp, n, out=dgh_dh[:, :, 1]).mul_(z).mul_(one_minus_z)
+        torch.mul(dn, r, out=dgh_dh[:, :, 2])
         dgh = torch.empty_like(gh)  # gradient of the hidden projection at each step
         dh_all = torch.empty_like(hp)
         carry = torch.zeros_like(hp[0])
         steps = zip(d_states.unbind(0), dh_all.unbind(0), dgh.unbind(0), dgh.view(T, B, 3 * H).unbind(0),
                     dgh_dh.unbind(0), z.unbind(0), keep.unbind(0))  # fmt: skip
-        for d_t, dh_t, dgh_t, dgh_flat, dgh_dh_t, z_t, keep_t in reversed(list(steps)):
+        for d_t, dh_t, dgh_t, dgh_row, dgh_dh_t, z_t, keep_t in reversed(list(steps)):
             dh = torch.add(d_t, carry, out=dh_t)
             torch.mul(dh.unsqueeze(1), dgh_dh_t, out=dgh_t)
-            carry = torch.addmm(dh * z_t, dgh_flat, w_hh).mul_(keep_t)
-        # The input projection's gradient equals the hidden one's except in the n part, where r does not scale it.
-        dgi = dgh.clone()
-        dgi[:, :, 2] = dh_all * dn
-        dgh, dgi = dgh.view(T * B, 3 * H), dgi.view(T * B, 3 * H)
+            carry = torch.addmm(dh * z_t, dgh_row, w_hh).mul_(keep_t)
+        dgh_flat = dgh.view(T * B, 3 * H)
+        d_w_hh, d_b_hh = dgh_flat.t() @ hp.view(T * B, H), dgh_flat.sum(0)
+        # The input projection's gradient equals the hidden one's except in the n part, where r does not scale it:
+        # dgh becomes it in place, once the hidden weights' gradients have been read from it.
+        torch.mul(dh_all, dn, out=dgh[:, :, 2])
+        dgi = dgh_flat
         dx = (dgi @ w_ih).view(T, B, F)
         d_w_ih = dgi.t() @ x.reshape(T * B, F)
-        d_w_hh = dgh.t() @ hp.view(T * B, H)
-        return dx, None, carry, d_w_ih, d_w_hh, dgi.sum(0), dgh.sum(0)
+        return dx, None, carry, d_w_ih, d_w_hh, dgi.sum(0), d_b_hh
 
 
 def gru_sequence(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: torch.Tensor | None = None):
