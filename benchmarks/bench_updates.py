@@ -11,11 +11,16 @@ our step spent sampling the batch (waiting on data) and, on a GPU, the share of 
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
-from common import Row, gpu_busy, time_per_call
+from common import Row, gpu_busy, sync, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.models import GRUWorldModel
@@ -25,6 +30,7 @@ from worldmodel.rollout import Collector
 from worldmodel.trainer import Trainer
 
 CONFIGS = {"seed config": (32, 16, 32), "large": (256, 64, 256)}  # batch, seq_len, latent
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA_STEPS = 50_000
 
 
@@ -42,6 +48,13 @@ def our_model(data: dict, latent: int, device: str) -> GRUWorldModel:
     return model.to(device)
 
 
+def our_buffer(data: dict, device: str) -> ReplayBuffer:
+    """Our replay buffer holding `data`, stored on `device`."""
+    buffer = ReplayBuffer(len(data["obs"]), data["obs"].shape[1], data["action"].shape[1], device=device, seed=0)
+    buffer.extend(*(data[k] for k in ("obs", "action", "reward", "next_obs", "terminated", "truncated")))
+    return buffer
+
+
 def seed_buffer(data: dict) -> SeedReplayBuffer:
     """The seed's buffer holding `data`, written one transition at a time as the seed does."""
     buffer = SeedReplayBuffer(len(data["obs"]), (data["obs"].shape[1],), (data["action"].shape[1],))
@@ -53,9 +66,7 @@ def seed_buffer(data: dict) -> SeedReplayBuffer:
 
 def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool):
     """(update callable, sample callable) for our pipeline, storage and model on `device`."""
-    n, obs_dim, action_dim = len(data["obs"]), data["obs"].shape[1], data["action"].shape[1]
-    buffer = ReplayBuffer(n, obs_dim, action_dim, device=device, seed=0)
-    buffer.extend(*(data[k] for k in ("obs", "action", "reward", "next_obs", "terminated", "truncated")))
+    buffer = our_buffer(data, device)
     model = our_model(data, latent, device)
     trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile)
     _, update = trainer.build_update(model)
@@ -121,6 +132,35 @@ def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:
     return out
 
 
+def zoo_rows(data: dict, quick: bool = False, device: str = "cpu") -> list[Row]:
+    """Every model config (conf/model/*.yaml) at the default trainer's batch: updates/s with trainer.compile=true
+    against eager, and what compiling costs before the first update, so a user can tell when it pays off."""
+    trainer_cfg = OmegaConf.load(CONF / "trainer" / "default.yaml")
+    batch, seq_len = int(trainer_cfg.batch_size), int(trainer_cfg.seq_len)
+    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
+    buffer = our_buffer(data, device)
+    out = []
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        rates, compile_s = {}, 0.0
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = instantiate(OmegaConf.load(path), obs_dim=obs_dim, action_dim=action_dim)
+            model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
+            trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device,
+                              compile=compiled)  # fmt: skip
+            _, update = trainer.build_update(model.to(device))
+            start = time.perf_counter()
+            update(buffer.sample(batch, seq_len))
+            sync(device)
+            compile_s = time.perf_counter() - start if compiled else compile_s
+            rates[compiled] = 1 / time_per_call(lambda: update(buffer.sample(batch, seq_len)), 50 if quick else 200,
+                                                3 if quick else 5, device=device)  # fmt: skip
+        case = f"model={path.stem}, batch {batch} x seq_len {seq_len}, {device}, trainer.compile=true"
+        out.append(Row("updates", case, rates[True], rates[False], "eager", "updates/s", True,
+                       {"first update (compiling)": f"{compile_s:.0f} s"}))  # fmt: skip
+    return out
+
+
 def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> list[Row]:
     torch.manual_seed(0)
     np.random.seed(0)
@@ -147,7 +187,7 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                                        device=device)  # fmt: skip
                 out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
                                "seed loop, our model", "updates/s", True))  # fmt: skip
-    return out + gru_rows(quick, device)
+    return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
 
 
 if __name__ == "__main__":

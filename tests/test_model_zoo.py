@@ -253,3 +253,29 @@ def test_ensemble_members_differ_and_log_variance_stays_in_its_bounds():
     assert out["mean"].shape == (model.ensemble_size, 64, 4) and out["terminated_logit"].shape == (5, 64)
     assert (out["logvar"] <= model.max_logvar + 1e-3).all() and (out["logvar"] >= model.min_logvar - 1e-3).all()
     assert not torch.allclose(out["mean"][0], out["mean"][1])
+
+
+# ---- (f) trainer.compile=true compiles every model ------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_loss_and_gradients_match_eager(name):
+    """The loss the trainer compiles (forward and backward) gives eager's values and gradients. In eval mode, so no
+    latent or bootstrap is sampled: compiled code draws its random numbers differently."""
+    from worldmodel.trainer import Trainer
+
+    train = linear_system_buffer(400, 0)
+    model = fit_on(build(name, obs_dim=3, action_dim=1, seed=0), train, steps=0, lr=1e-3).eval()
+    batch = train.sample(8, 8)
+    results = []
+    for compile in (False, True):
+        loss_fn = Trainer(steps=1, prefill=0, batch_size=8, seq_len=8, lr=1e-3, compile=compile)._loss_fn(model)
+        values = loss_fn(batch)
+        grads = torch.autograd.grad(values[0], [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results.append((values.detach(), grads))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
