@@ -2,15 +2,16 @@
 
 Windows may span an episode boundary (see replay.py), so the recurrent state must be zeroed at the rows marked
 `first`. The fused `nn.GRU` cannot do that, and stepping `nn.GRUCell` under autograd records ~25 small ops per step
-and computes the weight gradients one step at a time: on a CPU that loop costs more than the rest of the update.
+and computes the weight gradients one step at a time: on a CPU that loop was about 40% of the default model's
+update (2.8 of 6.3 ms at batch 32 x 16).
 
 `gru_sequence` computes exactly the same function with the same `nn.GRUCell` parameters (so checkpoints and the
 step-by-step imagination path are unchanged), but:
 * the input projections of all steps are one matmul, and so are all four weight/bias gradients in the backward pass;
 * the forward loop is 7 ops per step, the backward loop 5 (the gate derivatives that do not depend on the incoming
   gradient are computed for all steps at once before it), and nothing is recorded per step.
-Under torch.compile or autocast it falls back to the GRUCell loop: Inductor fuses that loop itself, and autocast's
-per-op casting rules are the GRUCell's.
+Under torch.compile or autocast it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through
+this Function measured slower), and autocast's per-op casting rules are the GRUCell's.
 """
 
 from __future__ import annotations
