@@ -124,6 +124,40 @@ def assert_not_enough(err: NotEnoughDataError, stored: int, needed: int) -> None
     assert re.search(rf"\b{needed}\b", msg), msg
 
 
+
+def update_a_row(buf: ReplayBuffer, data, rows: list[dict], obs_value) -> None:
+    """The `update` rule of the replay state machines (here and in test_replay_streams.py): draws a logical index
+    into `rows` (the reference's rows in the buffer's logical order, the same dicts the reference holds) and a field,
+    or one reward for several indices at once, and writes it to `buf` and to the reference alike.
+    obs_value(row, "obs" | "next_obs") draws a new observation that keeps the ids windows are identified by."""
+    n = len(rows)
+    i = data.draw(st.integers(-n, n - 1), label="index")
+    row = rows[i]
+    choice = data.draw(st.sampled_from(["reward", "action", "obs", "next_obs", "done", "array"]), label="field")
+    if choice == "reward":
+        value = np.float32(data.draw(finite32))
+        buf.update(i, reward=value)
+        row["reward"] = value
+    elif choice == "action":
+        value = np.array(data.draw(st.lists(finite32, min_size=buf.action_dim, max_size=buf.action_dim)), np.float32)
+        buf.update(i, action=value)
+        row["action"] = value
+    elif choice in ("obs", "next_obs"):
+        value = obs_value(row, choice)
+        buf.update(i, **{choice: value})
+        row[choice] = value
+    elif choice == "done":
+        # Flipping done flags moves episode boundaries; `first` must follow since it is derived at sample time.
+        term, trunc = data.draw(flags)
+        buf.update(i, terminated=term, truncated=trunc)
+        row["terminated"], row["truncated"] = term, trunc
+    else:
+        idx = data.draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=4), label="indices")
+        value = np.float32(data.draw(finite32))
+        buf.update(np.array(idx), reward=value)
+        for j in idx:
+            rows[j]["reward"] = value
+
 class ReplayMachine(RuleBasedStateMachine):
     @initialize(capacity=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
     def setup(self, capacity, seed):
@@ -165,36 +199,12 @@ class ReplayMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.buf) > 0)
     @rule(data=st.data())
     def update(self, data):
-        n = len(self.tail)
-        i = data.draw(st.integers(-n, n - 1), label="index")
-        row = self.tail[i]
-        sid = int(row["obs"][0])
-        choice = data.draw(st.sampled_from(["reward", "action", "obs", "next_obs", "done", "array"]), label="field")
-        if choice == "reward":
-            value = np.float32(data.draw(finite32))
-            self.buf.update(i, reward=value)
-            row["reward"] = value
-        elif choice == "action":
-            value = np.array(data.draw(st.lists(finite32, min_size=ACTION_DIM, max_size=ACTION_DIM)), np.float32)
-            self.buf.update(i, action=value)
-            row["action"] = value
-        elif choice in ("obs", "next_obs"):
+        def obs_value(row, choice):
             # Element 0 stays the step id (sid / sid + 0.5): windows are identified by it.
             rest = data.draw(st.lists(finite32, min_size=OBS_DIM - 1, max_size=OBS_DIM - 1))
-            value = np.array([sid + (0.5 if choice == "next_obs" else 0.0), *rest], np.float32)
-            self.buf.update(i, **{choice: value})
-            row[choice] = value
-        elif choice == "done":
-            # Flipping done flags moves episode boundaries; `first` must follow since it is derived at sample time.
-            term, trunc = data.draw(flags)
-            self.buf.update(i, terminated=term, truncated=trunc)
-            row["terminated"], row["truncated"] = term, trunc
-        else:
-            idx = data.draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=4), label="indices")
-            value = np.float32(data.draw(finite32))
-            self.buf.update(np.array(idx), reward=value)
-            for k in idx:
-                self.tail[k]["reward"] = value
+            return np.array([int(row["obs"][0]) + (0.5 if choice == "next_obs" else 0.0), *rest], np.float32)
+
+        update_a_row(self.buf, data, self.tail, obs_value)
 
     @rule(batch_size=st.integers(1, 8), seq_len=st.integers(1, 14))
     def sample(self, batch_size, seq_len):

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from test_replay_property import update_a_row
 from worldmodel.errors import NotEnoughDataError
 from worldmodel.replay import ReplayBuffer
 
@@ -206,36 +207,12 @@ class StreamsMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.buf) > 0)
     @rule(data=st.data())
     def update(self, data):
-        flat = self.flat
-        n = len(flat)
-        i = data.draw(st.integers(-n, n - 1), label="index")
-        row = flat[i]
-        sid, k = int(row["obs"][0]), int(row["obs"][1])
-        choice = data.draw(st.sampled_from(["reward", "action", "obs", "next_obs", "done", "array"]), label="field")
-        if choice == "reward":
-            value = np.float32(data.draw(finite32))
-            self.buf.update(i, reward=value)
-            row["reward"] = value
-        elif choice == "action":
-            value = np.array(data.draw(st.lists(finite32, min_size=ACTION_DIM, max_size=ACTION_DIM)), np.float32)
-            self.buf.update(i, action=value)
-            row["action"] = value
-        elif choice in ("obs", "next_obs"):
+        def obs_value(row, choice):
             # Elements 0 and 1 stay (step id, stream id): windows are identified by them.
-            value = np.array([sid + (0.5 if choice == "next_obs" else 0.0), k, data.draw(finite16)], np.float32)
-            self.buf.update(i, **{choice: value})
-            row[choice] = value
-        elif choice == "done":
-            # Moves episode boundaries; `first` must follow since it is derived at sample time.
-            term, trunc = data.draw(flags)
-            self.buf.update(i, terminated=term, truncated=trunc)
-            row["terminated"], row["truncated"] = term, trunc
-        else:
-            idx = data.draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=4), label="indices")
-            value = np.float32(data.draw(finite32))
-            self.buf.update(np.array(idx), reward=value)
-            for j in idx:
-                flat[j]["reward"] = value
+            sid, k = int(row["obs"][0]), int(row["obs"][1])
+            return np.array([sid + (0.5 if choice == "next_obs" else 0.0), k, data.draw(finite16)], np.float32)
+
+        update_a_row(self.buf, data, self.flat, obs_value)
 
     # ---- reads ----------------------------------------------------------------------------------------------
     @rule(batch_size=st.integers(1, 6), seq_len=st.integers(1, 7))
