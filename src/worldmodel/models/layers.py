@@ -88,19 +88,21 @@ def gru_sequence(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: tor
     Returns (states [B, T, H], last state [B, H]), the same values (up to float rounding) and gradients as
     stepping `cell` in a Python loop.
     """
-    B, T = first.shape
     if h0 is None:
-        h0 = x.new_zeros(B, cell.hidden_size)
-    keep = (~first.bool()).t().unsqueeze(-1).to(x.dtype)
+        h0 = x.new_zeros(first.shape[0], cell.hidden_size)
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or cell.bias is False:
-        states = []
-        h = h0
-        for t in range(T):
-            h = cell(x[:, t], h * keep[t])
-            states.append(h)
-        states = torch.stack(states, dim=1)
-        return states, h
+        return gru_cell_loop(cell, x, first, h0)
+    keep = (~first.bool()).t().unsqueeze(-1).to(x.dtype)
     states = _ResetGRU.apply(x.transpose(0, 1).contiguous(), keep, h0, cell.weight_ih, cell.weight_hh, cell.bias_ih,
                              cell.bias_hh)  # fmt: skip
     return states.transpose(0, 1), states[-1]
 
+
+def gru_cell_loop(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: torch.Tensor):
+    """gru_sequence's function computed by stepping `cell` under autograd: its fallback, and the benchmark's baseline."""
+    keep = (~first.bool()).unsqueeze(-1).to(x.dtype)
+    h, states = h0, []
+    for t in range(x.shape[1]):
+        h = cell(x[:, t], h * keep[:, t])
+        states.append(h)
+    return torch.stack(states, dim=1), h
