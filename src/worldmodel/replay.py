@@ -44,6 +44,8 @@ def obs_storage_dtype(name: str) -> torch.dtype:
     if name not in OBS_DTYPES:
         raise ConfigError("buffer.obs_dtype", name, f"one of {', '.join(OBS_DTYPES)}")
     return OBS_DTYPES[name]
+
+
 FORMAT_VERSION = 2  # 2: per-stream sizes, rows saved in logical order
 
 
