@@ -1,10 +1,12 @@
 """Row 3: training updates per second (sample a batch + one gradient step), ours against the seed notebook's loop.
 
 Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (batch 256 x seq_len 64 x latent
-256). Ours is Trainer.build_update on GRUWorldModel (the default model: next-obs delta, reward and termination heads)
-with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy -> tensor every step, and
-trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. The notes give the share of
-our step spent sampling the batch (waiting on data) and, on a GPU, the share of the time it was busy.
+256). Ours is Trainer.build_update on GRUWorldModel (the default model, conf/model/gru.yaml: next-obs delta, reward
+and termination heads) with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy ->
+tensor every step, and trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. Two
+more rows per config: the seed's loop training our model (which separates the loop from the model), and ours with
+MLP heads (model.head_layers=2). The notes give the share of our step spent sampling the batch (waiting on data)
+and, on a GPU, the share of the time it was busy.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -42,8 +44,11 @@ def cartpole_data(steps: int) -> dict[str, np.ndarray]:
     return buffer[:]
 
 
-def our_model(data: dict, latent: int, device: str) -> GRUWorldModel:
-    model = GRUWorldModel(data["obs"].shape[1], data["action"].shape[1], latent_dim=latent)
+def our_model(data: dict, latent: int, device: str, head_layers: int | None = None) -> GRUWorldModel:
+    """The default model (conf/model/gru.yaml) at `latent`; head_layers overrides the config's."""
+    if head_layers is None:
+        head_layers = int(OmegaConf.load(CONF / "model" / "gru.yaml").head_layers)
+    model = GRUWorldModel(data["obs"].shape[1], data["action"].shape[1], latent_dim=latent, head_layers=head_layers)
     model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
     return model.to(device)
 
@@ -64,10 +69,11 @@ def seed_buffer(data: dict) -> SeedReplayBuffer:
     return buffer
 
 
-def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool):
+def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool,
+         head_layers: int | None = None):  # fmt: skip
     """(update callable, sample callable) for our pipeline, storage and model on `device`."""
     buffer = our_buffer(data, device)
-    model = our_model(data, latent, device)
+    model = our_model(data, latent, device, head_layers)
     trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile)
     _, update = trainer.build_update(model)
     return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
@@ -181,6 +187,11 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                                        device=device)  # fmt: skip
                 out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
                                "seed loop, our model", "updates/s", True))  # fmt: skip
+                # The MLP heads (model.head_layers=2): what the extra head capacity costs per update.
+                t_mlp = time_per_call(ours(data, batch, seq_len, latent, device, False, head_layers=2)[0], calls,
+                                      repeats, device=device)  # fmt: skip
+                out.append(Row("updates", f"{case}, ours with model.head_layers=2", 1 / t_mlp, 1 / t_seed,
+                               "seed loop", "updates/s", True))  # fmt: skip
     return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
 
 

@@ -94,6 +94,7 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("buffer.device=tpu", "buffer.device", "auto, cpu, cuda"),
         ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
         ("trainer.compile=maybe", "trainer.compile", "true or false"),
+        ("model.head_layers=0", "model.head_layers", ">= 1"),
         # 8 envs x seq_len 16: each env's stream must hold a sequence, and the prefill must fill every stream.
         ("env.num_envs=8 buffer.capacity=100", "buffer.capacity", "env.num_envs=8"),
         ("env.num_envs=8 trainer.prefill=100", "trainer.prefill", "env.num_envs=8"),

@@ -53,6 +53,17 @@ def test_prediction_at_t_never_sees_the_future():
     torch.testing.assert_close(model(obs2, action, first)["delta"][:, :4], base[:, :4])
 
 
+@pytest.mark.parametrize("head_layers", [1, 2])
+def test_heads_are_the_head_modules(head_layers):
+    """Linear heads run as one fused matmul; it must be the function the three saved head modules describe."""
+    model = fitted_model(head_layers=head_layers)
+    h, x = torch.randn(5, 7, 16), torch.randn(5, 7, 18)
+    out, features = model._heads(h, x), torch.cat([h, x], dim=-1)
+    torch.testing.assert_close(out["delta"], model.next_obs_head(features))
+    torch.testing.assert_close(out["reward"], model.reward_head(features).squeeze(-1))
+    torch.testing.assert_close(out["terminated_logit"], model.terminated_head(features).squeeze(-1))
+
+
 def test_normalizer_lives_in_the_state_dict():
     model = fitted_model()
     state = model.state_dict()
@@ -103,10 +114,13 @@ def fit_on(model, buffer: ReplayBuffer, steps: int, lr: float, batch_size: int =
     return model
 
 
-def test_learns_a_linear_system_to_tight_error():
+@pytest.mark.parametrize("head_layers", [1, 2])  # linear heads (the config default) and MLP heads
+def test_learns_a_linear_system_to_tight_error(head_layers):
     torch.manual_seed(0)
     train, val = linear_system_buffer(4000, 0), linear_system_buffer(500, 1)
-    model = fit_on(GRUWorldModel(3, 1, latent_dim=32, hidden_dim=64), train, steps=600, lr=2e-3)
+    model = GRUWorldModel(3, 1, latent_dim=32, hidden_dim=64, head_layers=head_layers)
+    assert len(model.next_obs_head) == 3 * (head_layers - 1) + 1  # Linear, LayerNorm, SiLU per hidden layer
+    model = fit_on(model, train, steps=600, lr=2e-3)
     batch = next(val.sequences(8, batch_size=1000))
     pred = model.predict(batch.obs, batch.action, batch.first)
     obs_mse = ((pred["next_obs"] - batch.next_obs) ** 2).mean() / batch.next_obs.var(dim=(0, 1)).mean()

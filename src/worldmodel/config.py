@@ -58,6 +58,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     _int(cfg, "model.latent_dim", 1)
     _int(cfg, "model.hidden_dim", 1)
+    if "head_layers" in cfg.model:
+        _int(cfg, "model.head_layers", 1)
     for key, value in (("trainer.lr", t.lr), ("trainer.grad_clip", t.grad_clip)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             raise ConfigError(key, value, "a finite number > 0")
