@@ -120,6 +120,24 @@ def test_resume_with_a_different_experiment_is_refused_and_changes_nothing(tmp_p
     assert files(run_dir) == before
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_the_keys_default(tmp_path):
+    """model.head_layers came after runs had been saved without it. Such a run was built with the constructor's
+    default (2), so resuming with that value continues it; the config's new default (1) is refused, and the error
+    names the value that resumes."""
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", "model.head_layers=2", f"hydra.run.dir={run_dir}"])
+    for _, path in step_checkpoints(run_dir):  # make it a run saved before the key existed
+        payload = torch.load(path, weights_only=False)
+        del payload["config"]["model"]["head_layers"]
+        atomic_torch_save(payload, path)
+    before = files(run_dir)
+    proc = run_train([*RUN, "trainer.steps=120", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "model.head_layers: saved '<absent: default 2>', now 1" in proc.stderr
+    assert files(run_dir) == before
+    run_train([*RUN, "trainer.steps=120", "model.head_layers=2", f"hydra.run.dir={run_dir}", "trainer.resume=true"])
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
+
+
 def test_bad_value_on_resume_is_refused_before_hydra_writes(tmp_path):
     run_dir = tmp_path / "run"
     run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
@@ -201,6 +219,15 @@ def test_config_differences_and_what_may_change():
         "env.id": ("CartPole-v1", "Pendulum-v1"),
         "trainer.steps": (10, 20),
         "new": ("<absent>", 1),
+    }
+    # A key the saved node lacks counts as its _target_'s default for it (the value the saved run was built with).
+    gru = {"_target_": "worldmodel.models.GRUWorldModel", "latent_dim": 32}
+    assert config_differences({"model": gru}, {"model": {**gru, "head_layers": 2}}) == {}
+    assert config_differences({"model": gru}, {"model": {**gru, "head_layers": 1}}) == {
+        "model.head_layers": ("<absent: default 2>", 1)
+    }
+    assert config_differences({"model": gru}, {"model": {**gru, "no_such_argument": 1}}) == {
+        "model.no_such_argument": ("<absent>", 1)
     }
     with pytest.raises(WorldModelError, match="holds no step"):
         load_for_resume(Path("/nonexistent"), None)

@@ -11,6 +11,8 @@ RNG), global RNGs, the trainer's counters and the resolved config. `load_world_m
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -130,16 +132,38 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
-    """{dotted key: (saved value, current value)} for every leaf that differs or exists on one side only."""
+    """{dotted key: (saved value, current value)} for every leaf that differs or exists on one side only.
+
+    A key the saved config lacks is not a difference where the current value is the saved node's `_target_` default
+    for it: the saved run was built without the key, so with that default. That is how a key added to the code after
+    a run was saved (e.g. model.head_layers, whose constructor default is the old behaviour) lets the run resume.
+    """
     out = {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         name = f"{prefix}{key}"
+        if key not in saved and (default := _target_default(saved, key)) is not _NO_DEFAULT:
+            if default == b:
+                continue
+            a = f"<absent: default {default!r}>"  # tells the user which value resumes the run
         if isinstance(a, dict) and isinstance(b, dict):
             out.update(config_differences(a, b, f"{name}."))
         elif a != b:
             out[name] = (a, b)
     return out
+
+
+_NO_DEFAULT = object()
+
+
+def _target_default(node: dict, key: str):
+    """The default of parameter `key` of the node's `_target_` callable, or _NO_DEFAULT where there is none to find."""
+    try:
+        module, _, name = node["_target_"].rpartition(".")
+        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(key)
+    except (KeyError, TypeError, ValueError, ImportError, AttributeError):
+        return _NO_DEFAULT
+    return _NO_DEFAULT if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def load_world_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict]:
