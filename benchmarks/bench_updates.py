@@ -25,7 +25,7 @@ from torch import nn
 from common import Row, gpu_busy, sync, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
-from worldmodel.models import GRUWorldModel
+from worldmodel.models import WorldModel
 from worldmodel.models.layers import gru_cell_loop, gru_sequence
 from worldmodel.replay import Batch
 from worldmodel.rollout import Collector
@@ -44,13 +44,20 @@ def cartpole_data(steps: int) -> dict[str, np.ndarray]:
     return buffer[:]
 
 
-def our_model(data: dict, latent: int, device: str, head_layers: int | None = None) -> GRUWorldModel:
-    """The default model (conf/model/gru.yaml) at `latent`; head_layers overrides the config's."""
-    if head_layers is None:
-        head_layers = int(OmegaConf.load(CONF / "model" / "gru.yaml").head_layers)
-    model = GRUWorldModel(data["obs"].shape[1], data["action"].shape[1], latent_dim=latent, head_layers=head_layers)
+def config_model(name: str, data: dict, device: str, **overrides) -> WorldModel:
+    """conf/model/<name>.yaml (overrides replace its keys) built for `data`, its normalizer fitted, on `device`."""
+    model = instantiate(OmegaConf.load(CONF / "model" / f"{name}.yaml"), obs_dim=data["obs"].shape[1],
+                        action_dim=data["action"].shape[1], **overrides)  # fmt: skip
     model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
     return model.to(device)
+
+
+def our_model(data: dict, latent: int, device: str, head_layers: int | None = None) -> WorldModel:
+    """The default model (conf/model/gru.yaml) at `latent`; head_layers overrides the config's."""
+    overrides = {"latent_dim": latent}
+    if head_layers is not None:
+        overrides["head_layers"] = head_layers
+    return config_model("gru", data, device, **overrides)
 
 
 def our_buffer(data: dict, device: str) -> ReplayBuffer:
@@ -137,18 +144,16 @@ def zoo_rows(data: dict, quick: bool = False, device: str = "cpu") -> list[Row]:
     against eager, and what compiling costs before the first update, so a user can tell when it pays off."""
     trainer_cfg = OmegaConf.load(CONF / "trainer" / "default.yaml")
     batch, seq_len = int(trainer_cfg.batch_size), int(trainer_cfg.seq_len)
-    obs_dim, action_dim = data["obs"].shape[1], data["action"].shape[1]
     buffer = our_buffer(data, device)
     out = []
     for path in sorted((CONF / "model").glob("*.yaml")):
         rates, first_update = {}, {}
         for compiled in (False, True):
             torch.manual_seed(0)
-            model = instantiate(OmegaConf.load(path), obs_dim=obs_dim, action_dim=action_dim)
-            model.fit_normalizer(data["obs"], data["action"], data["reward"], data["next_obs"])
+            model = config_model(path.stem, data, device)
             trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device,
                               compile=compiled)  # fmt: skip
-            _, update = trainer.build_update(model.to(device))
+            _, update = trainer.build_update(model)
             start = time.perf_counter()
             update(buffer.sample(batch, seq_len))
             sync(device)

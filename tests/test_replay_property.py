@@ -124,7 +124,6 @@ def assert_not_enough(err: NotEnoughDataError, stored: int, needed: int) -> None
     assert re.search(rf"\b{needed}\b", msg), msg
 
 
-
 def update_a_row(buf: ReplayBuffer, data, rows: list[dict], obs_value) -> None:
     """The `update` rule of the replay state machines (here and in test_replay_streams.py): draws a logical index
     into `rows` (the reference's rows in the buffer's logical order, the same dicts the reference holds) and a field,
@@ -157,6 +156,7 @@ def update_a_row(buf: ReplayBuffer, data, rows: list[dict], obs_value) -> None:
         buf.update(np.array(idx), reward=value)
         for j in idx:
             rows[j]["reward"] = value
+
 
 class ReplayMachine(RuleBasedStateMachine):
     @initialize(capacity=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
