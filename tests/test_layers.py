@@ -3,12 +3,15 @@ backward, for any pattern of reset flags."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from worldmodel.models import layers
 from worldmodel.models.layers import _ResetGRU, gru_sequence
 
 
@@ -51,12 +54,17 @@ def values_and_grads(fn, cell, x, first, h0, seed=0):
     features=st.integers(1, 6),
     hidden=st.integers(1, 6),
     first_p=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    block=st.sampled_from([1, 2, 3, None]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_the_grucell_loop_forward_and_backward(batch, steps, features, hidden, first_p, seed):
+def test_matches_the_grucell_loop_forward_and_backward(batch, steps, features, hidden, first_p, block, seed):
+    """`block` steps per backward block (None: the default, one block at these sizes), so the carry between blocks
+    and the gradients summed over them are checked too."""
     cell, x, first, h0 = case(batch, steps, features, hidden, first_p, seed)
     expected = values_and_grads(cell_loop, cell, x, first, h0, seed)
-    got = values_and_grads(gru_sequence, cell, x, first, h0, seed)
+    block_bytes = layers.BLOCK_BYTES if block is None else block * batch * 3 * hidden * x.element_size()
+    with mock.patch.object(layers, "BLOCK_BYTES", block_bytes):
+        got = values_and_grads(gru_sequence, cell, x, first, h0, seed)
     for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} differs from the GRUCell loop")
 
