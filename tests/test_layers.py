@@ -114,3 +114,14 @@ def test_float32_gradients_close_to_the_loop(grad_of):
         grads.append(torch.autograd.grad(out, [x, *cell.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["ResetGRU", "cell loop under autocast"])
+def test_time_major_is_the_same_function_in_the_other_layout(autocast):
+    cell, x, first, _ = case(3, 5, 4, 6, 0.3, seed=17, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        states, last = gru_sequence(cell, x, first)
+        states_tm, last_tm = gru_sequence(cell, x.transpose(0, 1), first.t(), time_major=True)
+    assert states_tm.shape == (5, 3, 6)
+    torch.testing.assert_close(states_tm.transpose(0, 1), states)
+    torch.testing.assert_close(last_tm, last)

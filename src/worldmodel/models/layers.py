@@ -12,7 +12,7 @@ step-by-step imagination path are unchanged), but:
   gradient are computed for a block of steps at once before it;
 * the backward pass runs in blocks of steps, each block's weight gradients one matmul. Its buffers are block-sized
   (a few MB), so they stay in cache and are reused. Sequence-sized buffers (48 MB at batch 256 x 64 x 256) are
-  fresh memory from the kernel on every update: that page-faulting cost 25% of the update (README, "Measured").
+  fresh memory from the kernel on every update: that page-faulting cost 25% of the update (README, "Speed").
 Under torch.compile or autocast it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through
 this Function measured slower), and autocast's per-op casting rules are the GRUCell's.
 """
