@@ -5,8 +5,9 @@ Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (b
 and termination heads) with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy ->
 tensor every step, and trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. Two
 more rows per config: the seed's loop training our model (which separates the loop from the model), and ours with
-MLP heads (model.head_layers=2). The notes give the share of our step spent sampling the batch (waiting on data)
-and, on a GPU, the share of the time it was busy.
+MLP heads (model.head_layers=2). The notes give the share of our step spent sampling the batch (waiting on data),
+the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the share of
+the time it was busy.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -22,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from common import Row, gpu_busy, sync, time_per_call
+from common import Row, gpu_busy, page_faults, sync, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.models import WorldModel
@@ -177,13 +178,17 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
             calls *= 5
         repeats = 3 if quick else 5
         case = f"{name}: batch {batch}, seq_len {seq_len}, latent {latent}, {device}"
-        t_seed = time_per_call(seed(data, batch, seq_len, latent, device), calls, repeats, device=device)
+        seed_update = seed(data, batch, seq_len, latent, device)
+        t_seed = time_per_call(seed_update, calls, repeats, device=device)
+        seed_faults = page_faults(seed_update, calls)
         for compiled in sorted({False, compile}):
             update, sample = ours(data, batch, seq_len, latent, device, compiled)
             t_ours = time_per_call(update, calls, repeats, device=device)
             t_sample = time_per_call(sample, calls, repeats, device=device)
             label = case + (", trainer.compile=true" if compiled else "")
             notes = {"sampling share of step": f"{t_sample / t_ours:.0%}"}
+            if seed_faults is not None:
+                notes["page faults per update"] = f"{page_faults(update, calls):,.0f} (seed loop {seed_faults:,.0f})"
             if torch.device(device).type == "cuda":
                 notes["GPU busy"] = f"{gpu_busy(update, calls, device):.0%}"
             out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes))

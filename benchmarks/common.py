@@ -58,6 +58,20 @@ def time_per_call(fn: Callable[[], object], calls: int, repeats: int = 5, warmup
     return statistics.median(samples)
 
 
+def page_faults(fn: Callable[[], object], calls: int) -> float | None:
+    """Minor page faults per call of `fn` (fresh memory the kernel had to hand over and zero), or None where the OS
+    does not count them. A steady training step should need none: every fault is a cost the step pays again."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def gpu_busy(fn: Callable[[], object], calls: int, device: torch.device | str) -> float:
     """Share of the time the GPU was executing (kernels, copies, memsets) while `fn` ran `calls` times, from the
     first device activity to the last, as recorded by the CUDA profiler. 1.0 means the host never kept it waiting.

@@ -16,7 +16,7 @@ import bench_collection  # noqa: E402
 import bench_sampling  # noqa: E402
 import bench_time_to_quality  # noqa: E402
 import bench_updates  # noqa: E402
-from common import Row, busy_share, time_per_call  # noqa: E402
+from common import Row, busy_share, page_faults, time_per_call  # noqa: E402
 
 
 def test_sampling_setups_hold_the_same_wrapped_stream():
@@ -65,3 +65,11 @@ def test_gpu_busy_share_is_the_union_of_device_spans():
     # Two overlapping kernels [0, 4) and [2, 6), a gap, then [8, 10): busy 6 + 2 of the 10 between first and last.
     assert busy_share([(8, 10), (0, 4), (2, 6)]) == pytest.approx(0.8)
     assert busy_share([(0, 10), (2, 3)]) == 1.0  # nested spans count once
+
+
+def test_page_faults_counts_fresh_memory():
+    faults = page_faults(lambda: np.ones(8 << 20), calls=2)  # 64 MB a call: mapped fresh, above glibc's mmap limit
+    if faults is None:
+        pytest.skip("this OS does not count page faults")
+    # At least one fault per 2 MB (huge) page of the 64 MB, and far fewer when nothing is allocated.
+    assert faults >= 32 and page_faults(lambda: None, calls=2) < 8
