@@ -1,13 +1,13 @@
 """Row 3: training updates per second (sample a batch + one gradient step), ours against the seed notebook's loop.
 
-Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (batch 256 x seq_len 64 x latent
-256). Ours is Trainer.build_update on GRUWorldModel (the default model, conf/model/gru.yaml: next-obs delta, reward
-and termination heads) with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy ->
-tensor every step, and trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. Two
-more rows per config: the seed's loop training our model (which separates the loop from the model), and ours with
-MLP heads (model.head_layers=2). The notes give the share of our step spent sampling the batch (waiting on data),
-the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the share of
-the time it was busy.
+Two configs: the seed's own (batch 32, seq_len 16, latent 32) and a large one (batch 256 x seq_len 64 x latent 256).
+Ours is Trainer.build_update on GRUWorldModel (the default model, conf/model/gru.yaml: next-obs delta, reward and
+termination heads) with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy ->
+tensor every step, and trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. Three
+more rows per config: the seed's loop training our model (which separates the loop from the model), ours with MLP
+heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=bf16). The notes give the share of
+our step spent sampling the batch (waiting on data), the fresh pages of memory each update makes the kernel hand
+over (see models/layers.py) and, on a GPU, the share of the time it was busy.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -78,11 +78,12 @@ def seed_buffer(data: dict) -> SeedReplayBuffer:
 
 
 def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool,
-         head_layers: int | None = None):  # fmt: skip
+         head_layers: int | None = None, precision: str = "fp32"):  # fmt: skip
     """(update callable, sample callable) for our pipeline, storage and model on `device`."""
     buffer = our_buffer(data, device)
     model = our_model(data, latent, device, head_layers)
-    trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile)
+    trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile,
+                      precision=precision)  # fmt: skip
     _, update = trainer.build_update(model)
     return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
 
@@ -201,6 +202,11 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                 t_mlp = time_per_call(ours(data, batch, seq_len, latent, device, False, head_layers=2)[0], calls,
                                       repeats, device=device)  # fmt: skip
                 out.append(Row("updates", f"{case}, ours with model.head_layers=2", 1 / t_mlp, 1 / t_seed,
+                               "seed loop", "updates/s", True))  # fmt: skip
+                # bfloat16 autocast: on a CPU it pays off only where matmuls dominate and the CPU has bf16 units.
+                t_bf16 = time_per_call(ours(data, batch, seq_len, latent, device, False, precision="bf16")[0], calls,
+                                       repeats, device=device)  # fmt: skip
+                out.append(Row("updates", f"{case}, ours with trainer.precision=bf16", 1 / t_bf16, 1 / t_seed,
                                "seed loop", "updates/s", True))  # fmt: skip
     return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
 

@@ -94,14 +94,20 @@ def test_no_initial_state_means_zeros():
     torch.testing.assert_close(a, b)
 
 
-def test_autocast_falls_back_to_the_cell_loop():
-    """Under autocast the GRUCell loop runs (its casting rules apply); it must still give the same values."""
+def test_autocast_runs_the_recurrence_in_its_dtype():
+    """Under bf16 autocast the hand-written GRU runs in bf16, as GRUCell's ops would; the fp32 weights get fp32
+    gradients, close to those of the fp32 loop."""
     cell, x, first, h0 = case(3, 5, 4, 6, 0.3, seed=11, dtype=torch.float32)
     expected, _ = cell_loop(cell, x, first, h0)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = gru_sequence(cell, x, first, h0)
-    assert type(got.grad_fn).__name__ == "StackBackward0"  # built by the loop, not by _ResetGRU
-    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+        got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
+    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_ResetGRUBackward"
+    torch.testing.assert_close(got.transpose(0, 1).float(), expected, rtol=0.05, atol=0.05)
+    grads = torch.autograd.grad(got.float().square().sum(), [x, *cell.parameters()])
+    for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()), msg=name)
 
 
 @pytest.mark.parametrize("grad_of", ["states", "last"])
@@ -116,7 +122,7 @@ def test_float32_gradients_close_to_the_loop(grad_of):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["ResetGRU", "cell loop under autocast"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
 def test_time_major_is_the_same_function_in_the_other_layout(autocast):
     cell, x, first, _ = case(3, 5, 4, 6, 0.3, seed=17, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

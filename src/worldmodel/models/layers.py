@@ -13,8 +13,8 @@ step-by-step imagination path are unchanged), but:
 * the backward pass runs in blocks of steps, each block's weight gradients one matmul. Its buffers are block-sized
   (a few MB), so they stay in cache and are reused. Sequence-sized buffers (48 MB at batch 256 x 64 x 256) are
   fresh memory from the kernel on every update: that page-faulting cost 25% of the update (README, "Speed").
-Under torch.compile or autocast it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through
-this Function measured slower), and autocast's per-op casting rules are the GRUCell's.
+Under torch.compile it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through this
+Function measured slower). Under autocast (trainer.precision=bf16) it runs in autocast's dtype.
 """
 
 from __future__ import annotations
@@ -118,14 +118,21 @@ def gru_sequence(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: tor
     batch_dim = 1 if time_major else 0
     if h0 is None:
         h0 = x.new_zeros(first.shape[batch_dim], cell.hidden_size)
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or cell.bias is False:
+    if torch.compiler.is_compiling() or cell.bias is False:
         if not time_major:
             return gru_cell_loop(cell, x, first, h0)
         states, last = gru_cell_loop(cell, x.transpose(0, 1), first.transpose(0, 1), h0)
         return states.transpose(0, 1), last
     x_tm, first_tm = (x, first) if time_major else (x.transpose(0, 1), first.t())
-    keep = (~first_tm.bool()).unsqueeze(-1).to(x.dtype)
-    states = _ResetGRU.apply(x_tm.contiguous(), keep, h0, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast would run GRUCell's matmuls in its dtype, and so everything computed from them: here the same, with
+        # the inputs and weights cast once per window. Gradients reach the fp32 weights through the casts, in fp32.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x_tm, h0, params = x_tm.to(dtype), h0.to(dtype), [p.to(dtype) for p in params]
+    keep = (~first_tm.bool()).unsqueeze(-1).to(x_tm.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # all in one dtype already: no per-op casts inside
+        states = _ResetGRU.apply(x_tm.contiguous(), keep, h0, *params)
     return (states if time_major else states.transpose(0, 1)), states[-1]
 
 
