@@ -10,9 +10,11 @@ step-by-step imagination path are unchanged), but:
 * the input projections of all steps are one matmul, and nothing is recorded per step;
 * the forward loop is 8 ops per step and the backward loop 5: the gate derivatives that do not depend on the incoming
   gradient are computed for a block of steps at once before it;
-* the backward pass runs in blocks of steps, each block's weight gradients one matmul. Its buffers are block-sized
-  (a few MB), so they stay in cache and are reused. Sequence-sized buffers (48 MB at batch 256 x 64 x 256) are
-  fresh memory from the kernel on every update: that page-faulting cost 25% of the update (README, "Speed").
+* the forward pass keeps only what backward needs (the gates, the state each step started from, the n part of the
+  hidden projection), and the backward pass runs in blocks of steps, each block's weight gradients one matmul, with
+  block-sized buffers (BLOCK_BYTES) that are reused. The two passes used to allocate five 48 MB buffers an update at
+  batch 256 x 64 x 256; glibc gives any allocation over 32 MB back to the kernel when it is freed, so each came back
+  as freshly zeroed pages on every update, about a fifth of the update's time (README, "Speed").
 Under torch.compile it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through this
 Function measured slower). Under autocast (trainer.precision=bf16) it runs in autocast's dtype.
 """
