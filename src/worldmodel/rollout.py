@@ -100,7 +100,8 @@ class Collector:
     """Owns one env's episode in progress across calls, so collection can be interleaved with training.
 
     It never resets the env in the middle of an episode, which is what lets the buffer treat consecutive rows as
-    consecutive steps. Several parallel envs are a later step (vectorized collection); the policy seam stays the same.
+    consecutive steps. For N envs stepped together (`env.num_envs=N`) see VectorCollector in vector.py, which writes
+    one replay stream per env through the same policy seam.
     """
 
     def __init__(self, env: gym.Env, buffer: ReplayBuffer, policy: Policy, seed: int, spec: EnvSpec | None = None):
