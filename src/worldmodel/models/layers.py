@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Size of the backward pass's per-block buffers. One block spans the whole window at small sizes (batch 32 x 16 x 32
-#: needs 200 KB), so there the pass is a single block.
+#: Size of the backward pass's per-block buffers on the host. One block spans the whole window at small sizes (batch
+#: 32 x 16 x 32 needs 200 KB), so there the pass is a single block.
 BLOCK_BYTES = 4 << 20
 
 
@@ -66,7 +66,9 @@ class _ResetGRU(torch.autograd.Function):
         d_w_ih, d_w_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
         d_b_ih, d_b_hh = w_ih.new_zeros(3 * H), w_hh.new_zeros(3 * H)
         carry = torch.zeros_like(hp[0])  # dL/d(state before step t), flowing backwards in time
-        block = max(1, BLOCK_BYTES // (B * 3 * H * x.element_size()))
+        # Blocks on the host only: there a freed sequence-sized buffer goes back to the kernel (see above). A GPU's
+        # caching allocator keeps its memory, so one block spares it the launches of the others.
+        block = max(1, BLOCK_BYTES // (B * 3 * H * x.element_size())) if x.device.type == "cpu" else T
         for end in range(T, 0, -block):
             s = slice(max(0, end - block), end)
             carry = _backward_block(x[s], keep[s], hp[s], gh_n[s], gates[s], d_states[s], carry, w_ih, w_hh,
