@@ -34,6 +34,8 @@ from worldmodel.trainer import Trainer
 
 CONFIGS = {"seed config": (32, 16, 32), "large": (256, 64, 256)}  # batch, seq_len, latent
 CONF = Path(__file__).resolve().parents[1] / "conf"
+#: Variants of ours, each a row per config: the override a user would pass -> the matching `ours` arguments.
+VARIANTS = {"model.head_layers=2": {"head_layers": 2}, "trainer.precision=bf16": {"precision": "bf16"}}
 DATA_STEPS = 50_000
 
 
@@ -198,16 +200,13 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                                        device=device)  # fmt: skip
                 out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
                                "seed loop, our model", "updates/s", True))  # fmt: skip
-                # The MLP heads (model.head_layers=2): what the extra head capacity costs per update.
-                t_mlp = time_per_call(ours(data, batch, seq_len, latent, device, False, head_layers=2)[0], calls,
-                                      repeats, device=device)  # fmt: skip
-                out.append(Row("updates", f"{case}, ours with model.head_layers=2", 1 / t_mlp, 1 / t_seed,
-                               "seed loop", "updates/s", True))  # fmt: skip
-                # bfloat16 autocast: on a CPU it pays off only where matmuls dominate and the CPU has bf16 units.
-                t_bf16 = time_per_call(ours(data, batch, seq_len, latent, device, False, precision="bf16")[0], calls,
-                                       repeats, device=device)  # fmt: skip
-                out.append(Row("updates", f"{case}, ours with trainer.precision=bf16", 1 / t_bf16, 1 / t_seed,
-                               "seed loop", "updates/s", True))  # fmt: skip
+                # What the MLP heads' extra capacity costs per update, and what bf16 autocast gains (on a CPU only
+                # where matmuls dominate and the CPU has bf16 units).
+                for override, kwargs in VARIANTS.items():
+                    variant = ours(data, batch, seq_len, latent, device, False, **kwargs)[0]
+                    t_variant = time_per_call(variant, calls, repeats, device=device)
+                    out.append(Row("updates", f"{case}, ours with {override}", 1 / t_variant, 1 / t_seed, "seed loop",
+                                   "updates/s", True))  # fmt: skip
     return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
 
 

@@ -35,13 +35,12 @@ def test_collection_counts_only_stored_steps():
     assert bench_collection.seed_steps_per_s(200) > 0
 
 
-@pytest.mark.parametrize("make", ["ours", "ours_mlp_heads", "ours_bf16", "seed", "seed_loop_our_model"])
+@pytest.mark.parametrize("make", ["ours", *bench_updates.VARIANTS, "seed", "seed_loop_our_model"])
 def test_update_closures_take_finite_steps(make):
     data = bench_updates.cartpole_data(500)
-    if make.startswith("ours"):
+    if make == "ours" or make in bench_updates.VARIANTS:
         update, sample = bench_updates.ours(data, 4, 8, 8, "cpu", compile=False,
-                                            head_layers=2 if make == "ours_mlp_heads" else None,
-                                            precision="bf16" if make == "ours_bf16" else "fp32")  # fmt: skip
+                                            **bench_updates.VARIANTS.get(make, {}))  # fmt: skip
         assert torch.isfinite(update()).all() and sample().obs.shape == (4, 8, 4)
     elif make == "seed":
         assert torch.isfinite(bench_updates.seed(data, 4, 8, 8, "cpu")())

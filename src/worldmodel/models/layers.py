@@ -42,7 +42,7 @@ class _ResetGRU(torch.autograd.Function):
         gh_n = x.new_empty(T, B, H)  # n part of the hidden projection: the only part backward needs
         states = x.new_empty(T, B, H)
         gh = x.new_empty(B, 3, H)  # one step's hidden projection, reused by every step
-        gh_rz, gh_flat = gh[:, :2], gh.view(B, 3 * H)
+        gh_rz, gh_n_step, gh_flat = gh[:, :2], gh[:, 2], gh.view(B, 3 * H)
         # Views of every step made up front: indexing inside the loop would cost more than the math at small sizes.
         steps = zip(gates[:, :, :2].unbind(0), gates[:, :, 0].unbind(0), gates[:, :, 1].unbind(0),
                     gates[:, :, 2].unbind(0), keep.unbind(0), hp.unbind(0), gh_n.unbind(0), states.unbind(0))  # fmt: skip
@@ -51,7 +51,7 @@ class _ResetGRU(torch.autograd.Function):
             torch.mul(h, keep_t, out=hp_t)
             torch.addmm(b_hh, hp_t, w_hh_t, out=gh_flat)
             rz_t.add_(gh_rz).sigmoid_()
-            gh_n_t.copy_(gh[:, 2])
+            gh_n_t.copy_(gh_n_step)
             n_t.addcmul_(r_t, gh_n_t).tanh_()
             h = torch.lerp(n_t, hp_t, z_t, out=out)  # (1 - z) * n + z * h
         ctx.save_for_backward(x, keep, w_ih, w_hh, hp, gh_n, gates)
