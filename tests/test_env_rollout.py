@@ -5,6 +5,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worldmodel import Collector, ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
 
@@ -89,3 +91,28 @@ def test_max_episode_steps_override():
     Collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0).collect(60)
     assert np.flatnonzero(buffer[:]["truncated"]).tolist() == [24, 49]
     assert isinstance(env.action_space, gym.spaces.Box)
+
+
+@given(
+    space=st.sampled_from([
+        gym.spaces.MultiDiscrete([2, 2, 2]),
+        gym.spaces.MultiDiscrete([3, 5], start=[-1, 2]),
+        gym.spaces.Box(-2.0, 2.0, (4, 1), np.float32),
+        gym.spaces.Box(np.array([-1.0, 0.0]), np.array([1.0, 5.0]), dtype=np.float64),
+        gym.spaces.Box(-np.inf, 1.0, (3,), np.float32),  # not bounded: drawn step by step
+        gym.spaces.Discrete(4),
+    ]),
+    seed=st.integers(0, 2**31 - 1),
+    steps=st.integers(1, 40),
+)
+@settings(max_examples=60, deadline=None)
+def test_random_policy_block_equals_single_draws(space, seed, steps):
+    """actions(steps) is bit for bit `steps` calls, and leaves the RNG where they would (so later draws, a
+    checkpoint's RNG state and a resumed run do not depend on which one the collector used)."""
+    block, single = RandomPolicy(space, seed), RandomPolicy(space, seed)
+    drawn = block.actions(steps)
+    expected = np.stack([single(None) for _ in range(steps)])
+    assert drawn.dtype == expected.dtype and drawn.shape == expected.shape
+    np.testing.assert_array_equal(drawn, expected)
+    assert block.state_dict() == single.state_dict()
+    np.testing.assert_array_equal(block(None), single(None))

@@ -135,3 +135,24 @@ def test_vector_env_options_and_errors():
     assert (spec.obs_dim, spec.action_dim, spec.discrete) == (4, 2, True)
     with pytest.raises(ValueError, match="streams"):
         VectorCollector(env, ReplayBuffer(100, 4, 2, streams=2), RandomPolicy(env.action_space, 0), seed=0)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_block_drawn_actions_store_what_per_step_calls_store(env_id):
+    """RandomPolicy.actions lets VectorCollector draw a call's actions at once; a policy without it is asked step by
+    step. Both must store the same rows, and leave the policy's RNG at the same point."""
+    buffers, policies = [], []
+    for blind in (True, False):
+        env = make_env(env_id, seed=0, num_envs=3)
+        spec = env_spec(env)
+        buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, streams=3, seed=0)
+        random_policy = RandomPolicy(env.action_space, 0)
+        policy = random_policy if blind else (lambda obs, p=random_policy: p(obs))  # hides `actions`
+        collector = VectorCollector(env, buffer, policy, seed=0, spec=spec)
+        for n in (30, 45, 3):
+            collector.collect(n)
+        buffers.append(buffer[:])
+        policies.append(random_policy)
+    for name in buffers[0]:
+        np.testing.assert_array_equal(buffers[0][name], buffers[1][name], err_msg=name)
+    assert policies[0].state_dict() == policies[1].state_dict()

@@ -15,7 +15,11 @@ from worldmodel.replay import ReplayBuffer
 
 
 class Policy(Protocol):
-    """The seam for anything that acts: random now, a planner over the world model later."""
+    """The seam for anything that acts: random now, a planner over the world model later.
+
+    A policy that ignores observations may also offer `actions(steps)`: its next `steps` actions at once, stacked,
+    the same values as `steps` calls. VectorCollector then draws a whole call's actions up front (see there).
+    """
 
     def __call__(self, obs: np.ndarray) -> Any: ...
 
@@ -30,6 +34,20 @@ class RandomPolicy:
 
     def __call__(self, obs: np.ndarray) -> Any:
         return self.action_space.sample()
+
+    def actions(self, steps: int) -> np.ndarray:
+        """`steps` actions stacked, bit for bit the values `steps` calls would return, leaving the RNG where they
+        would. For a vector env's MultiDiscrete space and a bounded float Box, numpy fills one block in the order that
+        single draws consume the stream, so one draw replaces `steps` (at 16 CartPole envs the per-step draws cost
+        ~6% of collection); any other space draws one step at a time."""
+        space, rng = self.action_space, self.action_space.np_random
+        if type(space) is gym.spaces.MultiDiscrete:
+            return (rng.random((steps, *space.nvec.shape)) * space.nvec).astype(space.dtype) + space.start
+        if type(space) is gym.spaces.Box and space.dtype.kind == "f" and space.is_bounded("both"):
+            low, high = space.low.reshape(-1), space.high.reshape(-1)
+            block = rng.uniform(low=low, high=high, size=(steps, low.size))
+            return block.astype(space.dtype).reshape(steps, *space.shape)
+        return np.stack([self(None) for _ in range(steps)])
 
     def state_dict(self) -> dict:
         return {"rng": self.action_space.np_random.bit_generator.state}
@@ -54,6 +72,9 @@ class StickyRandomPolicy(RandomPolicy):
         if self._last is None or self.action_space.np_random.random() >= self.repeat_prob:
             self._last = self.action_space.sample()
         return self._last
+
+    def actions(self, steps: int) -> np.ndarray:
+        return np.stack([self(None) for _ in range(steps)])  # each step depends on the last: no block draw
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "last": None if self._last is None else np.asarray(self._last).tolist()}
