@@ -5,9 +5,10 @@ Ours is Trainer.build_update on GRUWorldModel (the default model, conf/model/gru
 termination heads) with ReplayBuffer.sample; the seed's loop samples its buffer with np.stack, copies numpy ->
 tensor every step, and trains its encoder -> nn.GRU -> linear decoder model. Both on the same CartPole data. Three
 more rows per config: the seed's loop training our model (which separates the loop from the model), ours with MLP
-heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=bf16). The notes give the share of
-our step spent sampling the batch (waiting on data), the fresh pages of memory each update makes the kernel hand
-over (see models/layers.py) and, on a GPU, the share of the time it was busy.
+heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=bf16), each noting the seed's loop
+training that same variant of our model. The notes also give the share of our step spent sampling the batch (waiting
+on data), the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the
+share of the time it was busy.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -97,12 +98,15 @@ def seed(data: dict, batch: int, seq_len: int, latent: int, device: str):
     return lambda: seed_update(model, optimizer, buffer, batch, seq_len, device)
 
 
-def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, device: str):
+def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, device: str,
+                        head_layers: int | None = None, precision: str = "fp32"):  # fmt: skip
     """The seed's loop (np.stack sampling, numpy -> tensor copies, plain Adam) driving our model: the same work per
-    update as ours, so the ratio isolates the loop (sampling, transfers, the update step) from the model's cost."""
+    update as ours, so the ratio isolates the loop (sampling, transfers, the update step) from the model's cost.
+    head_layers and precision make it train one of ours' VARIANTS (bf16: the loss under autocast, as Trainer does)."""
     buffer = seed_buffer(data)
-    model = our_model(data, latent, device)
+    model = our_model(data, latent, device, head_layers)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def update():
         obs, action, reward, done = (torch.tensor(x, device=device) for x in buffer.sample(batch, seq_len + 1))
@@ -110,7 +114,8 @@ def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, devic
         first[:, 1:] = done[:, :-2]
         b = Batch(obs=obs[:, :-1], action=action[:, :-1], reward=reward[:, :-1], next_obs=obs[:, 1:],
                   terminated=done[:, :-1], truncated=torch.zeros_like(done[:, :-1]), first=first)  # fmt: skip
-        loss, _ = model.loss(b)
+        with autocast:
+            loss, _ = model.loss(b)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -201,12 +206,16 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                 out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
                                "seed loop, our model", "updates/s", True))  # fmt: skip
                 # What the MLP heads' extra capacity costs per update, and what bf16 autocast gains (on a CPU only
-                # where matmuls dominate and the CPU has bf16 units).
+                # where matmuls dominate and the CPU has bf16 units). The note runs the seed's loop on the same
+                # variant of our model: below the seed's own loop, it says whether the loop or the model is why.
                 for override, kwargs in VARIANTS.items():
                     variant = ours(data, batch, seq_len, latent, device, False, **kwargs)[0]
                     t_variant = time_per_call(variant, calls, repeats, device=device)
+                    t_seed_variant = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device, **kwargs),
+                                                   calls, repeats, device=device)  # fmt: skip
+                    note = f"{1 / t_seed_variant:,.4g} updates/s, ours {t_seed_variant / t_variant:.2f}x"
                     out.append(Row("updates", f"{case}, ours with {override}", 1 / t_variant, 1 / t_seed, "seed loop",
-                                   "updates/s", True))  # fmt: skip
+                                   "updates/s", True, {"seed loop training this model": note}))  # fmt: skip
     return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
 
 

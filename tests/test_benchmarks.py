@@ -44,8 +44,9 @@ def test_update_closures_take_finite_steps(make):
         assert torch.isfinite(update()).all() and sample().obs.shape == (4, 8, 4)
     elif make == "seed":
         assert torch.isfinite(bench_updates.seed(data, 4, 8, 8, "cpu")())
-    else:
-        bench_updates.seed_loop_our_model(data, 4, 8, 8, "cpu")()
+    else:  # the seed's loop on our model, and on each variant of it (the variant rows' note)
+        for kwargs in [{}, *bench_updates.VARIANTS.values()]:
+            bench_updates.seed_loop_our_model(data, 4, 8, 8, "cpu", **kwargs)()
 
 
 def test_time_to_quality_metric_and_rows():
