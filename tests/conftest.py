@@ -60,6 +60,13 @@ def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_
     return proc
 
 
+def images(run_dir: Path) -> dict[str, list[tuple[int, int, int]]]:
+    """Every image series in the run dir's TensorBoard event files, as {tag: [(step, width, height), ...]}."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.width, e.height) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in the run dir's TensorBoard event files, as {tag: [(step, value), ...]}."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worldmodel import ReplayBuffer
-from worldmodel.evaluation import episode_window_starts, open_loop, trajectory_figure
+from worldmodel.evaluation import TrajectoryPlot, episode_window_starts, open_loop, trajectory
 from worldmodel.models.base import WorldModel
 
 
@@ -95,8 +95,22 @@ def test_perfect_model_scores_zero_and_reports_requested_horizons():
     assert "eval/nmse_h15" in res.scalars() and "eval/copy_last_nmse_h5" in res.scalars()
 
 
-def test_no_window_long_enough_gives_none_and_figure_has_a_panel_per_dim():
+def test_no_window_long_enough_gives_none():
     buffer = hand_made_buffer()
     assert open_loop(Drift(1.0), buffer, context=5, horizon=5) is None
-    fig = trajectory_figure(Drift(1.0), buffer, context=2, horizon=2)
-    assert len(fig.axes) == 2
+    assert trajectory(Drift(1.0), buffer, context=5, horizon=5) is None
+
+
+def test_trajectory_figure_shows_the_middle_window_and_redraws_without_memory():
+    # Windows of 3 transitions inside one episode start at logical rows 0, 1, 2, 3, 6, 7; the middle one is row 3.
+    true, imagined = trajectory(Drift(1.0), hand_made_buffer(), context=2, horizon=2)
+    np.testing.assert_array_equal(true, [[3, 6], [4, 8], [5, 10], [6, 12]])
+    np.testing.assert_array_equal(imagined, [[5, 9], [6, 10]])  # (4, 8) + k * (1, 1)
+    plot = TrajectoryPlot(obs_dim=2, context=2, horizon=2)
+    first = plot.image(true, imagined)
+    assert first.dtype == np.uint8 and first.shape == (260, 640, 3) and len(plot.axes) == 2
+    other = plot.image(true * 100, imagined * -3)
+    assert not np.array_equal(first, other)
+    # The figure is reused across validation passes: the same trajectories must draw the same image again, whatever
+    # was drawn in between (axis limits follow the data, nothing is left over).
+    np.testing.assert_array_equal(plot.image(true, imagined), first)

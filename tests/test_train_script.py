@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, run_train, scalars
+from conftest import TINY, images, run_train, scalars
 from worldmodel.checkpoint import load_world_model
 
 EXPECTED_TAGS = {
@@ -37,6 +37,10 @@ def test_run_trains_and_logs_into_its_own_dir(tmp_path, env_args):
     val_first, val_last = first_last(series["val/loss"])
     assert series["val/loss"][0][0] == 0 and series["val/loss"][-1][0] == 120
     assert train_last < train_first / 3 and val_last < val_first / 3
+    # A true-vs-imagined figure at every validation pass, one 320-pixel panel per observation dimension.
+    obs_dim = 3 if "env=pendulum" in env_args else 4
+    steps = [step for step, _ in series["val/loss"]]
+    assert images(run_dir)["eval/trajectory"] == [(step, 320 * obs_dim, 260) for step in steps]
 
     model, payload = load_world_model(run_dir / "checkpoints" / "last.pt")
     assert payload["config"]["trainer"]["steps"] == 120 and payload["metrics"]["val/loss"] == pytest.approx(val_last)

@@ -56,9 +56,9 @@ class Logger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, global_step=step)
 
-    def log_figure(self, tag: str, figure, step: int) -> None:
-        """A matplotlib figure as an image; the figure is closed afterwards."""
-        self.writer.add_figure(tag, figure, global_step=step, close=True)
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An RGB image, uint8 [height, width, 3]."""
+        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def log_config(self, yaml_text: str) -> None:
         # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.

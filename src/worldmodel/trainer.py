@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import Checkpointer, step_checkpoints
 from worldmodel.errors import RunInterrupted, WorldModelError
-from worldmodel.evaluation import open_loop, trajectory_figure
+from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
 from worldmodel.logger import Logger
 from worldmodel.models import WorldModel
 from worldmodel.replay import ReplayBuffer
@@ -62,6 +62,7 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         self.compile, self.compile_mode, self.precision = bool(compile), str(compile_mode), str(precision)
+        self._plot: TrajectoryPlot | None = None  # built at the first figure, redrawn after
 
     def fit(
         self,
@@ -197,9 +198,11 @@ class Trainer:
     def _log_eval(self, logger: Logger, metrics: dict, model: WorldModel, val_buffer: ReplayBuffer, step: int) -> None:
         logger.log(metrics, step)
         if self.eval_figure:
-            fig = trajectory_figure(model, val_buffer, self.eval_context, self.eval_horizon)
-            if fig is not None:
-                logger.log_figure("eval/trajectory", fig, step)
+            window = trajectory(model, val_buffer, self.eval_context, self.eval_horizon)
+            if window is not None:
+                if self._plot is None:
+                    self._plot = TrajectoryPlot(model.obs_dim, self.eval_context, self.eval_horizon)
+                logger.log_image("eval/trajectory", self._plot.image(*window), step)
 
     # ---- the loop's own state: small, explicit, checkpointed ----------------------------------------------------
     def _fresh_loop_state(self, metrics: dict) -> dict:
