@@ -427,6 +427,12 @@ def test_extend_streams_keeps_only_each_streams_newest_rows():
     buf.extend_streams(np.zeros((2, 2), bool), **block([[GARBAGE, GARBAGE]] * 2))
     buf.extend_streams(np.zeros((0, 2), bool), **{k: v.reshape(0, 2, *v.shape[1:]) for k, v in stack([]).items()})
     assert_contents(buf, [transition(0, t) for t in (3, 4, 5)] + [transition(1, t) for t in (2, 3, 4)])
+    # A column laid out [streams, T] instead of [T, streams] is refused, not reshaped into the wrong rows.
+    arrays = block([[transition(0, 6), transition(1, 5)]] * 3)
+    arrays["obs"] = arrays["obs"].swapaxes(0, 1)
+    with pytest.raises(ValueError, match="obs"):
+        buf.extend_streams(np.ones((3, 2), bool), **arrays)
+    assert_contents(buf, [transition(0, t) for t in (3, 4, 5)] + [transition(1, t) for t in (2, 3, 4)])
 
 
 @pytest.mark.parametrize("obs_dtype", ["float16", "bfloat16"])

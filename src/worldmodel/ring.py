@@ -116,14 +116,20 @@ class RingBuffer:
         valid = np.asarray(valid, dtype=bool)
         if valid.ndim != 2 or valid.shape[1] != self.streams:
             raise ValueError(f"extend_streams: valid must be [T, {self.streams}], got {valid.shape}")
+        rows = {name: np.asarray(value) for name, value in rows.items()}
+        wrong = {name: value.shape for name, value in rows.items() if value.shape[:2] != valid.shape}
+        if wrong:
+            raise ValueError(f"extend_streams: columns must be [T, streams, ...] like valid {valid.shape}, got {wrong}")
         counts = np.cumsum(valid, axis=0)  # rows written so far in this call, per stream
         total = counts[-1] if len(valid) else np.zeros(self.streams, np.int64)
         # A stream given more rows than it holds keeps only its newest stream_capacity of them.
         keep = valid & (counts > total - self.stream_capacity)
         position = (self.ptrs + counts - 1) % self.stream_capacity
-        rows_at = (np.arange(self.streams) * self.stream_capacity + position)[keep]
+        kept = np.flatnonzero(keep)  # once for all columns: a boolean mask per column recounts it each time (3x slower)
+        rows_at = (np.arange(self.streams) * self.stream_capacity + position).reshape(-1)[kept]
         if rows_at.size:
-            self._write(rows_at, {name: np.asarray(value)[keep] for name, value in rows.items()})
+            self._write(rows_at, {name: value.reshape(keep.size, *value.shape[2:]).take(kept, axis=0)
+                                  for name, value in rows.items()})  # fmt: skip
         self.ptrs = (self.ptrs + total) % self.stream_capacity
         self.sizes = np.minimum(self.sizes + total, self.stream_capacity)
 
