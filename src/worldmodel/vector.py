@@ -68,16 +68,14 @@ class VectorCollector:
         terminated = np.empty((steps, n), bool)
         truncated = np.empty((steps, n), bool)
         seen[0] = self._obs
-        if hasattr(self.policy, "actions"):  # a policy blind to observations: one draw for the whole call
+        blind = hasattr(self.policy, "actions")  # a policy that ignores observations: one draw for the whole call
+        if blind:
             actions[:] = self.policy.actions(steps).reshape(actions.shape)
-            for t in range(steps):
-                next_obs, reward[t], terminated[t], truncated[t], _ = self.env.step(actions[t])
-                seen[t + 1] = next_obs.reshape(n, d)
-        else:
-            for t in range(steps):
-                actions[t] = action = self.policy(seen[t])
-                next_obs, reward[t], terminated[t], truncated[t], _ = self.env.step(action)
-                seen[t + 1] = next_obs.reshape(n, d)
+        for t in range(steps):
+            if not blind:
+                actions[t] = self.policy(seen[t])
+            next_obs, reward[t], terminated[t], truncated[t], _ = self.env.step(actions[t])
+            seen[t + 1] = next_obs.reshape(n, d)
         self._obs = seen[-1].copy()
         # NEXT_STEP autoreset: the step after env k's episode ends is its reset step (not a transition), and a reset
         # step itself never reports terminated/truncated, so "valid" is simply "the previous step did not end".
