@@ -1,0 +1,126 @@
+"""The CUDA code paths against their CPU counterparts: skipped without a GPU, run by benchmarks/gpu_check.sh.
+
+Each test computes the same thing on the GPU and on the host (or with the reference implementation) and compares:
+the hand-written GRU's single-block backward pass and its bf16 path, the replay ring stored on the GPU or gathered
+through pinned memory, and a few training updates of each model. Speed is benchmarks/' business, not these tests'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_layers import case, cell_loop
+from test_model import linear_system_buffer
+from test_model_zoo import MODELS, fitted, random_batch
+from worldmodel.models.layers import gru_sequence
+from worldmodel.replay import ReplayBuffer
+from worldmodel.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+DEVICE = "cuda"
+
+
+def on(device: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies that require grad where the original does, on `device`."""
+    return [t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
+
+
+def trainer_update(model, device: str, lr: float = 1e-3, **trainer_args):
+    """Trainer's update function (fused Adam, clipping; batch size and length come from the batches given)."""
+    trainer = Trainer(steps=1, prefill=0, batch_size=1, seq_len=1, lr=lr, device=device, **trainer_args)
+    return trainer.build_update(model.to(device))[1]
+
+
+def test_reset_gru_on_the_gpu_is_the_cell_loop():
+    """On a GPU the backward pass runs as one block over the whole window (the host splits it): same function."""
+    cell, x, first, h0 = case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32)
+    cell = cell.to(DEVICE)
+    x, first, h0 = on(DEVICE, x, first, h0)
+    expected, _ = cell_loop(cell, x, first, h0)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
+    got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
+    assert type(got.grad_fn).__name__ == "_ResetGRUBackward"
+    got = got.transpose(0, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), [x, *cell.parameters()])
+    for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_reset_gru_under_bf16_autocast_on_the_gpu():
+    cell, x, first, h0 = case(8, 12, 6, 8, 0.3, seed=11, dtype=torch.float32)
+    cell = cell.to(DEVICE)
+    x, first, h0 = on(DEVICE, x, first, h0)
+    expected, _ = cell_loop(cell, x, first, h0)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
+    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_ResetGRUBackward"
+    torch.testing.assert_close(got.transpose(0, 1).float(), expected, rtol=0.05, atol=0.05)
+    grads = torch.autograd.grad(got.float().square().sum(), [x, *cell.parameters()])
+    for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("obs_dtype", ["float32", "float16"])
+def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_ring_samples(obs_dtype):
+    """Three buffers fed the same rows with the same seed: on the host, on the GPU, and on the host with batches for
+    the GPU (pinned memory, non-blocking copies). Wrapped segments and two streams included: every batch must be the
+    same, bit for bit."""
+    rng = np.random.default_rng(0)
+    t, n, obs_dim, action_dim = 90, 2, 5, 2
+    valid = rng.random((t, n)) > 0.1
+    rows = {
+        "obs": rng.normal(size=(t, n, obs_dim)).astype(np.float32),
+        "action": rng.normal(size=(t, n, action_dim)).astype(np.float32),
+        "reward": rng.normal(size=(t, n)).astype(np.float32),
+        "next_obs": rng.normal(size=(t, n, obs_dim)).astype(np.float32),
+        "terminated": rng.random((t, n)) < 0.05,
+        "truncated": rng.random((t, n)) < 0.05,
+    }
+    kinds = {"host": {}, "gpu": {"device": DEVICE}, "pinned": {"batch_device": DEVICE}}
+    buffers = {}
+    for kind, where in kinds.items():
+        buffers[kind] = ReplayBuffer(2 * 40, obs_dim, action_dim, streams=n, seed=5, obs_dtype=obs_dtype, **where)
+        buffers[kind].extend_streams(valid, **rows)  # 90 steps into segments of 40: both wrap
+    assert buffers["gpu"].ring.device.type == "cuda" and buffers["pinned"].ring.device.type == "cpu"
+    for _ in range(5):
+        batches = {kind: buffer.sample(16, 7) for kind, buffer in buffers.items()}
+        assert batches["gpu"].obs.device.type == batches["pinned"].obs.device.type == "cuda"
+        for name, expected in vars(batches["host"]).items():
+            for kind in ("gpu", "pinned"):
+                torch.testing.assert_close(getattr(batches[kind], name).cpu(), expected, rtol=0, atol=0, msg=name)
+    # The state a checkpoint embeds round-trips through the GPU ring too.
+    again = ReplayBuffer(2 * 40, obs_dim, action_dim, streams=n, seed=9, obs_dtype=obs_dtype, device=DEVICE)
+    again.load_state_dict(buffers["gpu"].state_dict())
+    for name, expected in buffers["host"][:].items():
+        np.testing.assert_array_equal(again[:][name], expected, err_msg=name)
+
+
+def test_default_model_updates_on_the_gpu_follow_the_host():
+    """The default model has no randomness of its own: a few of Trainer's updates on the same batches and weights
+    give the same losses on the GPU as on the host, to float rounding."""
+    buffer = linear_system_buffer(600, seed=0)
+    batches = [buffer.sample(16, 8) for _ in range(5)]
+    losses = {}
+    for device in ("cpu", DEVICE):
+        model = fitted("gru", obs_dim=3, action_dim=1).train()
+        update = trainer_update(model, device)
+        losses[device] = torch.stack([update(b.to(device)).cpu() for b in batches])
+    assert torch.isfinite(losses["cpu"]).all()
+    torch.testing.assert_close(losses[DEVICE], losses["cpu"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_trains_on_the_gpu(name, precision):
+    """Each model (rssm and the ensemble draw their own noise, so not comparable to the host step for step) fits one
+    batch on the GPU: finite losses that fall."""
+    update = trainer_update(fitted(name).train(), DEVICE, lr=3e-3, precision=precision)
+    batch = random_batch().to(DEVICE)
+    losses = torch.stack([update(batch)[0] for _ in range(60)]).cpu()
+    assert torch.isfinite(losses).all()
+    assert losses[-10:].mean() < 0.7 * losses[:3].mean()
