@@ -11,20 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from test_layers import case, cell_loop
+from test_layers import assert_reset_gru_is_the_cell_loop, case
 from test_model import linear_system_buffer
 from test_model_zoo import MODELS, fitted, random_batch
-from worldmodel.models.layers import gru_sequence
 from worldmodel.replay import ReplayBuffer
 from worldmodel.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 DEVICE = "cuda"
-
-
-def on(device: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Copies that require grad where the original does, on `device`."""
-    return [t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
 
 
 def trainer_update(model, device: str, lr: float = 1e-3, **trainer_args):
@@ -35,34 +29,12 @@ def trainer_update(model, device: str, lr: float = 1e-3, **trainer_args):
 
 def test_reset_gru_on_the_gpu_is_the_cell_loop():
     """On a GPU the backward pass runs as one block over the whole window (the host splits it): same function."""
-    cell, x, first, h0 = case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32)
-    cell = cell.to(DEVICE)
-    x, first, h0 = on(DEVICE, x, first, h0)
-    expected, _ = cell_loop(cell, x, first, h0)
-    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
-    got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
-    assert type(got.grad_fn).__name__ == "_ResetGRUBackward"
-    got = got.transpose(0, 1)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    grads = torch.autograd.grad(got.square().sum(), [x, *cell.parameters()])
-    for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
+    assert_reset_gru_is_the_cell_loop(*case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32, device=DEVICE))
 
 
 def test_reset_gru_under_bf16_autocast_on_the_gpu():
-    cell, x, first, h0 = case(8, 12, 6, 8, 0.3, seed=11, dtype=torch.float32)
-    cell = cell.to(DEVICE)
-    x, first, h0 = on(DEVICE, x, first, h0)
-    expected, _ = cell_loop(cell, x, first, h0)
-    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
-    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_ResetGRUBackward"
-    torch.testing.assert_close(got.transpose(0, 1).float(), expected, rtol=0.05, atol=0.05)
-    grads = torch.autograd.grad(got.float().square().sum(), [x, *cell.parameters()])
-    for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
-        assert g.dtype == torch.float32, name
-        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()), msg=name)
+    assert_reset_gru_is_the_cell_loop(*case(8, 12, 6, 8, 0.3, seed=11, dtype=torch.float32, device=DEVICE),
+                                      autocast=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("obs_dtype", ["float32", "float16"])

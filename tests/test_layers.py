@@ -24,16 +24,16 @@ def cell_loop(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: torch.
     return torch.stack(states, dim=1), h
 
 
-def case(batch, steps, features, hidden, first_p, seed, dtype=torch.float64):
+def case(batch, steps, features, hidden, first_p, seed, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     cell = nn.GRUCell(features, hidden).to(dtype)
     with torch.no_grad():
         for p in cell.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
-    x = torch.randn(batch, steps, features, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, steps, features, generator=g, dtype=dtype)
     first = torch.rand(batch, steps, generator=g) < first_p
-    h0 = torch.randn(batch, hidden, generator=g, dtype=dtype, requires_grad=True)
-    return cell, x, first, h0
+    h0 = torch.randn(batch, hidden, generator=g, dtype=dtype)
+    return cell.to(device), x.to(device).requires_grad_(), first.to(device), h0.to(device).requires_grad_()
 
 
 def values_and_grads(fn, cell, x, first, h0, seed=0):
@@ -94,20 +94,27 @@ def test_no_initial_state_means_zeros():
     torch.testing.assert_close(a, b)
 
 
-def test_autocast_runs_the_recurrence_in_its_dtype():
-    """Under bf16 autocast the hand-written GRU runs in bf16, as GRUCell's ops would; the fp32 weights get fp32
-    gradients, close to those of the fp32 loop."""
-    cell, x, first, h0 = case(3, 5, 4, 6, 0.3, seed=11, dtype=torch.float32)
+def assert_reset_gru_is_the_cell_loop(cell, x, first, h0, autocast: bool = False):
+    """gru_sequence (time-major: the model's layout) against the GRUCell loop in fp32, values and the gradients of x
+    and the weights. With autocast (bf16) it must run _ResetGRU in bf16, as GRUCell's ops would, and the fp32 weights
+    get fp32 gradients within 5% of the fp32 loop's; in fp32 the two agree to float rounding."""
     expected, _ = cell_loop(cell, x, first, h0)
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, *cell.parameters()])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         got, _ = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
-    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_ResetGRUBackward"
-    torch.testing.assert_close(got.transpose(0, 1).float(), expected, rtol=0.05, atol=0.05)
+    assert got.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert type(got.grad_fn).__name__ == "_ResetGRUBackward"
+    tol = {"rtol": 0.05, "atol": 0.05} if autocast else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got.transpose(0, 1).float(), expected, **tol)
     grads = torch.autograd.grad(got.float().square().sum(), [x, *cell.parameters()])
     for name, g, e in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], grads, expected_grads):
         assert g.dtype == torch.float32, name
-        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()), msg=name)
+        atol = 0.05 * float(e.abs().max()) if autocast else 1e-5
+        torch.testing.assert_close(g, e, rtol=tol["rtol"], atol=atol, msg=name)
+
+
+def test_autocast_runs_the_recurrence_in_its_dtype():
+    assert_reset_gru_is_the_cell_loop(*case(3, 5, 4, 6, 0.3, seed=11, dtype=torch.float32), autocast=True)
 
 
 @pytest.mark.parametrize("grad_of", ["states", "last"])
