@@ -33,7 +33,9 @@ def compose_config(overrides: list[str] | None = None):
 def train_env(env_vars: dict | None = None) -> dict:
     # tests/ on the path so runs can use test envs such as nan_env:NanCartPole-v0. One torch thread: these runs are
     # tiny, and on a 2-core machine two threads per process oversubscribe the cores (2-6x slower, measured).
-    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    # A PYTHONPATH already set (packages carried to a GPU machine, see benchmarks/gpu_check.sh) stays behind it.
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return {**os.environ, **env, **(env_vars or {})}
 
 

@@ -2,7 +2,8 @@
 
 Each test computes the same thing on the GPU and on the host (or with the reference implementation) and compares:
 the hand-written GRU's single-block backward pass and its bf16 path, the replay ring stored on the GPU or gathered
-through pinned memory, and a few training updates of each model. Speed is benchmarks/' business, not these tests'.
+through pinned memory, a few training updates of each model, and a GPU run resumed on the GPU and on the host. Speed
+is benchmarks/' business, not these tests'.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_train, scalars
 from test_layers import assert_reset_gru_is_the_cell_loop, case
 from test_model import linear_system_buffer
 from test_model_zoo import MODELS, fitted, random_batch
+from test_resume import RUN
 from worldmodel.replay import ReplayBuffer
 from worldmodel.trainer import Trainer
 
@@ -96,3 +99,26 @@ def test_every_model_trains_on_the_gpu(name, precision):
     losses = torch.stack([update(batch)[0] for _ in range(60)]).cpu()
     assert torch.isfinite(losses).all()
     assert losses[-10:].mean() < 0.7 * losses[:3].mean()
+
+
+def test_a_gpu_run_resumes_on_the_gpu_and_on_the_host(tmp_path):
+    """A run checkpointed on the GPU (ring, optimizer state and CUDA RNG there) continues on the GPU with the curves
+    of a run that never stopped (to float rounding: the GPU's kernels need not be bit-reproducible across
+    processes), and on the host (trainer.device may change on resume)."""
+    gpu = [*RUN, f"trainer.device={DEVICE}"]
+    whole, parts, moved = tmp_path / "whole", tmp_path / "parts", tmp_path / "moved"
+    run_train([*gpu, f"hydra.run.dir={whole}"])
+    for run_dir in (parts, moved):
+        run_train([*gpu, "trainer.steps=120", f"hydra.run.dir={run_dir}"])
+    run_train([*gpu, f"hydra.run.dir={parts}", "trainer.resume=true"])
+    run_train([*RUN, "trainer.device=cpu", f"hydra.run.dir={moved}", "trainer.resume=true"])
+    expected = scalars(whole)
+    for run_dir in (parts, moved):
+        got = scalars(run_dir)
+        assert [s for s, _ in got["val/loss"]] == [s for s, _ in expected["val/loss"]]
+    for tag in ("train/loss", "val/loss"):
+        steps, values = zip(*expected[tag])
+        got_steps, got_values = zip(*scalars(parts)[tag])
+        assert got_steps == steps
+        np.testing.assert_allclose(got_values, values, rtol=1e-3, err_msg=tag)
+    assert scalars(moved)["val/loss"][-1][1] < 0.5 * expected["val/loss"][0][1]  # trained on after the move
