@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_check.sh [out_dir]          # default out_dir: outputs/gpu_check
 #   DEVICE=cpu bash benchmarks/gpu_check.sh /tmp/x  # the same runs on the CPU (a dry run of this script)
+#   PARTS="tests runs" bash benchmarks/gpu_check.sh  # some of the three parts (tests, runs, bench), e.g. to split
+#                                                    # them over two commands that each have a time limit
 #
 # GPU time is scarce, so a failing check does not stop the others: each one's log lands in out_dir (its last lines
 # are printed when it fails), every check has a time limit (CHECK_TIMEOUT seconds, default 240), and the script
@@ -14,8 +16,9 @@
 set -uo pipefail
 out=${1:-outputs/gpu_check}
 device=${DEVICE:-cuda}
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}
 limit=${CHECK_TIMEOUT:-240}
+parts=" ${PARTS:-tests runs bench} "
 mkdir -p "$out"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -46,15 +49,20 @@ train() {
     shift
     check "$name" "$python" scripts/train.py "${common[@]}" "$@" "hydra.run.dir=$out/$name"
 }
-check cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-train ring_on_device
-train ring_on_host buffer.device=cpu
-train bf16 trainer.precision=bf16
-train compiled_graphs trainer.compile=true trainer.compile_mode=reduce-overhead
-train vector_fp16 env.num_envs=16 buffer.obs_dtype=float16
-
-"$python" benchmarks/run.py --quick --device "$device" --only sampling updates --compile --json "$out/bench.json" |
-    tee "$out/bench.md" || failed+=(benchmarks)
+if [[ $parts == *" tests "* ]]; then
+    check cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+fi
+if [[ $parts == *" runs "* ]]; then
+    train ring_on_device
+    train ring_on_host buffer.device=cpu
+    train bf16 trainer.precision=bf16
+    train compiled_graphs trainer.compile=true trainer.compile_mode=reduce-overhead
+    train vector_fp16 env.num_envs=16 buffer.obs_dtype=float16
+fi
+if [[ $parts == *" bench "* ]]; then
+    "$python" benchmarks/run.py --quick --device "$device" --only sampling updates --compile --json "$out/bench.json" |
+        tee "$out/bench.md" || failed+=(benchmarks)
+fi
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (logs in $out)"
     exit 1
