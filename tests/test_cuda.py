@@ -75,6 +75,27 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
         np.testing.assert_array_equal(again[:][name], expected, err_msg=name)
 
 
+def test_collecting_sampling_and_updating_never_make_the_host_wait_for_the_gpu():
+    """The host must run ahead of the GPU: write the next step and sample the next batch while the update in flight
+    still runs. torch's sync debug mode turns every host-device synchronisation into an error (a copy from pageable
+    memory is one: ring.to_device stages through pinned memory instead)."""
+    buffer = linear_system_buffer(600, seed=0)
+    gpu = ReplayBuffer(1000, 3, 1, device=DEVICE, seed=0)
+    gpu.extend(**buffer[:])
+    update = trainer_update(fitted("gru", obs_dim=3, action_dim=1).train(), DEVICE)
+    update(gpu.sample(16, 8))  # the first update checks, once, that the normalizer was fitted (a read-back)
+    row = buffer[-1]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            gpu.add(row["obs"], row["action"], float(row["reward"]), row["next_obs"], False, False)
+            gpu.sample(16, 8)  # index arithmetic on the host, one gather on the GPU
+            values = update(gpu.sample(16, 8))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(values).all()
+
+
 def test_default_model_updates_on_the_gpu_follow_the_host():
     """The default model has no randomness of its own: a few of Trainer's updates on the same batches and weights
     give the same losses on the GPU as on the host, to float rounding."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from worldmodel.errors import ConfigError, NotEnoughDataError
-from worldmodel.ring import RingBuffer
+from worldmodel.ring import RingBuffer, to_device
 from worldmodel.runtime import resolve_device
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -197,9 +197,9 @@ class ReplayBuffer:
         ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
         # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest row.
         rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])
-        index = torch.from_numpy(rows).to(self.device)
+        index = to_device(rows, self.device)
         for name, values in state["columns"].items():
-            ring.columns[name][index] = torch.as_tensor(np.asarray(values)).to(self.device, ring.schema[name][1])
+            ring.columns[name][index] = to_device(np.asarray(values), self.device, ring.schema[name][1])
         ring.sizes, ring.ptrs = sizes.copy(), sizes % ring.stream_capacity
         self.rng.bit_generator.state = state["rng"]
 
@@ -270,10 +270,10 @@ class ReplayBuffer:
         # A window that runs over the end of its stream's segment wraps around to the segment's start: those few are
         # gathered row by row, all others as one contiguous block each.
         wrapped = np.flatnonzero(start - stream * seg + seq_len > seg)
-        block = torch.from_numpy(np.where(start + seq_len > ring.capacity, 0, start)).to(self.device)
+        block = to_device(np.where(start + seq_len > ring.capacity, 0, start), self.device)
         if len(wrapped):
             rows = ring.physical_of(stream[wrapped, None], offset[wrapped, None] + np.arange(seq_len))
-            wrapped, rows = torch.from_numpy(wrapped).to(self.device), torch.from_numpy(rows).to(self.device)
+            wrapped, rows = to_device(wrapped, self.device), to_device(rows, self.device)
         gathered = {}
         for dtype, table in ring.tables.items():
             width = table.shape[1]

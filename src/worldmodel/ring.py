@@ -28,6 +28,18 @@ def torch_dtype(dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (numpy or torch) as a tensor of `dtype` on `device`, converted on the host.
+
+    To a GPU the copy goes through pinned memory without blocking: a copy from pageable memory makes the host wait
+    for every kernel already queued, the update in flight, so each write and each sample would serialise collection
+    and sampling with training. The caching host allocator keeps the pinned copy until its transfer is done."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class RingBuffer:
     def __init__(self, capacity: int, schema: Schema, streams: int = 1, device: str | torch.device = "cpu"):
         capacity, streams = int(capacity), int(streams)
@@ -106,8 +118,8 @@ class RingBuffer:
                 self._host[name][rows_at] = value
                 continue
             if index is None:
-                index = rows_at if isinstance(rows_at, slice) else torch.from_numpy(rows_at).to(self.device)
-            self.columns[name][index] = torch.as_tensor(value).to(self.device, self.schema[name][1])
+                index = rows_at if isinstance(rows_at, slice) else to_device(rows_at, self.device)
+            self.columns[name][index] = to_device(value, self.device, self.schema[name][1])
 
     def extend_streams(self, valid: np.ndarray, **rows) -> None:
         """Writes a block of steps of every stream at once: rows[name] is [T, streams, ...] and valid [T, streams]
@@ -174,11 +186,11 @@ class RingBuffer:
         self._check_names(fields)
         rows = self._device_rows(index)
         for name, value in fields.items():
-            self.columns[name][rows] = torch.as_tensor(np.asarray(value)).to(self.device, self.schema[name][1])
+            self.columns[name][rows] = to_device(np.asarray(value), self.device, self.schema[name][1])
 
     def _device_rows(self, index) -> torch.Tensor:
         """Physical rows of logical `index` (int, slice or integer array, bounds-checked) as a tensor on the device."""
-        return torch.from_numpy(np.asarray(self.physical(self.logical(index)))).to(self.device)
+        return to_device(np.asarray(self.physical(self.logical(index))), self.device)
 
     def clear(self) -> None:
         """Forgets every row; the tables stay allocated so clearing costs nothing."""
