@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worldmodel import Collector, ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel.rollout import StickyRandomPolicy
 
 
 def collect(env_id: str, steps: int, seed: int = 0) -> ReplayBuffer:
@@ -93,6 +94,7 @@ def test_max_episode_steps_override():
     assert isinstance(env.action_space, gym.spaces.Box)
 
 
+@pytest.mark.parametrize("policy", [RandomPolicy, StickyRandomPolicy])  # sticky: its own __call__, drawn per step
 @given(
     space=st.sampled_from([
         gym.spaces.MultiDiscrete([2, 2, 2]),
@@ -106,10 +108,10 @@ def test_max_episode_steps_override():
     steps=st.integers(1, 40),
 )
 @settings(max_examples=60, deadline=None)
-def test_random_policy_block_equals_single_draws(space, seed, steps):
+def test_random_policy_block_equals_single_draws(policy, space, seed, steps):
     """actions(steps) is bit for bit `steps` calls, and leaves the RNG where they would (so later draws, a
     checkpoint's RNG state and a resumed run do not depend on which one the collector used)."""
-    block, single = RandomPolicy(space, seed), RandomPolicy(space, seed)
+    block, single = policy(space, seed), policy(space, seed)
     drawn = block.actions(steps)
     expected = np.stack([single(None) for _ in range(steps)])
     assert drawn.dtype == expected.dtype and drawn.shape == expected.shape

@@ -39,11 +39,13 @@ class RandomPolicy:
         """`steps` actions stacked, bit for bit the values `steps` calls would return, leaving the RNG where they
         would. For a vector env's MultiDiscrete space and a bounded float Box, numpy fills one block in the order that
         single draws consume the stream, so one draw replaces `steps` (at 16 CartPole envs the per-step draws cost
-        ~6% of collection); any other space draws one step at a time."""
+        ~6% of collection); any other space, and a subclass with its own __call__ (its draws are not these), draws one
+        step at a time."""
         space, rng = self.action_space, self.action_space.np_random
-        if type(space) is gym.spaces.MultiDiscrete:
+        uniform = type(self).__call__ is RandomPolicy.__call__
+        if uniform and type(space) is gym.spaces.MultiDiscrete:
             return (rng.random((steps, *space.nvec.shape)) * space.nvec).astype(space.dtype) + space.start
-        if type(space) is gym.spaces.Box and space.dtype.kind == "f" and space.is_bounded("both"):
+        if uniform and type(space) is gym.spaces.Box and space.dtype.kind == "f" and space.is_bounded("both"):
             low, high = space.low.reshape(-1), space.high.reshape(-1)
             block = rng.uniform(low=low, high=high, size=(steps, low.size))
             return block.astype(space.dtype).reshape(steps, *space.shape)
@@ -72,9 +74,6 @@ class StickyRandomPolicy(RandomPolicy):
         if self._last is None or self.action_space.np_random.random() >= self.repeat_prob:
             self._last = self.action_space.sample()
         return self._last
-
-    def actions(self, steps: int) -> np.ndarray:
-        return np.stack([self(None) for _ in range(steps)])  # each step depends on the last: no block draw
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "last": None if self._last is None else np.asarray(self._last).tolist()}
