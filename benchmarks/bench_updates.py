@@ -8,7 +8,8 @@ more rows per config: the seed's loop training our model (which separates the lo
 heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=bf16), each noting the seed's loop
 training that same variant of our model. The notes also give the share of our step spent sampling the batch (waiting
 on data), the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the
-share of the time it was busy.
+share of the time it was busy, and one more row there: ours with the whole update replayed as a CUDA graph
+(trainer.cuda_graph=true).
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -27,6 +28,7 @@ from torch import nn
 from common import Row, gpu_busy, page_faults, sync, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel.cuda_graph import WARMUP_UPDATES
 from worldmodel.models import WorldModel
 from worldmodel.models.layers import gru_cell_loop, gru_sequence
 from worldmodel.replay import Batch
@@ -81,12 +83,12 @@ def seed_buffer(data: dict) -> SeedReplayBuffer:
 
 
 def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool,
-         head_layers: int | None = None, precision: str = "fp32"):  # fmt: skip
+         head_layers: int | None = None, precision: str = "fp32", cuda_graph: bool = False):  # fmt: skip
     """(update callable, sample callable) for our pipeline, storage and model on `device`."""
     buffer = our_buffer(data, device)
     model = our_model(data, latent, device, head_layers)
     trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile,
-                      precision=precision)  # fmt: skip
+                      precision=precision, cuda_graph=cuda_graph)  # fmt: skip
     _, update = trainer.build_update(model)
     return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
 
@@ -200,6 +202,14 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
             if torch.device(device).type == "cuda":
                 notes["GPU busy"] = f"{gpu_busy(update, calls, device):.0%}"
             out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes))
+            if torch.device(device).type == "cuda" and not compiled:
+                # The whole update replayed as one CUDA graph; its eager warm-up and its recording are not timed.
+                graphed = ours(data, batch, seq_len, latent, device, False, cuda_graph=True)[0]
+                t_graphed = time_per_call(graphed, calls, repeats, warmup=WARMUP_UPDATES + 2, device=device)
+                notes = {"sampling share of step": f"{t_sample / t_graphed:.0%}",
+                         "GPU busy": f"{gpu_busy(graphed, calls, device):.0%}"}  # fmt: skip
+                out.append(Row("updates", f"{case}, ours with trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed,
+                               "seed loop", "updates/s", True, notes))  # fmt: skip
             if not compiled:
                 t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
                                        device=device)  # fmt: skip

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU code path in one short go, then the GPU rows of the speed table:
 #   tests/test_cuda.py (each CUDA path against its CPU counterpart: the GRU, the ring on the GPU or behind pinned
-#   memory, every model's updates); short training runs with the replay ring on the GPU, on the host (pinned-memory
-#   copies), under bf16 autocast, compiled with CUDA graphs, and with 16 vectorized envs and float16 storage; then
+#   memory, every model's updates, eager and as one CUDA graph); short training runs with the replay ring on the GPU,
+#   on the host (pinned-memory copies), under bf16 autocast, compiled with CUDA graphs, with 16 vectorized envs and
+#   float16 storage, and with trainer.cuda_graph=true (fp32; bf16 with the ring on the host; compiled); then
 #   benchmarks/run.py --quick --device cuda --only sampling updates --compile (CPU and CUDA rows, GPU busy share).
 #
 #   bash benchmarks/gpu_check.sh [out_dir]          # default out_dir: outputs/gpu_check
@@ -58,6 +59,11 @@ if [[ $parts == *" runs "* ]]; then
     train bf16 trainer.precision=bf16
     train compiled_graphs trainer.compile=true trainer.compile_mode=reduce-overhead
     train vector_fp16 env.num_envs=16 buffer.obs_dtype=float16
+    if [[ $device == cuda* ]]; then  # CUDA graphs need CUDA: not part of a DEVICE=cpu dry run
+        train cuda_graph trainer.cuda_graph=true
+        train cuda_graph_bf16_host_ring trainer.cuda_graph=true trainer.precision=bf16 buffer.device=cpu
+        train cuda_graph_compiled trainer.cuda_graph=true trainer.compile=true
+    fi
 fi
 if [[ $parts == *" bench "* ]]; then
     "$python" benchmarks/run.py --quick --device "$device" --only sampling updates --compile --json "$out/bench.json" |

@@ -94,6 +94,12 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("buffer.device=tpu", "buffer.device", "auto, cpu, cuda"),
         ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
         ("trainer.compile=maybe", "trainer.compile", "true or false"),
+        ("trainer.compile_mode=fastest", "trainer.compile_mode", "default, max-autotune-no-cudagraphs"),
+        ("trainer.cuda_graph=1", "trainer.cuda_graph", "true or false"),
+        ("trainer.cuda_graph=true trainer.device=cpu", "trainer.cuda_graph", "CUDA graphs need a CUDA device"),
+        # Checked before the device: torch.compile's own CUDA graphs cannot be recorded inside the update's graph.
+        ("trainer.cuda_graph=true trainer.compile=true trainer.compile_mode=reduce-overhead trainer.device=cpu",
+         "trainer.compile_mode", "default or max-autotune-no-cudagraphs"),
         ("model.head_layers=0", "model.head_layers", ">= 1"),
         # 8 envs x seq_len 16: each env's stream must hold a sequence, and the prefill must fill every stream.
         ("env.num_envs=8 buffer.capacity=100", "buffer.capacity", "env.num_envs=8"),
@@ -111,6 +117,13 @@ def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
 def test_cuda_without_cuda_is_refused():
     with pytest.raises(ConfigError, match="no CUDA device"):
         validate_config(compose_config(["trainer.device=cuda"]))
+
+
+def test_a_graphed_update_on_the_host_is_refused():
+    """Trainer used from Python, where no config is validated, refuses trainer.cuda_graph on the host too."""
+    trainer = Trainer(steps=1, prefill=0, batch_size=1, seq_len=1, lr=1e-3, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
+        trainer.build_update(torch.nn.Linear(2, 2))
 
 
 def test_misspelled_env_id_gets_a_suggestion():

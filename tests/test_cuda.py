@@ -2,8 +2,9 @@
 
 Each test computes the same thing on the GPU and on the host (or with the reference implementation) and compares:
 the hand-written GRU's single-block backward pass and its bf16 path, the replay ring stored on the GPU or gathered
-through pinned memory, a few training updates of each model, and a GPU run resumed on the GPU and on the host. Under
-torch's sync debug mode they also check that collecting, sampling and updating never make the host wait for the GPU.
+through pinned memory, a few training updates of each model (eager, and replayed as one CUDA graph), and a GPU run
+resumed on the GPU and on the host (eager, and graphed). Under torch's sync debug mode they also check that
+collecting, sampling and updating never make the host wait for the GPU.
 Speed is benchmarks/' business, not these tests'.
 """
 
@@ -20,6 +21,7 @@ from test_layers import assert_reset_gru_is_the_cell_loop, case
 from test_model import linear_system_buffer
 from test_model_zoo import MODELS, fitted, random_batch
 from test_resume import RUN
+from worldmodel.cuda_graph import WARMUP_UPDATES, GraphedUpdate
 from worldmodel.replay import ReplayBuffer
 from worldmodel.trainer import Trainer
 
@@ -134,24 +136,66 @@ def test_every_model_trains_on_the_gpu(name, precision):
     assert losses[-10:].mean() < 0.7 * losses[:3].mean()
 
 
-def test_a_gpu_run_resumes_on_the_gpu_and_on_the_host(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_graphed_update_is_the_eager_update(name, precision):
+    """trainer.cuda_graph=true: warm-up updates run eagerly, then one update is recorded and replayed. From the same
+    weights, on the same batches, with the same CUDA random stream (the rssm's noise and the ensemble's bootstrap
+    draws continue it as eager updates do), every update gives the losses and weights of eager updates; the replays
+    never make the host wait for the GPU."""
+    buffer = linear_system_buffer(600, seed=0)
+    batches = [buffer.sample(16, 8).to(DEVICE) for _ in range(WARMUP_UPDATES + 6)]
+    losses, weights = {}, {}
+    for graphed in (False, True):
+        model = fitted(name, obs_dim=3, action_dim=1).train()  # seeds torch, the CUDA generator included
+        update = trainer_update(model, DEVICE, precision=precision, cuda_graph=graphed)
+        values = [update(b) for b in batches[: WARMUP_UPDATES + 2]]  # warm-up, recording + first replay, a replay
+        with no_host_waits():
+            values += [update(b) for b in batches[WARMUP_UPDATES + 2 :]]
+        losses[graphed] = torch.stack(values).cpu()
+        weights[graphed] = [p.detach().cpu() for p in model.parameters()]
+    assert isinstance(update, GraphedUpdate) and update.graph is not None
+    assert torch.isfinite(losses[False]).all()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    for got, expected in zip(weights[True], weights[False]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eager_gpu_run(tmp_path_factory):
+    """The tests' short run (test_resume.RUN) on the GPU, uninterrupted: the curves the runs below must follow."""
+    run_dir = tmp_path_factory.mktemp("eager_gpu_run")
+    run_train([*RUN, f"trainer.device={DEVICE}", f"hydra.run.dir={run_dir}"])
+    return scalars(run_dir)
+
+
+def assert_same_curves(got: dict, expected: dict) -> None:
+    """To float rounding: the GPU's kernels need not be bit-reproducible across processes."""
+    for tag in ("train/loss", "val/loss"):
+        steps, values = zip(*expected[tag])
+        got_steps, got_values = zip(*got[tag])
+        assert got_steps == steps
+        np.testing.assert_allclose(got_values, values, rtol=1e-3, err_msg=tag)
+
+
+def test_a_gpu_run_resumes_on_the_gpu_and_on_the_host(tmp_path, eager_gpu_run):
     """A run checkpointed on the GPU (ring, optimizer state and CUDA RNG there) continues on the GPU with the curves
-    of a run that never stopped (to float rounding: the GPU's kernels need not be bit-reproducible across
-    processes), and on the host (trainer.device may change on resume)."""
+    of a run that never stopped, and on the host (trainer.device may change on resume)."""
     gpu = [*RUN, f"trainer.device={DEVICE}"]
-    whole, parts, moved = tmp_path / "whole", tmp_path / "parts", tmp_path / "moved"
-    run_train([*gpu, f"hydra.run.dir={whole}"])
+    parts, moved = tmp_path / "parts", tmp_path / "moved"
     for run_dir in (parts, moved):
         run_train([*gpu, "trainer.steps=120", f"hydra.run.dir={run_dir}"])
     run_train([*gpu, f"hydra.run.dir={parts}", "trainer.resume=true"])
     run_train([*RUN, "trainer.device=cpu", f"hydra.run.dir={moved}", "trainer.resume=true"])
-    expected = scalars(whole)
-    for run_dir in (parts, moved):
-        got = scalars(run_dir)
-        assert [s for s, _ in got["val/loss"]] == [s for s, _ in expected["val/loss"]]
-    for tag in ("train/loss", "val/loss"):
-        steps, values = zip(*expected[tag])
-        got_steps, got_values = zip(*scalars(parts)[tag])
-        assert got_steps == steps
-        np.testing.assert_allclose(got_values, values, rtol=1e-3, err_msg=tag)
-    assert scalars(moved)["val/loss"][-1][1] < 0.5 * expected["val/loss"][0][1]  # trained on after the move
+    assert [s for s, _ in scalars(moved)["val/loss"]] == [s for s, _ in eager_gpu_run["val/loss"]]
+    assert_same_curves(scalars(parts), eager_gpu_run)
+    assert scalars(moved)["val/loss"][-1][1] < 0.5 * eager_gpu_run["val/loss"][0][1]  # trained on after the move
+
+
+def test_a_graphed_gpu_run_follows_the_eager_run_and_resumes(tmp_path, eager_gpu_run):
+    """trainer.cuda_graph=true in a real run, stopped at a checkpoint and resumed (the graph is then recorded over
+    the loaded weights and optimizer state): the curves of the eager run that never stopped."""
+    graphed = [*RUN, f"trainer.device={DEVICE}", "trainer.cuda_graph=true", f"hydra.run.dir={tmp_path}"]
+    run_train([*graphed, "trainer.steps=120"])
+    run_train([*graphed, "trainer.resume=true"])
+    assert_same_curves(scalars(tmp_path), eager_gpu_run)

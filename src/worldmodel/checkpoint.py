@@ -32,7 +32,7 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 RESUMABLE_CHANGES = {
     "trainer.steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.device", "trainer.progress", "trainer.resume", "trainer.compile",
-    "trainer.compile_mode", "buffer.device",
+    "trainer.compile_mode", "trainer.cuda_graph", "buffer.device",
 }  # fmt: skip
 
 

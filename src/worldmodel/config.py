@@ -14,6 +14,10 @@ from worldmodel.replay import obs_storage_dtype
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import PRECISIONS
 
+#: torch.compile's modes; the last two record CUDA graphs of the compiled loss.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]
+
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
     value = cfg
@@ -51,11 +55,14 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    for key in ("resume", "compile"):
+    for key in ("resume", "compile", "cuda_graph"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"trainer.{key}", t[key], "true or false")
     if t.get("precision", "fp32") not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
+    mode = t.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
     _int(cfg, "model.latent_dim", 1)
     _int(cfg, "model.hidden_dim", 1)
     if "head_layers" in cfg.model:
@@ -63,6 +70,14 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in (("trainer.lr", t.lr), ("trainer.grad_clip", t.grad_clip)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             raise ConfigError(key, value, "a finite number > 0")
-    resolve_device(t.device)
+    device = resolve_device(t.device)
+    if t.get("cuda_graph", False):
+        if t.compile and mode in GRAPHED_COMPILE_MODES:
+            raise ConfigError("trainer.compile_mode", mode, "default or max-autotune-no-cudagraphs with "
+                              "trainer.cuda_graph=true, which records the whole update itself (the other modes record "
+                              "CUDA graphs of their own inside it)")  # fmt: skip
+        if device.type != "cuda":
+            raise ConfigError("trainer.cuda_graph", True, f"false here: trainer.device={t.device} resolved to "
+                              f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
     check_env_id(cfg.env.id)
 

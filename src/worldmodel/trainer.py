@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import Checkpointer, step_checkpoints
+from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
 from worldmodel.logger import Logger
@@ -51,6 +52,7 @@ class Trainer:
         compile: bool = False,
         compile_mode: str = "default",
         precision: str = "fp32",
+        cuda_graph: bool = False,
     ):
         self.steps, self.prefill = int(steps), int(prefill)
         self.batch_size, self.seq_len, self.lr = int(batch_size), int(seq_len), float(lr)
@@ -62,6 +64,7 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         self.compile, self.compile_mode, self.precision = bool(compile), str(compile_mode), str(precision)
+        self.cuda_graph = bool(cuda_graph)
         self._plot: TrajectoryPlot | None = None  # built at the first figure, redrawn after
 
     def fit(
@@ -113,7 +116,10 @@ class Trainer:
                 bar.update(1)
 
                 if step % self.log_every == 0 or step == self.steps:
+                    t2 = time.perf_counter()
                     scalars = self._flush_window(state, checkpointer)
+                    # On a GPU, update() only queues kernels; reading the losses back waits for those still queued.
+                    timer["update_s"] += time.perf_counter() - t2
                     scalars["perf/updates_per_s"] = timer["updates"] / max(timer["update_s"], 1e-9)
                     if timer["env_steps"]:
                         scalars["perf/env_steps_per_s"] = timer["env_steps"] / max(timer["collect_s"], 1e-9)
@@ -144,7 +150,8 @@ class Trainer:
     def build_update(self, model: WorldModel):
         """(optimizer, update): update(batch) takes one gradient step and returns [loss, *terms] (detached, still on
         the device). Nothing in it reads a value back to the host, so on a GPU the host goes on to sample the next
-        batch while the kernels of this update still run."""
+        batch while the kernels of this update still run. With cuda_graph, the update is replayed as one CUDA graph
+        (cuda_graph.py)."""
         # One fused kernel for the whole parameter update instead of a handful per parameter tensor.
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=self.device.type in ("cuda", "cpu"))
         loss_fn = self._loss_fn(model)
@@ -159,6 +166,8 @@ class Trainer:
             optimizer.step()
             return values.detach()
 
+        if self.cuda_graph:
+            return optimizer, GraphedUpdate(update, optimizer, self.device)
         return optimizer, update
 
     def _loss_fn(self, model: WorldModel):
