@@ -51,7 +51,7 @@ train() {
     check "$name" "$python" scripts/train.py "${common[@]}" "$@" "hydra.run.dir=$out/$name"
 }
 if [[ $parts == *" tests "* ]]; then
-    check cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py
 fi
 if [[ $parts == *" runs "* ]]; then
     train ring_on_device

@@ -143,12 +143,28 @@ def test_the_graphed_update_is_the_eager_update(name, precision):
     weights, on the same batches, with the same CUDA random stream (the rssm's noise and the ensemble's bootstrap
     draws continue it as eager updates do), every update gives the losses and weights of eager updates; the replays
     never make the host wait for the GPU."""
-    buffer = linear_system_buffer(600, seed=0)
-    batches = [buffer.sample(16, 8).to(DEVICE) for _ in range(WARMUP_UPDATES + 6)]
+    assert_graphed_updates_are_eager_updates(name, precision=precision)
+
+
+@pytest.mark.slow
+def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update():
+    """trainer.compile=true inside the graph: the warm-up updates compile the loss on the graph's own inputs, so the
+    recording needs no new compilation (a compiled function compiles again for inputs laid out differently, and the
+    ring's batches are strided views)."""
+    assert_graphed_updates_are_eager_updates("gru", compile=True)
+
+
+def assert_graphed_updates_are_eager_updates(name: str, **trainer_args) -> None:
+    """The same batches, straight from a ring on the GPU (the layout a run's batches have), through Trainer's update
+    eagerly and through GraphedUpdate: the same losses, step by step, and the same weights at the end."""
+    host = linear_system_buffer(600, seed=0)
+    ring = ReplayBuffer(1000, 3, 1, device=DEVICE, seed=0)
+    ring.extend(**host[:])
+    batches = [ring.sample(16, 8) for _ in range(WARMUP_UPDATES + 6)]
     losses, weights = {}, {}
     for graphed in (False, True):
         model = fitted(name, obs_dim=3, action_dim=1).train()  # seeds torch, the CUDA generator included
-        update = trainer_update(model, DEVICE, precision=precision, cuda_graph=graphed)
+        update = trainer_update(model, DEVICE, cuda_graph=graphed, **trainer_args)
         values = [update(b) for b in batches[: WARMUP_UPDATES + 2]]  # warm-up, recording + first replay, a replay
         with no_host_waits():
             values += [update(b) for b in batches[WARMUP_UPDATES + 2 :]]
@@ -159,6 +175,8 @@ def test_the_graphed_update_is_the_eager_update(name, precision):
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
     for got, expected in zip(weights[True], weights[False]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one batch shape"):
+        update(ring.sample(8, 8))
 
 
 @pytest.fixture(scope="module")

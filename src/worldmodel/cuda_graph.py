@@ -11,10 +11,18 @@ step counts on the device. The graph records the kernels, not the values, so a r
 would from the same inputs and the same state; random draws (the rssm's noise, the ensemble's bootstrap indices)
 continue the CUDA generator's stream as an eager update would.
 
-The first `warmup` calls run eagerly, on the side stream the capture then uses (torch's recipe: lazy initialisations,
-Adam's state among them, must happen before recording). Every call, eager, recorded or replayed, is exactly one
-update, so a run's curve does not change shape, and a resumed run (state loaded before the first update) records its
-graph over the loaded state.
+Every call copies the batch into the graph's input tensors, made at the first call, and each of the first `warmup`
+calls runs one eager update on them, on the side stream the recording then uses (torch's recipe: lazy
+initialisations, Adam's state and a compiled loss's kernels among them, must happen before recording, on exactly
+the inputs that will be recorded: a compiled loss compiles again for another input layout, which cannot happen while
+recording). The next call records an update and replays it. Every call, eager or replayed,
+is exactly one update, so a run's curve does not change shape, and a resumed run (state loaded before the first
+update) records its graph over the loaded state.
+
+The recording fixes what was Python state when it was made: the learning rate, Adam's betas and eps and the
+clipping norm are numbers inside the graph, and the graph updates the tensors the optimizer held then. A learning-rate
+schedule, or loading another optimizer state after the first updates, would need a new recording; Trainer has
+neither.
 """
 
 from __future__ import annotations
@@ -36,39 +44,52 @@ class GraphedUpdate:
         self.update, self.optimizer, self.device, self.warmup = update, optimizer, torch.device(device), int(warmup)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device} (trainer.cuda_graph=true)")
+        if self.warmup < 1:  # the first update reads a flag back and creates Adam's state: neither can be recorded
+            raise ValueError(f"GraphedUpdate needs warmup >= 1 eager updates before recording, not {warmup}")
         with torch.cuda.device(self.device):
             self.stream = torch.cuda.Stream()
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs = self.outputs = self.graph = None
         self.eager_calls = 0
 
     def __call__(self, batch):
         with torch.cuda.device(self.device):
+            self._copy_in(batch)
             if self.graph is None:
                 if self.eager_calls < self.warmup:
                     self.eager_calls += 1
-                    return self._on_side_stream(batch)
-                self._record(batch)
-            for f in fields(batch):
-                getattr(self.inputs, f.name).copy_(getattr(batch, f.name), non_blocking=True)
+                    return self._on_side_stream()
+                self._record()
             self.graph.replay()
             # The graph writes its output into the same memory every replay: the caller gets its own copy.
             return self.outputs.clone()
 
-    def _on_side_stream(self, batch):
+    def _copy_in(self, batch) -> None:
+        if self.inputs is None:
+            self.inputs = replace(batch, **{f.name: torch.empty_like(getattr(batch, f.name)) for f in fields(batch)})
+        for f in fields(batch):
+            given, static = getattr(batch, f.name), getattr(self.inputs, f.name)
+            if given.shape != static.shape or given.dtype != static.dtype:  # copy_ would broadcast or cast silently
+                raise ValueError(
+                    f"GraphedUpdate: batch.{f.name} is {tuple(given.shape)} {given.dtype}, but the update's inputs are "
+                    f"{tuple(static.shape)} {static.dtype}: a graphed update takes one batch shape "
+                    "(trainer.batch_size x trainer.seq_len) for the whole run."
+                )
+            static.copy_(given)
+
+    def _on_side_stream(self):
         current = torch.cuda.current_stream()
-        self.stream.wait_stream(current)  # the batch was gathered on the current stream
+        self.stream.wait_stream(current)  # the inputs were written on the current stream
         with torch.cuda.stream(self.stream):
-            values = self.update(batch)
-        current.wait_stream(self.stream)
+            values = self.update(self.inputs)
+        current.wait_stream(self.stream)  # and are overwritten there by the next call
         return values
 
-    def _record(self, batch) -> None:
-        """Records one update on static copies of `batch`'s tensors (the graph's inputs from then on); it runs
-        nothing: the replay that follows in __call__ is this call's update."""
-        self.inputs = replace(batch, **{f.name: getattr(batch, f.name).clone() for f in fields(batch)})
-        self.graph = torch.cuda.CUDAGraph()
-        with _capturable(self.optimizer), torch.cuda.graph(self.graph, stream=self.stream):
-            self.outputs = self.update(self.inputs)
+    def _record(self) -> None:
+        """Records one update on the input tensors. It runs nothing: the replay after it is this call's update."""
+        graph = torch.cuda.CUDAGraph()
+        with _capturable(self.optimizer), torch.cuda.graph(graph, stream=self.stream):
+            outputs = self.update(self.inputs)
+        self.graph, self.outputs = graph, outputs  # only once recorded: a failed recording leaves nothing half-made
 
 
 @contextlib.contextmanager
