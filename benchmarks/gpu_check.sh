@@ -12,8 +12,8 @@
 #                                                    # them over two commands that each have a time limit
 #
 # GPU time is scarce, so a failing check does not stop the others: each one's log lands in out_dir (its last lines
-# are printed when it fails), every check has a time limit (CHECK_TIMEOUT seconds, default 240), and the script
-# exits 1 at the end if any check failed.
+# are printed when it fails), every check has a time limit (CHECK_TIMEOUT seconds, default 240; TESTS_TIMEOUT, default
+# 480, for tests/test_cuda.py), and the script exits 1 at the end if any check failed.
 set -uo pipefail
 out=${1:-outputs/gpu_check}
 device=${DEVICE:-cuda}
@@ -51,7 +51,8 @@ train() {
     check "$name" "$python" scripts/train.py "${common[@]}" "$@" "hydra.run.dir=$out/$name"
 }
 if [[ $parts == *" tests "* ]]; then
-    check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py
+    # Its own limit: it starts seven short training runs and compiles a loss twice.
+    limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py
 fi
 if [[ $parts == *" runs "* ]]; then
     train ring_on_device

@@ -217,3 +217,4 @@ def test_a_graphed_gpu_run_follows_the_eager_run_and_resumes(tmp_path, eager_gpu
     run_train([*graphed, "trainer.steps=120"])
     run_train([*graphed, "trainer.resume=true"])
     assert_same_curves(scalars(tmp_path), eager_gpu_run)
+    assert (tmp_path / "train.log").read_text().count("recorded the update as a CUDA graph") == 2  # run, resumed run

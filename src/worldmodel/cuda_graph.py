@@ -28,10 +28,13 @@ neither.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import fields, replace
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 WARMUP_UPDATES = 3
 
@@ -90,6 +93,8 @@ class GraphedUpdate:
         with _capturable(self.optimizer), torch.cuda.graph(graph, stream=self.stream):
             outputs = self.update(self.inputs)
         self.graph, self.outputs = graph, outputs  # only once recorded: a failed recording leaves nothing half-made
+        log.info("recorded the update as a CUDA graph after %d eager updates; every later update replays it",
+                 self.eager_calls)  # fmt: skip
 
 
 @contextlib.contextmanager
