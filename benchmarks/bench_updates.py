@@ -8,8 +8,8 @@ more rows per config: the seed's loop training our model (which separates the lo
 heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=bf16), each noting the seed's loop
 training that same variant of our model. The notes also give the share of our step spent sampling the batch (waiting
 on data), the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the
-share of the time it was busy, and one more row there: ours with the whole update replayed as a CUDA graph
-(trainer.cuda_graph=true).
+share of the time it was busy, and more rows there: ours with the whole update replayed as a CUDA graph
+(trainer.cuda_graph=true), eager and, under --compile, compiled.
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -202,14 +202,15 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
             if torch.device(device).type == "cuda":
                 notes["GPU busy"] = f"{gpu_busy(update, calls, device):.0%}"
             out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes))
-            if torch.device(device).type == "cuda" and not compiled:
-                # The whole update replayed as one CUDA graph; its eager warm-up and its recording are not timed.
-                graphed = ours(data, batch, seq_len, latent, device, False, cuda_graph=True)[0]
+            if torch.device(device).type == "cuda":
+                # The whole update replayed as one CUDA graph (with the compiled loss too, under --compile); its eager
+                # warm-up and its recording are not timed.
+                graphed = ours(data, batch, seq_len, latent, device, compiled, cuda_graph=True)[0]
                 t_graphed = time_per_call(graphed, calls, repeats, warmup=WARMUP_UPDATES + 2, device=device)
                 notes = {"sampling share of step": f"{t_sample / t_graphed:.0%}",
                          "GPU busy": f"{gpu_busy(graphed, calls, device):.0%}"}  # fmt: skip
-                out.append(Row("updates", f"{case}, ours with trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed,
-                               "seed loop", "updates/s", True, notes))  # fmt: skip
+                out.append(Row("updates", f"{label}, trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed, "seed loop",
+                               "updates/s", True, notes))  # fmt: skip
             if not compiled:
                 t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
                                        device=device)  # fmt: skip
