@@ -147,6 +147,15 @@ def test_bad_value_on_resume_is_refused_before_hydra_writes(tmp_path):
     assert files(run_dir) == before  # .hydra/config.yaml included
 
 
+def test_resume_with_fewer_steps_than_done_is_refused_before_hydra_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    before = files(run_dir)
+    proc = run_train([*RUN, "trainer.steps=40", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "trainer.steps=40 is below the 60 updates" in proc.stderr
+    assert files(run_dir) == before  # .hydra/ and the event file included
+
+
 def test_resume_errors_name_the_file(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)

@@ -128,7 +128,19 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume."
         )
     payload["path"] = str(path)
+    check_steps_cover(payload, cfg.trainer.steps)
     return payload
+
+
+def check_steps_cover(payload: dict, steps: int) -> None:
+    """A resumed run must have updates left to make: trainer.steps counts all of them, those already made included."""
+    done = payload["loop"]["step"]
+    if done > steps:
+        raise WorldModelError(
+            f"trainer.steps={steps} is below the {done} updates the resumed run ({payload['path']}) has already done; "
+            f"nothing was changed. Give trainer.steps >= {done} (it counts every update of the run, those already "
+            "made included)."
+        )
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:

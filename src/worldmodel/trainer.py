@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import Checkpointer, step_checkpoints
+from worldmodel.checkpoint import Checkpointer, check_steps_cover, step_checkpoints
 from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
@@ -268,11 +268,7 @@ class Trainer:
         }
 
     def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
-        if payload["loop"]["step"] > self.steps:
-            raise WorldModelError(
-                f"trainer.steps={self.steps} is below the {payload['loop']['step']} updates the resumed run "
-                f"({payload['path']}) has already done; give trainer.steps >= {payload['loop']['step']}."
-            )
+        check_steps_cover(payload, self.steps)  # scripts/train.py checked this before Hydra wrote; here for API use
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         collector.buffer.load_state_dict(payload["buffer"])
