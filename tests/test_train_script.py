@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -93,6 +95,17 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and "already holds another run" in proc.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # checkpoint, events, .hydra/config.yaml and train.log all untouched
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_never_written_into(tmp_path):
+    """Its event file holds curves that a new run's would be mixed with; its .hydra/ the overrides it was run with."""
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
+    shutil.rmtree(run_dir / "checkpoints")  # what a run killed before trainer.checkpoint_every updates leaves
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_train([*TINY, "trainer.steps=20", "seed=5", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2 and "TensorBoard logs" in proc.stderr and "no checkpoint" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_a_finished_sweep_is_never_overwritten(tmp_path):

@@ -52,7 +52,8 @@ class PreflightChecks(Callback):
 
     Hydra saves .hydra/config.yaml and overrides.yaml into the output directory before the task starts, so a check
     made inside the task comes too late to leave an existing run's directory untouched. Here, in on_run_start, it
-    refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true), and a resume
+    refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true) or, without
+    checkpoints, its TensorBoard logs (a run stopped before its first checkpoint), and a resume
     whose config would change the experiment. For sweeps, on_multirun_start refuses a sweep directory that holds
     earlier jobs' checkpoints; each job's own values are checked in the task, in a directory of its own.
     """
@@ -61,6 +62,8 @@ class PreflightChecks(Callback):
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         found = [p for _, p in step_checkpoints(run_dir)] + [p for p in [last_checkpoint(run_dir)] if p.exists()]
+        # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
+        logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors():
             validate_config(task_cfg)
             if task_cfg.trainer.resume:
@@ -71,6 +74,12 @@ class PreflightChecks(Callback):
                     f"hydra.run.dir={run_dir} already holds another run's checkpoints ({found[-1]}); nothing was "
                     "changed. Add trainer.resume=true to continue that run, or choose a new directory (drop the "
                     "hydra.run.dir override)."
+                )
+            elif logs:
+                raise WorldModelError(
+                    f"hydra.run.dir={run_dir} already holds another run's TensorBoard logs ({logs[-1].name}), and no "
+                    "checkpoint to resume from; nothing was changed. Choose a new directory (drop the hydra.run.dir "
+                    "override), or delete that one if its run is not needed."
                 )
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
