@@ -87,6 +87,20 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "env.id" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        (["env.id=FrozenLake-v1"], "env.id=FrozenLake-v1"),  # registered, but its observations are not a Box
+        (["buffer.dataset=no/such/file.npz"], "no/such/file.npz does not exist"),
+    ],
+)
+def test_mistakes_found_while_building_get_the_same_clear_message(tmp_path, bad, named):
+    """Raised inside hydra.utils.instantiate (make_env, the dataset loader), which wraps them in its own error."""
+    proc = run_train([*TINY, *bad, f"hydra.run.dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 2 and named in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error in call to target" not in proc.stderr
+
+
 def test_a_finished_run_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])

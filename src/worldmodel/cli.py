@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,10 +28,13 @@ def user_errors():
     # those raised in the task.
     try:
         yield
-    except WorldModelError as err:
-        if os.environ.get(DEBUG_ENV):
+    except (WorldModelError, InstantiationException) as err:
+        # hydra.utils.instantiate wraps what a constructor raises (make_env's check of the env's spaces, a dataset
+        # that does not fit) in its own exception: the user's mistake is the cause.
+        mistake = err.__cause__ if isinstance(err, InstantiationException) else err
+        if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
             raise
-        print(f"error: {err}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     except RunInterrupted as stop:
         run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
