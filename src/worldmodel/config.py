@@ -6,7 +6,7 @@ Hydra already refuses keys that are not in the config (a typo such as `trainer.s
 from __future__ import annotations
 
 import math
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.env import VECTORIZATION_MODES, check_env_id
 from worldmodel.errors import ConfigError
@@ -26,6 +26,29 @@ def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, value, f"an integer >= {minimum}{why}")
     return value
+
+
+def _number(cfg: DictConfig, key: str, valid: str, ok=lambda v: True) -> None:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(key, value, valid)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    """The keys of whichever model config is chosen (conf/model/*.yaml); each model has only some of them."""
+    model = cfg.model
+    for key in ("latent_dim", "hidden_dim", "head_layers", "ensemble_size", "num_layers", "stoch_dim",
+                "terminated_hidden", "open_loop_steps"):  # fmt: skip
+        if key in model:
+            _int(cfg, f"model.{key}", 0 if key == "open_loop_steps" else 1)
+    for key in [k for k in model if str(k).endswith("_coef") or k == "free_nats"]:
+        _number(cfg, f"model.{key}", "a finite number >= 0", lambda v: v >= 0)
+    if "min_std" in model:
+        _number(cfg, "model.min_std", "a finite number > 0", lambda v: v > 0)
+    if "kl_balance" in model:
+        _number(cfg, "model.kl_balance", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+    if model.get("propagation", "mean") not in ("mean", "members"):
+        raise ConfigError("model.propagation", model.propagation, "mean or members")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -55,21 +78,19 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    for key in ("resume", "compile", "cuda_graph"):
-        if not isinstance(t.get(key, False), bool):
-            raise ConfigError(f"trainer.{key}", t[key], "true or false")
+    for key in ("trainer.resume", "trainer.compile", "trainer.cuda_graph", "trainer.eval_figure", "trainer.progress",
+                "model.bootstrap"):  # fmt: skip
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true or false")
     if t.get("precision", "fp32") not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     mode = t.get("compile_mode", "default")
     if mode not in COMPILE_MODES:
         raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
-    _int(cfg, "model.latent_dim", 1)
-    _int(cfg, "model.hidden_dim", 1)
-    if "head_layers" in cfg.model:
-        _int(cfg, "model.head_layers", 1)
-    for key, value in (("trainer.lr", t.lr), ("trainer.grad_clip", t.grad_clip)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(key, value, "a finite number > 0")
+    _validate_model(cfg)
+    for key in ("trainer.lr", "trainer.grad_clip"):
+        _number(cfg, key, "a finite number > 0", lambda v: v > 0)
     device = resolve_device(t.device)
     if t.get("cuda_graph", False):
         if t.compile and mode in GRAPHED_COMPILE_MODES:
