@@ -3,7 +3,7 @@
 # Torch goes in first, from TORCH_SPEC (default: the CPU build these machines carry locally), because a bare
 # `torch` requirement on a machine without torch pulls several GB of CUDA packages. pyproject.toml only asks
 # for a range that this build satisfies, so the editable install below adds nothing more.
-# GPU users: skip this script and `pip install -e ".[dev]"` into an environment with your CUDA torch.
+# GPU users: skip this script and `pip install -e ".[dev,sweep]"` into an environment with your CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel import ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.vector import VectorCollector, make_collector
 
 
@@ -135,6 +135,8 @@ def test_vector_env_options_and_errors():
     assert (spec.obs_dim, spec.action_dim, spec.discrete) == (4, 2, True)
     with pytest.raises(ValueError, match="streams"):
         VectorCollector(env, ReplayBuffer(100, 4, 2, streams=2), RandomPolicy(env.action_space, 0), seed=0)
+    with pytest.raises(ConfigError, match="env.vectorization_mode.*Pendulum-v1 has no batched implementation"):
+        make_env("Pendulum-v1", seed=0, num_envs=2, vectorization_mode="vector_entry_point")
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

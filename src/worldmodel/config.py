@@ -98,7 +98,7 @@ def validate_config(cfg: DictConfig) -> None:
                               "trainer.cuda_graph=true, which records the whole update itself (the other modes record "
                               "CUDA graphs of their own inside it)")  # fmt: skip
         if device.type != "cuda":
-            raise ConfigError("trainer.cuda_graph", True, f"false here: trainer.device={t.device} resolved to "
+            raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
     check_env_id(cfg.env.id)
 

@@ -105,9 +105,12 @@ def make_env(
     if int(num_envs) == 1:
         env = gym.make(id, **kwargs)
     else:
+        has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
         if vectorization_mode is None:
-            has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
             vectorization_mode = "vector_entry_point" if has_own else "sync"
+        elif vectorization_mode == "vector_entry_point" and not has_own:
+            raise ConfigError("env.vectorization_mode", vectorization_mode, f"null, sync or async: {id} has no "
+                              "batched implementation of its own (no vector_entry_point)")  # fmt: skip
         env = gym.make_vec(id, num_envs=int(num_envs), vectorization_mode=vectorization_mode, **kwargs)
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
