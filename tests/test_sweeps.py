@@ -197,6 +197,19 @@ def test_grid_sweep_names_jobs_logs_hparams_and_summarizes(tmp_path):
     assert [step for step, _ in scalars(job)["val/loss"]] == [0, 10, 20, 30]
 
 
+def test_a_failed_job_does_not_stop_the_others(tmp_path):
+    """Job 0 diverges (lr 1e30), jobs 1 and 3 have a bad value: each prints its one-paragraph error and fails, and job
+    2 still trains to the end. The sweep then exits non-zero, naming a failed job (Hydra's report)."""
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "trainer.lr=1e30,0.001", "model.latent_dim=8,0", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+                     check=False, env_vars=ONE_THREAD)  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: Training diverged" in proc.stderr and "Invalid config `model.latent_dim=0`" in proc.stderr
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 4  # lr 1e30 x (8, 0), then lr 0.001 x (8, 0)
+    assert not (jobs[0] / "checkpoints" / "last.pt").exists() and (jobs[2] / "checkpoints" / "last.pt").exists()
+
+
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     need("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "study"

@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.checkpoint import last_checkpoint, load_for_resume, step_checkpoints
@@ -22,10 +23,16 @@ from worldmodel.errors import RunInterrupted, WorldModelError
 DEBUG_ENV = "WORLDMODEL_DEBUG"
 
 
+class JobFailed(Exception):
+    """One job of a -m sweep stopped on a mistake or a divergence, reported above; the sweep goes on without it."""
+
+
 @contextlib.contextmanager
-def user_errors():
-    # sys.exit, not an exception: Hydra turns exceptions raised in callbacks into warnings and prints a traceback for
-    # those raised in the task.
+def user_errors(job: bool = True):
+    """Reports a WorldModelError as one paragraph and exits with code 2: sys.exit, not an exception, since Hydra turns
+    exceptions raised in callbacks into warnings and prints a traceback for those raised in the task. Inside a job of
+    a -m sweep (`job`: not a sweep-wide callback) it raises JobFailed instead: sys.exit would end the whole sweep,
+    while a failed job lets the launcher run the others (a diverged Optuna trial is then a failed trial)."""
     try:
         yield
     except (WorldModelError, InstantiationException) as err:
@@ -35,6 +42,8 @@ def user_errors():
         if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
             raise
         print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        if job and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
         run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
@@ -89,7 +98,7 @@ class PreflightChecks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
-        with user_errors():
+        with user_errors(job=False):
             if finished:
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
