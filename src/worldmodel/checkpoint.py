@@ -134,7 +134,7 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
 
 def check_steps_cover(payload: dict, steps: int) -> None:
     """A resumed run must have updates left to make: trainer.steps counts all of them, those already made included."""
-    done = payload["loop"]["step"]
+    done = payload["step"]
     if done > steps:
         raise WorldModelError(
             f"trainer.steps={steps} is below the {done} updates the resumed run ({payload['path']}) has already done; "
