@@ -553,3 +553,48 @@ def test_add_and_extend_to_one_of_several_streams(streams):
     for k in range(streams):
         one_stream(via_streams, k, ref[k])
     assert_batches_equal(buf.sample(16, 3), via_streams.sample(16, 3))
+
+
+def test_a_write_refused_for_one_column_changes_no_row():
+    """Every column is checked before any is written: a wrong trailing shape in the last column must not leave the
+    earlier columns' new values paired with the old rows' other fields."""
+    buf = ReplayBuffer(4, 2, 1)
+    for t in range(4):
+        buf.add([t, t], [0.0], float(t), [t + 1, t + 1], False, False)
+    before = buf[:]
+    good = {"obs": np.full((2, 2), 99.0), "action": np.zeros((2, 1)), "reward": np.zeros(2),
+            "next_obs": np.zeros((2, 2)), "terminated": np.zeros(2, bool), "truncated": np.zeros(2, bool)}  # fmt: skip
+    with pytest.raises(ValueError, match="reward"):
+        buf.extend(**{**good, "reward": np.zeros((2, 1))})
+    with pytest.raises(ValueError, match="obs"):
+        buf.update(2, reward=5.0, obs=np.zeros(3))
+    block = {k: v[:, None] for k, v in good.items()}  # [T=2, streams=1, ...]
+    with pytest.raises(ValueError, match="truncated"):
+        buf.extend_streams(np.ones((2, 1), bool), **{**block, "truncated": np.zeros((2, 1, 3), bool)})
+    for name, values in buf[:].items():
+        np.testing.assert_array_equal(values, before[name], err_msg=name)
+    assert len(buf) == 4 and buf.ring.ptr == 0
+
+
+@pytest.mark.parametrize("write", ["extend", "extend_streams", "update"])
+def test_float64_values_round_once_to_float16_storage(write):
+    """numpy rounds float64 straight to float16; torch goes through float32 and can round twice. Every write path
+    must store what numpy's single rounding gives."""
+    value = 1 + 2**-11 + 2**-40  # just above a float16 tie: float32 drops the 2**-40 and the tie rounds down
+    assert np.float16(value) != np.float16(np.float32(value))
+    buf = ReplayBuffer(4, 1, 1, obs_dtype="float16")
+
+    def rows(*obs):
+        n, obs = len(obs), np.array(obs, dtype=np.float64)[:, None]
+        return {"obs": obs, "action": np.zeros((n, 1)), "reward": np.zeros(n), "next_obs": obs,
+                "terminated": np.zeros(n, bool), "truncated": np.zeros(n, bool)}  # fmt: skip
+
+    if write == "extend":
+        buf.extend(**rows(value, 0.0))  # rows 0-1: a slice (written through numpy)
+        buf.extend(**rows(0.0, 0.0, value, 0.0))  # fills 2-3, then wraps to 0-1: scattered rows (through torch)
+    elif write == "extend_streams":
+        buf.extend_streams(np.ones((2, 1), bool), **{k: v[:, None] for k, v in rows(value, 0.0).items()})
+    else:
+        buf.extend(**rows(0.0, 0.0))
+        buf.update(-2, obs=np.array([value]))
+    assert buf[-2]["obs"][0] == np.float16(value)

@@ -50,6 +50,9 @@ class RingBuffer:
         self.capacity = self.stream_capacity * streams
         self.device = torch.device(device)
         self.schema = {name: (tuple(shape), torch_dtype(dtype)) for name, (shape, dtype) in schema.items()}
+        # What writes are converted to on the host (numpy has no bfloat16: float32, then torch converts).
+        self._host_dtypes = {name: np.float32 if dt == torch.bfloat16 else torch.empty(0, dtype=dt).numpy().dtype
+                             for name, (_, dt) in self.schema.items()}  # fmt: skip
         widths: dict[torch.dtype, int] = {}
         self.slots: dict[str, tuple[torch.dtype, int, int]] = {}  # column -> (table, first, last+1 packed position)
         for name, (shape, dtype) in self.schema.items():
@@ -99,6 +102,7 @@ class RingBuffer:
             raise ValueError(f"extend: columns have different lengths {[len(v) for v in rows.values()]}")
         if not 0 <= int(stream) < self.streams:
             raise IndexError(f"stream {stream} out of range for a ring of {self.streams} streams")
+        rows = self._as_columns(rows, (n,), "extend")
         seg, ptr = self.stream_capacity, int(self.ptrs[stream])
         skip = max(0, n - seg)  # rows that would be overwritten within this same call
         first = stream * seg + (ptr + skip) % seg
@@ -106,7 +110,7 @@ class RingBuffer:
             rows_at = slice(first, first + n - skip)
         else:
             rows_at = stream * seg + (ptr + np.arange(skip, n)) % seg
-        self._write(rows_at, {k: np.asarray(v)[skip:] for k, v in rows.items()})
+        self._write(rows_at, {k: v[skip:] for k, v in rows.items()})
         self.ptrs[stream] = (ptr + n) % seg
         self.sizes[stream] = min(int(self.sizes[stream]) + n, seg)
 
@@ -128,10 +132,7 @@ class RingBuffer:
         valid = np.asarray(valid, dtype=bool)
         if valid.ndim != 2 or valid.shape[1] != self.streams:
             raise ValueError(f"extend_streams: valid must be [T, {self.streams}], got {valid.shape}")
-        rows = {name: np.asarray(value) for name, value in rows.items()}
-        wrong = {name: value.shape for name, value in rows.items() if value.shape[:2] != valid.shape}
-        if wrong:
-            raise ValueError(f"extend_streams: columns must be [T, streams, ...] like valid {valid.shape}, got {wrong}")
+        rows = self._as_columns(rows, valid.shape, "extend_streams")
         counts = np.cumsum(valid, axis=0)  # rows written so far in this call, per stream
         total = counts[-1] if len(valid) else np.zeros(self.streams, np.int64)
         # A stream given more rows than it holds keeps only its newest stream_capacity of them.
@@ -185,12 +186,33 @@ class RingBuffer:
         """Overwrites stored fields in place at logical `index`."""
         self._check_names(fields)
         rows = self._device_rows(index)
+        fields = self._as_columns(fields, tuple(rows.shape), "update", broadcast=True)
         for name, value in fields.items():
-            self.columns[name][rows] = to_device(np.asarray(value), self.device, self.schema[name][1])
+            self.columns[name][rows] = to_device(value, self.device, self.schema[name][1])
 
     def _device_rows(self, index) -> torch.Tensor:
         """Physical rows of logical `index` (int, slice or integer array, bounds-checked) as a tensor on the device."""
         return to_device(np.asarray(self.physical(self.logical(index))), self.device)
+
+    def _as_columns(self, values: Mapping, leading: tuple[int, ...], what: str, broadcast: bool = False) -> dict:
+        """Each value as a numpy array in its column's dtype, its shape checked as `leading` + the column's shape (or
+        broadcastable to it). Every column is checked before any is written, so a refused write changes nothing; and
+        numpy rounds to the storage dtype once (float64 -> float16 through torch goes via float32, rounding twice)."""
+        out, wrong = {}, {}
+        for name, value in values.items():
+            want = (*leading, *self.schema[name][0])
+            array = np.asarray(value, dtype=self._host_dtypes[name])
+            try:
+                ok = np.broadcast_shapes(array.shape, want) == want if broadcast else array.shape == want
+            except ValueError:
+                ok = False
+            if not ok:
+                wrong[name] = array.shape
+            out[name] = array
+        if wrong:
+            raise ValueError(f"{what}: column shapes {wrong} do not fit {len(leading)} leading dims {leading} and the "
+                             f"columns' own shapes { {k: self.schema[k][0] for k in wrong} }; nothing was written")  # fmt: skip
+        return out
 
     def clear(self) -> None:
         """Forgets every row; the tables stay allocated so clearing costs nothing."""
