@@ -86,3 +86,44 @@ def test_buffer_loads_a_dataset_and_refuses_one_larger_than_its_capacity(tmp_pat
     assert len(ReplayBuffer(1000, 3, 1, dataset=tmp_path / "d.npz")) == 400
     with pytest.raises(ConfigError, match="buffer.capacity"):
         ReplayBuffer(300, 3, 1, dataset=tmp_path / "d.npz")
+
+
+def rows_of(obs: list[float], done_at: list[int]) -> dict[str, np.ndarray]:
+    """Transitions with obs_dim 1: obs t, next_obs t + 0.5, terminated on the steps in done_at."""
+    obs = np.array(obs, dtype=np.float32)[:, None]
+    n = len(obs)
+    return {"obs": obs, "action": np.zeros((n, 1), np.float32), "reward": np.zeros(n, np.float32),
+            "next_obs": obs + 0.5, "terminated": np.isin(obs[:, 0], done_at), "truncated": np.zeros(n, bool)}  # fmt: skip
+
+
+def test_export_keeps_only_episodes_that_start_at_a_reset_and_stay_in_one_stream():
+    # One stream that wrapped: rows 0..2 were overwritten, so the stored part of episode 0-5 starts mid-episode.
+    wrapped = ReplayBuffer(7, 1, 1)
+    wrapped.extend(**rows_of(list(range(10)), done_at=[5, 9]))
+    out = buffer_to_episodes(wrapped, discrete=False)
+    assert out["lengths"].tolist() == [4] and out["obs"][0, :, 0].tolist() == [6, 7, 8, 9, 9.5]
+    # Two streams of 5 rows, neither full: stream 0's unfinished episode (12, 13) must not be joined to stream 1's
+    # first one. (A full stream's oldest episode is left out even if nothing was overwritten: the ring cannot tell.)
+    two = ReplayBuffer(10, 1, 1, streams=2)
+    two.extend(**rows_of([10, 11, 12, 13], done_at=[11]), stream=0)
+    two.extend(**rows_of([20, 21], done_at=[21]), stream=1)
+    out = buffer_to_episodes(two, discrete=False)
+    assert out["lengths"].tolist() == [2, 2]
+    assert out["obs"][:, :, 0].tolist() == [[10, 11, 11.5], [20, 21, 21.5]]
+
+
+def test_collecting_episodes_longer_than_the_buffer_guess_keeps_their_start():
+    """An env without a registered time limit: collect_episodes guesses 1000 steps per episode, and must grow its
+    buffer rather than overwrite the start of a longer episode."""
+    import gymnasium as gym
+    from gymnasium.envs.classic_control import PendulumEnv
+
+    def make():
+        return gym.wrappers.TimeLimit(PendulumEnv(), max_episode_steps=2500)
+
+    env = make()
+    assert env.spec is None
+    spec = env_spec(env)
+    data = collect_episodes(env, spec, RandomPolicy(env.action_space, 0), episodes=1, seed=0, chunk=500)
+    assert data["lengths"].tolist() == [2500] and data["truncated"][0, 2499]
+    np.testing.assert_array_equal(data["obs"][0, 0], make().reset(seed=0)[0])

@@ -29,11 +29,23 @@ class DatasetError(WorldModelError):
 
 
 def buffer_to_episodes(buffer: ReplayBuffer, discrete: bool) -> dict[str, np.ndarray]:
-    """The complete episodes in `buffer` (a trailing unfinished one is left out), padded into the format above."""
+    """The complete episodes in `buffer`, stream after stream, padded into the format above.
+
+    Left out: each stream's trailing unfinished episode and, in a stream that is full, its oldest episode: the ring
+    may have overwritten its first steps, and a dataset episode must start where the env was reset."""
     rows = buffer[:]
-    ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
-    begins = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64)
-    lengths = (ends - begins + 1).astype(np.int64)
+    done = rows["terminated"] | rows["truncated"]
+    begins, ends = [], []
+    first_row = 0
+    for size in buffer.ring.sizes.tolist():  # logical rows are stream after stream; episodes never span two
+        stream_ends = first_row + np.flatnonzero(done[first_row : first_row + size])
+        stream_begins = np.concatenate([[first_row], stream_ends[:-1] + 1])[: len(stream_ends)]
+        cut = 1 if size == buffer.ring.stream_capacity else 0
+        begins.append(stream_begins[cut:])
+        ends.append(stream_ends[cut:])
+        first_row += size
+    begins, ends = np.concatenate(begins).astype(np.int64), np.concatenate(ends).astype(np.int64)
+    lengths = ends - begins + 1
     n, t = len(lengths), int(lengths.max()) if len(lengths) else 0
     act_shape = (n, t) if discrete else (n, t, buffer.action_dim)
     out = {
@@ -146,6 +158,12 @@ def collect_episodes(env, spec, policy, episodes: int, seed: int, chunk: int = 1
     collector = Collector(env, buffer, policy, seed=seed, spec=spec)
     done = 0
     while done < episodes:
+        if len(buffer) + chunk >= buffer.capacity:
+            # Longer episodes than the guess (an env without a time limit): a bigger buffer, so that nothing recorded
+            # is overwritten and every episode keeps its first steps.
+            bigger = ReplayBuffer(2 * buffer.capacity, spec.obs_dim, spec.action_dim)
+            bigger.extend(**buffer[:])
+            buffer = collector.buffer = bigger
         done += len(collector.collect(chunk).episode_returns)
     data = buffer_to_episodes(buffer, spec.discrete)
     return {k: v[:episodes] for k, v in data.items()}
