@@ -138,21 +138,16 @@ def test_a_run_saved_before_a_key_existed_resumes_with_the_keys_default(tmp_path
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
 
 
-def test_bad_value_on_resume_is_refused_before_hydra_writes(tmp_path):
+@pytest.mark.parametrize(
+    "steps, message",
+    [("-5", "trainer.steps"), ("40", "trainer.steps=40 is below the 60 updates")],  # a bad value; fewer than done
+)
+def test_bad_steps_on_resume_are_refused_before_hydra_writes(tmp_path, steps, message):
     run_dir = tmp_path / "run"
     run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
     before = files(run_dir)
-    proc = run_train([*RUN, "trainer.steps=-5", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
-    assert proc.returncode == 2 and "trainer.steps" in proc.stderr
-    assert files(run_dir) == before  # .hydra/config.yaml included
-
-
-def test_resume_with_fewer_steps_than_done_is_refused_before_hydra_writes(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
-    before = files(run_dir)
-    proc = run_train([*RUN, "trainer.steps=40", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
-    assert proc.returncode == 2 and "trainer.steps=40 is below the 60 updates" in proc.stderr
+    proc = run_train([*RUN, f"trainer.steps={steps}", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and message in proc.stderr
     assert files(run_dir) == before  # .hydra/ and the event file included
 
 
