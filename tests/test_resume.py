@@ -237,10 +237,12 @@ def test_config_differences_and_what_may_change():
         load_for_resume(Path("/nonexistent"), None)
 
 
-def test_vector_env_run_killed_and_resumed_is_bit_identical(tmp_path):
-    """Four CartPole envs in one vector env (its own batched implementation), float16 observation storage: the
-    vector env, every stream's open episode and the credit of env steps carried between updates all survive."""
-    fast = [*RUN, "env.num_envs=4", "buffer.obs_dtype=float16", "trainer.env_steps_per_update=3"]
+@pytest.mark.parametrize("env", ["env=cartpole", "env=pendulum"])
+def test_vector_env_run_killed_and_resumed_is_bit_identical(tmp_path, env):
+    """Four envs in one vector env (CartPole's own batched implementation; Pendulum's is gymnasium's SyncVectorEnv,
+    built so that it pickles), float16 observation storage: the vector env, every stream's open episode and the
+    credit of env steps carried between updates all survive."""
+    fast = [*RUN, env, "env.num_envs=4", "buffer.obs_dtype=float16", "trainer.env_steps_per_update=3"]
     whole = tmp_path / "whole"
     run_train([*fast, f"hydra.run.dir={whole}"])
     run_dir = tmp_path / "run"

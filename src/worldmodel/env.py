@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,12 @@ def make_env(
         elif vectorization_mode == "vector_entry_point" and not has_own:
             raise ConfigError("env.vectorization_mode", vectorization_mode, f"null, sync or async: {id} has no "
                               "batched implementation of its own (no vector_entry_point)")  # fmt: skip
-        env = gym.make_vec(id, num_envs=int(num_envs), vectorization_mode=vectorization_mode, **kwargs)
+        if vectorization_mode == "sync":
+            # What make_vec builds for "sync", but from a partial, which pickles (make_vec's local closure does not):
+            # a checkpoint then holds the envs' exact state, and a resumed run stays bit-identical.
+            env = gym.vector.SyncVectorEnv([functools.partial(gym.make, id, **kwargs)] * int(num_envs))
+        else:
+            env = gym.make_vec(id, num_envs=int(num_envs), vectorization_mode=vectorization_mode, **kwargs)
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
     return env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -12,6 +13,8 @@ import numpy as np
 
 from worldmodel.env import EnvSpec, env_spec
 from worldmodel.replay import ReplayBuffer
+
+log = logging.getLogger(__name__)
 
 
 class Policy(Protocol):
@@ -88,6 +91,9 @@ class StickyRandomPolicy(RandomPolicy):
         return np.asarray(value, dtype=self.action_space.dtype)
 
 
+_UNPICKLABLE: set[type] = set()  # env types already warned about, so each run says it once, not at every checkpoint
+
+
 def env_and_policy_state(env, policy: Policy) -> dict:
     """What both collectors save of the env and the policy: the env object pickled and the policy's RNG state.
 
@@ -97,8 +103,13 @@ def env_and_policy_state(env, policy: Policy) -> dict:
     """
     try:
         env_blob = pickle.dumps(env)
-    except Exception:
+    except Exception as err:
         env_blob = None
+        if type(env) not in _UNPICKLABLE:
+            _UNPICKLABLE.add(type(env))
+            log.warning("%s cannot be pickled (%s: %s): a run resumed from this checkpoint cuts its episodes in "
+                        "progress and is not bit-identical to one that never stopped", type(env).__name__,
+                        type(err).__name__, err)  # fmt: skip
     return {"env": env_blob, "policy": policy.state_dict() if hasattr(policy, "state_dict") else None}
 
 
