@@ -59,7 +59,9 @@ def main(cfg: DictConfig) -> float:
         # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir and
         #    checkpointing the whole state (model, optimizer, buffer, env, RNGs) to <run dir>/checkpoints/.
         checkpointer = Checkpointer(run_dir, cfg, spec, keep=cfg.trainer.keep_checkpoints)
-        purge_step = resume_from["loop"]["step"] + 1 if resume_from else None  # hide what a killed run logged later
+        # Hide what a killed run logged after its checkpoint; a fresh start hides everything an earlier attempt in this
+        # directory logged (a requeued sweep job that was killed before its first checkpoint starts over here).
+        purge_step = resume_from["loop"]["step"] + 1 if resume_from else 0
         with Logger(run_dir, purge_step=purge_step) as logger:
             if resume_from is None:
                 logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))

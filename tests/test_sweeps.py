@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import re
 import statistics
+import shutil
 import subprocess
 import sys
 
@@ -276,3 +277,14 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
     assert [step for step, _ in series] == [0, 10, 20]  # the killed run's later points are purged, none twice
     assert series[-1][1] == finals[0]  # and the resumed job ends exactly where the uninterrupted one did
     assert (job / "checkpoints" / "last.pt").is_file() and len(job_dirs(sweep)) == 2  # same directory, no new one
+
+    # Job 1 "was killed" before its first checkpoint: requeued, it starts over in its directory, and its curves show
+    # that start only (the first attempt's points are hidden, none appears twice).
+    shutil.rmtree(jobs[1] / "checkpoints")
+    env["SUBMITIT_LOCAL_JOB_ID"] = job_ids[1]
+    rerun = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(sweep / ".submitit" / "%j")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    series = scalars(jobs[1])["val/loss"]
+    assert [step for step, _ in series] == [0, 10, 20] and series[-1][1] == finals[1]
+    assert len(list(jobs[1].glob("events.out.tfevents.*"))) == 2  # both attempts' files are kept, nothing deleted
