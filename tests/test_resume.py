@@ -140,7 +140,8 @@ def test_a_run_saved_before_a_key_existed_resumes_with_the_keys_default(tmp_path
 
 @pytest.mark.parametrize(
     "steps, message",
-    [("-5", "trainer.steps"), ("40", "trainer.steps=40 is below the 60 updates")],  # a bad value; fewer than done
+    [("-5", "trainer.steps"), ("40", "trainer.steps=40 is below the 60 updates"),  # a bad value; fewer than done
+     ("60", "trainer.steps=60 equals the 60 updates")],  # none left: the final validation and save would not run
 )
 def test_bad_steps_on_resume_are_refused_before_hydra_writes(tmp_path, steps, message):
     run_dir = tmp_path / "run"

@@ -133,13 +133,15 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
 
 
 def check_steps_cover(payload: dict, steps: int) -> None:
-    """A resumed run must have updates left to make: trainer.steps counts all of them, those already made included."""
+    """A resumed run must have updates left to make: trainer.steps counts all of them, those already made included.
+    (With none left the loop would not run, and neither would the final validation, log and checkpoint.)"""
     done = payload["step"]
-    if done > steps:
+    if done >= steps:
+        relation = "equals" if done == steps else "is below"
         raise WorldModelError(
-            f"trainer.steps={steps} is below the {done} updates the resumed run ({payload['path']}) has already done; "
-            f"nothing was changed. Give trainer.steps >= {done} (it counts every update of the run, those already "
-            "made included)."
+            f"trainer.steps={steps} {relation} the {done} updates the resumed run ({payload['path']}) has already done: "
+            f"nothing is left to train, and nothing was changed. Give trainer.steps > {done} (it counts every update "
+            "of the run, those already made included)."
         )
 
 

@@ -141,7 +141,7 @@ class Trainer:
                 if checkpointer is not None and (final or stop.signum is not None or step % self.checkpoint_every == 0):
                     self._check_finite(state, checkpointer)  # never checkpoint a diverged model over a good one
                     path = checkpointer.save(self._state_dict(state, collector, model, optimizer), step, final)
-                if stop.signum is not None:
+                if stop.signum is not None and not final:  # stopped at the last update: the run is finished anyway
                     bar.close()
                     raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
         bar.close()
