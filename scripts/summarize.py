@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 METRIC_PREFIX = "val/"
+FINISHED_PREFIX = "hparams/"  # train.py logs hparams/* once, when a run has made all its updates
 IGNORED_KEYS = {"seed"}
 
 
@@ -34,6 +35,7 @@ class Job:
     overrides: dict[str, str]  # key -> value as written on the command line
     typed: dict[str, object]  # key -> parsed value (numbers as numbers), for sorting and plotting
     finals: dict[str, float]  # tag -> last logged value
+    finished: bool  # made all its updates (not diverged, failed, or still running)
 
 
 @dataclass
@@ -87,21 +89,24 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     return texts, typed
 
 
-def read_finals(job_dir: Path) -> dict[str, float]:
-    """Last value of every val/* scalar in the job's own event files (not its subdirectories)."""
+def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
+    """Last value of every val/* scalar in the job's own event files (not its subdirectories), and whether the job
+    finished (its hparams/* summary, written at the end of a run)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
     acc = EventAccumulator(str(job_dir), size_guidance=guidance)
     acc.Reload()
-    return {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"] if tag.startswith(METRIC_PREFIX)}
+    tags = acc.Tags()["scalars"]
+    finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX)}
+    return finals, any(tag.startswith(FINISHED_PREFIX) for tag in tags)
 
 
 def load_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for job_dir in find_job_dirs(sweep_dir):
         texts, typed = read_overrides(job_dir)
-        jobs.append(Job(job_dir, texts, typed, read_finals(job_dir)))
+        jobs.append(Job(job_dir, texts, typed, *read_finals(job_dir)))
     return jobs
 
 
@@ -149,16 +154,23 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
             "subdirectories. Pass the directory a sweep wrote (python scripts/train.py -m ... prints it at the end, "
             "outputs/multirun/<date>/<time> by default), or a single run's directory."
         )
-    done = [j for j in jobs if metric in j.finals]
+    # A job that diverged, failed or is still running has val/* points too (the first at step 0): not final values.
+    finished = [j for j in jobs if j.finished]
+    done = [j for j in finished if metric in j.finals]
     if not done:
-        tags = sorted({t for j in jobs for t in j.finals})
+        tags = sorted({t for j in finished for t in j.finals})
         raise SummaryError(
-            f"None of the {len(jobs)} runs under {sweep_dir} logged {metric} (logged: {', '.join(tags) or 'none'}). "
-            "Choose another --metric, or wait for the runs to reach their first validation."
-        )
+            f"None of the {len(jobs)} runs under {sweep_dir} finished (diverged, failed or still running: no hparams/* "
+            "summary, which a run writes when it has made all its updates). Wait for them to finish."
+            if not finished else
+            f"None of the {len(finished)} finished runs under {sweep_dir} logged {metric} (logged: "
+            f"{', '.join(tags) or 'none'}). Choose another --metric."
+        )  # fmt: skip
     for job in jobs:
-        if job not in done:
-            print(f"note: {job.dir} has no {metric} yet (failed or still running); left out", file=sys.stderr)
+        if not job.finished:
+            print(f"note: {job.dir} did not finish (diverged, failed or still running); left out", file=sys.stderr)
+        elif job not in done:
+            print(f"note: {job.dir} has no {metric}; left out", file=sys.stderr)
     groups, swept, fixed = group_jobs(done)
     groups.sort(key=lambda g: mean_std(g.values(metric))[0])
     tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})

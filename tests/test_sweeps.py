@@ -209,6 +209,12 @@ def test_a_failed_job_does_not_stop_the_others(tmp_path):
     jobs = job_dirs(sweep)
     assert len(jobs) == 4  # lr 1e30 x (8, 0), then lr 0.001 x (8, 0)
     assert not (jobs[0] / "checkpoints" / "last.pt").exists() and (jobs[2] / "checkpoints" / "last.pt").exists()
+    # summarize.py: the diverged job logged val/* points (step 0, 10) but never finished, so it is left out.
+    proc = summarize(sweep)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: {jobs[0]} did not finish" in proc.stderr
+    with open(sweep / "summary.csv") as f:
+        assert [row["runs"] for row in csv.DictReader(f)] == [jobs[2].name]
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
