@@ -165,6 +165,14 @@ def test_resume_errors_name_the_file(tmp_path):
     assert proc.returncode == 2 and str(newest) in proc.stderr and "truncated" in proc.stderr
 
 
+def test_weights_that_overflow_are_never_checkpointed(tmp_path):
+    """lr 1e39: the first update's losses are finite (computed before it), its weights are not (|w| ~ 1e39 overflows
+    float32). No checkpoint may hold them, and none is named as good."""
+    proc = run_train([*RUN, "trainer.lr=1e39", "trainer.checkpoint_every=1", f"hydra.run.dir={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "the model's weights became non-finite at update 1" in proc.stderr
+    assert "no checkpoint had been written yet" in proc.stderr and step_checkpoints(tmp_path) == []
+
+
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     # Observations turn NaN from the 501st env step: prefill 300 + one step per update -> update 201 adds the first.

@@ -140,6 +140,7 @@ class Trainer:
                 final = step == self.steps
                 if checkpointer is not None and (final or stop.signum is not None or step % self.checkpoint_every == 0):
                     self._check_finite(state, checkpointer)  # never checkpoint a diverged model over a good one
+                    self._check_weights(model, step, checkpointer)
                     path = checkpointer.save(self._state_dict(state, collector, model, optimizer), step, final)
                 if stop.signum is not None and not final:  # stopped at the last update: the run is finished anyway
                     bar.close()
@@ -245,6 +246,12 @@ class Trainer:
         if bad:
             step = min(s for s, _ in bad)
             self._diverged(step, ", ".join(f"train/{n}" for s, n in bad if s == step), checkpointer)
+
+    def _check_weights(self, model: WorldModel, step: int, checkpointer: Checkpointer | None) -> None:
+        """The losses of update S are computed before update S changes the weights, so finite losses do not prove
+        finite weights: checked here, once per checkpoint (one read-back)."""
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+            self._diverged(step, "the model's weights", checkpointer)
 
     def _diverged(self, step: int, terms: str, checkpointer: Checkpointer | None) -> None:
         kept = "no checkpoint is written without trainer's checkpointer"
