@@ -200,7 +200,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_readable(tmp_path, m
 
     from worldmodel.env import EnvSpec
 
-    cfg = OmegaConf.create({"trainer": {"steps": 10}, "model": {"latent_dim": 8}})
+    cfg = OmegaConf.create({"trainer": {"steps": 30}, "model": {"latent_dim": 8}})
     ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
     ckpt.save({"model": {"w": torch.ones(3)}}, step=10)
 
