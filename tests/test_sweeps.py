@@ -8,6 +8,7 @@ skipped, saying so, where it is not installed. Each real sweep takes 15-30 s on 
 from __future__ import annotations
 
 import csv
+import math
 import re
 import statistics
 import shutil
@@ -238,6 +239,21 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == searched
     assert results["best_value"] == pytest.approx(min(finals))  # train.py's return value is what Optuna minimized
+
+
+def test_a_diverged_optuna_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path):
+    """With sampler seed 1 the third of three trials draws lr 1e30 and diverges (conf/hparams_search/optuna.yaml:
+    max_failure_rate 1.0): the study still ends normally, with the best of the finished trials."""
+    need("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    proc = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=1",
+                      "trainer.lr=choice(1e30, 0.001)", "model.latent_dim=8", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+                     env_vars=ONE_THREAD)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert output.count("error: Training diverged") == 1 and "Failed experiment: Training diverged" in output
+    assert len(job_dirs(sweep)) == 3
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_params"]["trainer.lr"] == 0.001 and math.isfinite(results["best_value"])
 
 
 def test_joblib_runs_jobs_in_parallel_processes(tmp_path):
