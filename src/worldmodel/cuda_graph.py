@@ -1,7 +1,8 @@
 """GraphedUpdate: the whole training update (loss, backward, clipping, Adam) replayed as one CUDA graph.
 
 At small sizes (the default trainer's batch 32 x 16) an update is a few hundred tiny kernels, and on a GPU the host's
-time to launch them, not the GPU's time to run them, sets the pace. A CUDA graph records the kernels of one update
+time to launch them, not the GPU's time to run them, is expected to set the pace (benchmarks/bench_updates.py's CUDA
+rows measure it). A CUDA graph records the kernels of one update
 once; each later update is a copy of the batch into the graph's input tensors and one launch.
 
 Recording needs what the update already guarantees (trainer.py): no host-device synchronisation inside it (no
