@@ -36,14 +36,12 @@ def buffer_to_episodes(buffer: ReplayBuffer, discrete: bool) -> dict[str, np.nda
     rows = buffer[:]
     done = rows["terminated"] | rows["truncated"]
     begins, ends = [], []
-    first_row = 0
-    for size in buffer.ring.sizes.tolist():  # logical rows are stream after stream; episodes never span two
+    for first_row, size in buffer._stream_spans():  # logical rows are stream after stream; episodes never span two
         stream_ends = first_row + np.flatnonzero(done[first_row : first_row + size])
         stream_begins = np.concatenate([[first_row], stream_ends[:-1] + 1])[: len(stream_ends)]
         cut = 1 if size == buffer.ring.stream_capacity else 0
         begins.append(stream_begins[cut:])
         ends.append(stream_ends[cut:])
-        first_row += size
     begins, ends = np.concatenate(begins).astype(np.int64), np.concatenate(ends).astype(np.int64)
     lengths = ends - begins + 1
     n, t = len(lengths), int(lengths.max()) if len(lengths) else 0
