@@ -288,12 +288,15 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
     # same job in the same directory. Here the job "was killed" right after its checkpoint at update 10.
     for name in ("step_00000020.pt", "last.pt"):
         (job / "checkpoints" / name).unlink()
-    env = train_env({**ONE_THREAD, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": job_ids[0],
-                     "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
-                     "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_GLOBALID": "0"})  # fmt: skip
-    rerun = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(sweep / ".submitit" / "%j")],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    def requeue(job_id: str) -> None:
+        env = train_env({**ONE_THREAD, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": job_id,
+                         "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+                         "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_GLOBALID": "0"})  # fmt: skip
+        rerun = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(sweep / ".submitit" / "%j")],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+
+    requeue(job_ids[0])
     assert "resumed from" in (job / "train.log").read_text() and "step_00000010.pt" in (job / "train.log").read_text()
     series = scalars(job)["val/loss"]
     assert [step for step, _ in series] == [0, 10, 20]  # the killed run's later points are purged, none twice
@@ -303,10 +306,7 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
     # Job 1 "was killed" before its first checkpoint: requeued, it starts over in its directory, and its curves show
     # that start only (the first attempt's points are hidden, none appears twice).
     shutil.rmtree(jobs[1] / "checkpoints")
-    env["SUBMITIT_LOCAL_JOB_ID"] = job_ids[1]
-    rerun = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(sweep / ".submitit" / "%j")],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    requeue(job_ids[1])
     series = scalars(jobs[1])["val/loss"]
     assert [step for step, _ in series] == [0, 10, 20] and series[-1][1] == finals[1]
     assert len(list(jobs[1].glob("events.out.tfevents.*"))) == 2  # both attempts' files are kept, nothing deleted
