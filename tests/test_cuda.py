@@ -46,6 +46,13 @@ def trainer_update(model, device: str, lr: float = 1e-3, **trainer_args):
     return trainer.build_update(model.to(device))[1]
 
 
+def on_the_gpu(host: ReplayBuffer) -> ReplayBuffer:
+    """The rows of a host buffer (linear_system_buffer: obs_dim 3, action_dim 1) in a ring stored on the GPU."""
+    ring = ReplayBuffer(1000, 3, 1, device=DEVICE, seed=0)
+    ring.extend(**host[:])
+    return ring
+
+
 def test_reset_gru_on_the_gpu_is_the_cell_loop():
     """On a GPU the backward pass runs as one block over the whole window (the host splits it): same function."""
     assert_reset_gru_is_the_cell_loop(*case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32, device=DEVICE))
@@ -95,8 +102,7 @@ def test_collecting_sampling_and_updating_never_make_the_host_wait_for_the_gpu()
     """The host must run ahead of the GPU: write the next step and sample the next batch while the update in flight
     still runs (a copy from pageable memory would wait for it: ring.to_device stages through pinned memory)."""
     buffer = linear_system_buffer(600, seed=0)
-    gpu = ReplayBuffer(1000, 3, 1, device=DEVICE, seed=0)
-    gpu.extend(**buffer[:])
+    gpu = on_the_gpu(buffer)
     update = trainer_update(fitted("gru", obs_dim=3, action_dim=1).train(), DEVICE)
     update(gpu.sample(16, 8))  # the first update checks, once, that the normalizer was fitted (a read-back)
     row = buffer[-1]
@@ -157,9 +163,7 @@ def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update():
 def assert_graphed_updates_are_eager_updates(name: str, **trainer_args) -> None:
     """The same batches, straight from a ring on the GPU (the layout a run's batches have), through Trainer's update
     eagerly and through GraphedUpdate: the same losses, step by step, and the same weights at the end."""
-    host = linear_system_buffer(600, seed=0)
-    ring = ReplayBuffer(1000, 3, 1, device=DEVICE, seed=0)
-    ring.extend(**host[:])
+    ring = on_the_gpu(linear_system_buffer(600, seed=0))
     batches = [ring.sample(16, 8) for _ in range(WARMUP_UPDATES + 6)]
     losses, weights = {}, {}
     for graphed in (False, True):
