@@ -9,6 +9,8 @@ ReplayBuffer + SliceSampler. Also the bandwidth ours achieves against this machi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -73,11 +75,11 @@ def torchrl_sampler(capacity: int, obs_dim: int):
     return rb
 
 
-def rows(quick: bool = False, device: str = "cpu") -> list[Row]:
+def rows(quick: bool = False, device: str = "cpu") -> Iterator[Row]:
+    """Each row as soon as it is measured (see bench_updates.rows)."""
     capacity = 200_000 if quick else 1_000_000
     calls, repeats = (10, 3) if quick else (30, 7)
     memcpy = memcpy_gbps()
-    out = []
     for obs_dim in (4, 64):
         case = f"obs_dim {obs_dim}, batch {BATCH} x {SEQ_LEN}, capacity {capacity:,} (wrapped)"
         baseline = seed(capacity, obs_dim)
@@ -89,20 +91,19 @@ def rows(quick: bool = False, device: str = "cpu") -> list[Row]:
         gbps = gathered / t_ours / 1e9
         notes = {"gathered": f"{gathered / 1e6:.2f} MB", "GB/s": f"{gbps:.1f}", "memcpy GB/s": f"{memcpy:.1f}",
                  "of memcpy": f"{gbps / memcpy:.0%}"}  # fmt: skip
-        out.append(Row("sampling", case, t_ours * 1e3, t_seed * 1e3, "seed np.stack", "ms", False, notes))
+        yield Row("sampling", case, t_ours * 1e3, t_seed * 1e3, "seed np.stack", "ms", False, notes)
         del buffer
         rb = torchrl_sampler(capacity, obs_dim)
         if rb is not None:
             t_rl = time_per_call(rb.sample, max(calls // 3, 3), repeats)
-            out.append(Row("sampling", case, t_ours * 1e3, t_rl * 1e3, "TorchRL SliceSampler", "ms", False))
+            yield Row("sampling", case, t_ours * 1e3, t_rl * 1e3, "TorchRL SliceSampler", "ms", False)
             del rb
         if torch.device(device).type == "cuda":
             on_gpu = ours(capacity, obs_dim, device)
             t_gpu = time_per_call(lambda: on_gpu.sample(BATCH, SEQ_LEN), calls * 3, repeats, device=device)
-            out.append(Row("sampling", f"{case}, buffer.device={device}", t_gpu * 1e3, t_seed * 1e3,
-                           "seed np.stack (CPU)", "ms", False))  # fmt: skip
+            yield Row("sampling", f"{case}, buffer.device={device}", t_gpu * 1e3, t_seed * 1e3, "seed np.stack (CPU)",
+                      "ms", False)  # fmt: skip
             del on_gpu
-    return out
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ share of the time it was busy, and more rows there: ours with the whole update r
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +178,11 @@ def zoo_rows(data: dict, quick: bool = False, device: str = "cpu") -> list[Row]:
     return out
 
 
-def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> list[Row]:
+def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> Iterator[Row]:
+    """Each row as soon as it is measured, so a run cut short by a time limit still shows the rows it finished."""
     torch.manual_seed(0)
     np.random.seed(0)
     data = cartpole_data(DATA_STEPS // 5 if quick else DATA_STEPS)
-    out = []
     for name, (batch, seq_len, latent) in CONFIGS.items():
         calls = max(2, (200 if name == "seed config" else 10) // (4 if quick else 1))
         if torch.device(device).type == "cuda":
@@ -201,7 +202,7 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                 notes["page faults per update"] = f"{page_faults(update, calls):,.0f} (seed loop {seed_faults:,.0f})"
             if torch.device(device).type == "cuda":
                 notes["GPU busy"] = f"{gpu_busy(update, calls, device):.0%}"
-            out.append(Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes))
+            yield Row("updates", label, 1 / t_ours, 1 / t_seed, "seed loop", "updates/s", True, notes)
             if torch.device(device).type == "cuda":
                 # The whole update replayed as one CUDA graph (with the compiled loss too, under --compile); its eager
                 # warm-up and its recording are not timed.
@@ -209,13 +210,13 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                 t_graphed = time_per_call(graphed, calls, repeats, warmup=WARMUP_UPDATES + 2, device=device)
                 notes = {"sampling share of step": f"{t_sample / t_graphed:.0%}",
                          "GPU busy": f"{gpu_busy(graphed, calls, device):.0%}"}  # fmt: skip
-                out.append(Row("updates", f"{label}, trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed, "seed loop",
-                               "updates/s", True, notes))  # fmt: skip
+                yield Row("updates", f"{label}, trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed, "seed loop",
+                          "updates/s", True, notes)  # fmt: skip
             if not compiled:
                 t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
                                        device=device)  # fmt: skip
-                out.append(Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same,
-                               "seed loop, our model", "updates/s", True))  # fmt: skip
+                yield Row("updates", f"{case}, both with our model", 1 / t_ours, 1 / t_same, "seed loop, our model",
+                          "updates/s", True)  # fmt: skip
                 # What the MLP heads' extra capacity costs per update, and what bf16 autocast gains (on a CPU only
                 # where matmuls dominate and the CPU has bf16 units). The note runs the seed's loop on the same
                 # variant of our model: below the seed's own loop, it says whether the loop or the model is why.
@@ -225,9 +226,11 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> lis
                     t_seed_variant = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device, **kwargs),
                                                    calls, repeats, device=device)  # fmt: skip
                     note = f"{1 / t_seed_variant:,.4g} updates/s, ours {t_seed_variant / t_variant:.2f}x"
-                    out.append(Row("updates", f"{case}, ours with {override}", 1 / t_variant, 1 / t_seed, "seed loop",
-                                   "updates/s", True, {"seed loop training this model": note}))  # fmt: skip
-    return out + gru_rows(quick, device) + (zoo_rows(data, quick, device) if compile else [])
+                    yield Row("updates", f"{case}, ours with {override}", 1 / t_variant, 1 / t_seed, "seed loop",
+                              "updates/s", True, {"seed loop training this model": note})  # fmt: skip
+    yield from gru_rows(quick, device)
+    if compile:
+        yield from zoo_rows(data, quick, device)
 
 
 if __name__ == "__main__":

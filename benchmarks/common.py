@@ -138,9 +138,14 @@ def print_table(rows: list[Row]) -> None:
     print("| benchmark | case | ours | baseline | ratio (x better) | notes |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        notes = ", ".join(f"{k} {v}" for k, v in r.notes.items())
-        print(f"| {r.bench} | {r.case} | {fmt(r.ours)} {r.unit} | {fmt(r.baseline)} {r.unit} ({r.baseline_name}) "
-              f"| {r.ratio:.2f} | {notes} |")  # fmt: skip
+        print(table_line(r))
+
+
+def table_line(r: Row) -> str:
+    """One row of the markdown table."""
+    notes = ", ".join(f"{k} {v}" for k, v in r.notes.items())
+    return (f"| {r.bench} | {r.case} | {fmt(r.ours)} {r.unit} | {fmt(r.baseline)} {r.unit} ({r.baseline_name}) "
+            f"| {r.ratio:.2f} | {notes} |")  # fmt: skip
 
 
 def fmt(x: float) -> str:

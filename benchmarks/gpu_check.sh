@@ -10,6 +10,8 @@
 #   DEVICE=cpu bash benchmarks/gpu_check.sh /tmp/x  # the same runs on the CPU (a dry run of this script)
 #   PARTS="tests runs" bash benchmarks/gpu_check.sh  # some of the three parts (tests, runs, bench), e.g. to split
 #                                                    # them over two commands that each have a time limit
+#   PARALLEL=1 bash benchmarks/gpu_check.sh          # the tests (over 4 pytest-xdist workers where installed) and
+#                                                    # the runs all at once, then the benchmarks alone on the GPU
 #
 # GPU time is scarce, so a failing check does not stop the others: each one's log lands in out_dir (its last lines
 # are printed when it fails), every check has a time limit (CHECK_TIMEOUT seconds, default 240; TESTS_TIMEOUT, default
@@ -21,12 +23,21 @@ python=${PYTHON:-$(command -v python || command -v python3)}
 limit=${CHECK_TIMEOUT:-240}
 parts=" ${PARTS:-tests runs bench} "
 mkdir -p "$out"
+rm -f "$out"/*.failed "$out"/*.summary
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 fi
 
 failed=()
-check() {
+check() {  # name command...: runs it (in the background with PARALLEL=1), its log in $out/name.log
+    if [[ ${PARALLEL:-} == 1 ]]; then
+        run_check "$@" >"$out/$1.summary" &
+    else
+        run_check "$@"
+        [[ -e $out/$1.failed ]] && failed+=("$1")
+    fi
+}
+run_check() {
     local name=$1
     shift
     echo "== $name: $*"
@@ -39,7 +50,7 @@ check() {
         ((status == 124)) && why="over its ${limit} s limit"
         echo "   FAILED ($why) after $((SECONDS - start)) s; its last lines:"
         tail -20 "$out/$name.log" | sed 's/^/   | /'
-        failed+=("$name")
+        touch "$out/$name.failed"
     fi
 }
 
@@ -52,7 +63,10 @@ train() {
 }
 if [[ $parts == *" tests "* ]]; then
     # Its own limit: it starts seven short training runs and compiles a loss twice.
-    limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_cuda.py
+    workers=()
+    [[ ${PARALLEL:-} == 1 ]] && "$python" -c "import xdist" 2>/dev/null && workers=(-n 4)
+    limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" \
+        "${workers[@]}" tests/test_cuda.py
 fi
 if [[ $parts == *" runs "* ]]; then
     train ring_on_device
@@ -66,9 +80,22 @@ if [[ $parts == *" runs "* ]]; then
         train cuda_graph_compiled trainer.cuda_graph=true trainer.compile=true
     fi
 fi
+if [[ ${PARALLEL:-} == 1 ]]; then
+    wait
+    for f in "$out"/*.summary; do
+        [[ -e $f ]] && cat "$f"
+    done
+    for f in "$out"/*.failed; do
+        [[ -e $f ]] && failed+=("$(basename "$f" .failed)")
+    done
+fi
 if [[ $parts == *" bench "* ]]; then
-    "$python" benchmarks/run.py --quick --device "$device" --only sampling updates --compile --json "$out/bench.json" |
-        tee "$out/bench.md" || failed+=(benchmarks)
+    # Its rows are printed as they are measured, so one cut off by its time limit keeps the rows it finished. The
+    # limit: BENCH_TIMEOUT seconds, or what is left until DEADLINE (seconds since the epoch) when that is set.
+    bench_limit=${BENCH_TIMEOUT:-1800}
+    [[ -n ${DEADLINE:-} ]] && bench_limit=$((DEADLINE - $(date +%s)))
+    timeout "$bench_limit" "$python" benchmarks/run.py --quick --device "$device" --device-only \
+        --only sampling updates --compile --json "$out/bench.json" | tee "$out/bench.md" || failed+=(benchmarks)
 fi
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (logs in $out)"

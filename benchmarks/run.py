@@ -4,6 +4,9 @@
     python benchmarks/run.py --quick         # smaller sizes and fewer repeats (a few minutes)
     python benchmarks/run.py --device cuda   # also the CUDA rows (sampling from a GPU-resident buffer, updates)
     python benchmarks/run.py --only sampling updates --json results.json
+    python benchmarks/run.py --device cuda --device-only --only updates   # the CUDA rows of updates alone
+
+Each row is printed as soon as it is measured (a run stopped by a time limit keeps what it finished), then the table.
 
 TorchRL's SliceSampler joins the sampling row when torchrl is installed: pip install -e ".[bench]".
 Benchmarks are never tests: nothing here asserts a time.
@@ -12,6 +15,7 @@ Benchmarks are never tests: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -19,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, how
 
 import torch  # noqa: E402
 
-from common import print_table, write_json  # noqa: E402
+from common import print_table, table_line, write_json  # noqa: E402
 
 BENCHES = ("sampling", "collection", "updates", "time-to-quality")
 
@@ -30,6 +34,8 @@ def main(only: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for the GPU rows (default: cuda when available)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="updates: also measure trainer.compile=true")
+    parser.add_argument("--device-only", action="store_true",
+                        help="updates: only the --device rows, not the CPU rows as well")  # fmt: skip
     parser.add_argument("--only", nargs="*", choices=BENCHES, default=only or list(BENCHES))
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -42,14 +48,18 @@ def main(only: list[str] | None = None) -> None:
     runners = {
         "sampling": lambda: bench_sampling.rows(args.quick, args.device),
         "collection": lambda: bench_collection.rows(args.quick),
-        "updates": lambda: bench_updates.rows(args.quick, "cpu", args.compile)
-        + (bench_updates.rows(args.quick, args.device, args.compile) if args.device != "cpu" else []),
+        "updates": lambda: itertools.chain(
+            bench_updates.rows(args.quick, "cpu", args.compile) if args.device == "cpu" or not args.device_only else (),
+            bench_updates.rows(args.quick, args.device, args.compile) if args.device != "cpu" else (),
+        ),
         "time-to-quality": lambda: bench_time_to_quality.rows(args.quick, args.device),
     }
     rows = []
     for name in args.only:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows += runners[name]()
+        for row in runners[name]():
+            print(table_line(row), flush=True)
+            rows.append(row)
     print_table(rows)
     if args.json:
         write_json(rows, args.json)
