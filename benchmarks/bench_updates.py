@@ -17,6 +17,7 @@ share of the time it was busy, and more rows there: ours with the whole update r
 from __future__ import annotations
 
 import time
+from unittest import mock
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from common import Row, gpu_busy, page_faults, sync, time_per_call
 from seed_baseline import SeedReplayBuffer, SeedWorldModel, seed_update
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.cuda_graph import WARMUP_UPDATES
-from worldmodel.models import WorldModel
+from worldmodel.models import WorldModel, fused_gru
 from worldmodel.models.layers import gru_cell_loop, gru_sequence
 from worldmodel.replay import Batch
 from worldmodel.rollout import Collector
@@ -148,6 +149,11 @@ def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:
         out.append(Row("updates", case, t_ours * 1e3, timed(step_cell) * 1e3, "nn.GRUCell stepped", "ms", False))
         out.append(Row("updates", case, t_ours * 1e3, timed(lambda: fused(x)[0].sum().backward()) * 1e3,
                        "nn.GRU, no resets", "ms", False))  # fmt: skip
+        if fused_gru.supports(x.transpose(0, 1), latent):  # ours ran the Triton kernels: against its Python loop
+            with mock.patch.object(fused_gru, "ENABLED", False):
+                t_loop = timed(lambda: gru_sequence(cell, x, first)[0].sum().backward())
+            out.append(Row("updates", case, t_ours * 1e3, t_loop * 1e3, "ours stepped in Python, no Triton", "ms",
+                           False))  # fmt: skip
     return out
 
 

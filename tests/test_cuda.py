@@ -1,7 +1,7 @@
 """The CUDA code paths against their CPU counterparts: skipped without a GPU, run by benchmarks/gpu_check.sh.
 
 Each test computes the same thing on the GPU and on the host (or with the reference implementation) and compares:
-the hand-written GRU's single-block backward pass and its bf16 path, the replay ring stored on the GPU or gathered
+the hand-written GRU's single-block backward pass, its bf16 path and its Triton kernels, the replay ring stored on the GPU or gathered
 through pinned memory, a few training updates of each model (eager, and replayed as one CUDA graph), and a GPU run
 resumed on the GPU and on the host (eager, and graphed). Under torch's sync debug mode they also check that
 collecting, sampling and updating never make the host wait for the GPU.
@@ -17,11 +17,14 @@ import pytest
 import torch
 
 from conftest import run_train, scalars
+from test_fused_gru import CASES as FUSED_CASES
+from test_fused_gru import assert_fused_is_the_cell_loop
 from test_layers import assert_reset_gru_is_the_cell_loop, case
 from test_model import linear_system_buffer
 from test_model_zoo import MODELS, fitted, random_batch
 from test_resume import RUN
 from worldmodel.cuda_graph import WARMUP_UPDATES, GraphedUpdate
+from worldmodel.models import fused_gru
 from worldmodel.replay import ReplayBuffer
 from worldmodel.trainer import Trainer
 
@@ -56,6 +59,12 @@ def on_the_gpu(host: ReplayBuffer) -> ReplayBuffer:
 def test_reset_gru_on_the_gpu_is_the_cell_loop():
     """On a GPU the backward pass runs as one block over the whole window (the host splits it): same function."""
     assert_reset_gru_is_the_cell_loop(*case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32, device=DEVICE))
+
+
+@pytest.mark.skipif(fused_gru.triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("shape", FUSED_CASES)
+def test_the_fused_gru_kernels_on_the_gpu_are_the_cell_loop(shape):
+    assert_fused_is_the_cell_loop(*shape, device=DEVICE)
 
 
 def test_reset_gru_under_bf16_autocast_on_the_gpu():

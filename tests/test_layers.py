@@ -40,9 +40,8 @@ def values_and_grads(fn, cell, x, first, h0, seed=0):
     states, last = fn(cell, x, first, h0)
     g = torch.Generator().manual_seed(seed)
     # A random linear function of every state and of the last one, so every output's gradient path is exercised.
-    objective = (states * torch.randn(states.shape, generator=g, dtype=states.dtype)).sum() + (
-        last * torch.randn(last.shape, generator=g, dtype=last.dtype)
-    ).sum()
+    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in (states, last)]
+    objective = (states * weights[0]).sum() + (last * weights[1]).sum()
     grads = torch.autograd.grad(objective, [x, h0, *cell.parameters()])
     return (states.detach(), last.detach(), *grads)
 

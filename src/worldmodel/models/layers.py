@@ -15,14 +15,18 @@ step-by-step imagination path are unchanged), but:
   block-sized buffers (BLOCK_BYTES) that are reused. The two passes used to allocate five 48 MB buffers an update at
   batch 256 x 64 x 256; glibc gives any allocation over 32 MB back to the kernel when it is freed, so each came back
   as freshly zeroed pages on every update, about a fifth of the update's time (README, "Speed").
-Under torch.compile it falls back to the GRUCell loop: Inductor fuses that loop itself (compiling through this
-Function measured slower). Under autocast (trainer.precision=bf16) it runs in autocast's dtype.
+On CUDA, where launching those ops costs more than running them, the two loops are each one Triton kernel when
+fused_gru.py supports the case (fp32, hidden size 16, 32 or 64). Under torch.compile it falls back to the GRUCell
+loop: Inductor fuses that loop itself (compiling through this Function measured slower). Under autocast
+(trainer.precision=bf16) it runs in autocast's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from worldmodel.models import fused_gru
 
 #: Size of the backward pass's per-block buffers on the host. One block spans the whole window at small sizes (batch
 #: 32 x 16 x 32 needs 200 KB), so there the pass is a single block.
@@ -41,19 +45,8 @@ class _ResetGRU(torch.autograd.Function):
         hp = x.new_empty(T, B, H)  # state each step starts from (after the reset)
         gh_n = x.new_empty(T, B, H)  # n part of the hidden projection: the only part backward needs
         states = x.new_empty(T, B, H)
-        gh = x.new_empty(B, 3, H)  # one step's hidden projection, reused by every step
-        gh_rz, gh_n_step, gh_flat = gh[:, :2], gh[:, 2], gh.view(B, 3 * H)
-        # Views of every step made up front: indexing inside the loop would cost more than the math at small sizes.
-        steps = zip(gates[:, :, :2].unbind(0), gates[:, :, 0].unbind(0), gates[:, :, 1].unbind(0),
-                    gates[:, :, 2].unbind(0), keep.unbind(0), hp.unbind(0), gh_n.unbind(0), states.unbind(0))  # fmt: skip
-        h, w_hh_t = h0, w_hh.t()
-        for rz_t, r_t, z_t, n_t, keep_t, hp_t, gh_n_t, out in steps:
-            torch.mul(h, keep_t, out=hp_t)
-            torch.addmm(b_hh, hp_t, w_hh_t, out=gh_flat)
-            rz_t.add_(gh_rz).sigmoid_()
-            gh_n_t.copy_(gh_n_step)
-            n_t.addcmul_(r_t, gh_n_t).tanh_()
-            h = torch.lerp(n_t, hp_t, z_t, out=out)  # (1 - z) * n + z * h
+        ctx.fused = fused_gru.supports(x, H)
+        (fused_gru.forward if ctx.fused else _forward_loop)(gates, keep, h0, w_hh, b_hh, hp, gh_n, states)
         ctx.save_for_backward(x, keep, w_ih, w_hh, hp, gh_n, gates)
         return states
 
@@ -65,6 +58,11 @@ class _ResetGRU(torch.autograd.Function):
         dx = torch.empty_like(x)
         d_w_ih, d_w_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
         d_b_ih, d_b_hh = w_ih.new_zeros(3 * H), w_hh.new_zeros(3 * H)
+        if ctx.fused:
+            dgh, dgi, carry = fused_gru.backward(gates, hp, gh_n, keep, d_states, w_hh)
+            _hidden_grads(hp, dgh.view(T * B, 3 * H), d_w_hh, d_b_hh)
+            _input_grads(x, dgi.view(T * B, 3 * H), w_ih, dx, d_w_ih, d_b_ih)
+            return dx, None, carry, d_w_ih, d_w_hh, d_b_ih, d_b_hh
         carry = torch.zeros_like(hp[0])  # dL/d(state before step t), flowing backwards in time
         # Blocks on the host only: there a freed sequence-sized buffer goes back to the kernel (see above). A GPU's
         # caching allocator keeps its memory, so one block spares it the launches of the others.
@@ -74,6 +72,24 @@ class _ResetGRU(torch.autograd.Function):
             carry = _backward_block(x[s], keep[s], hp[s], gh_n[s], gates[s], d_states[s], carry, w_ih, w_hh,
                                     dx[s], d_w_ih, d_w_hh, d_b_ih, d_b_hh)  # fmt: skip
         return dx, None, carry, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
+def _forward_loop(gates, keep, h0, w_hh, b_hh, hp, gh_n, states) -> None:
+    """The forward recurrence, one step at a time: fused_gru.forward's function (see there for the arguments)."""
+    B, H = h0.shape
+    gh = gates.new_empty(B, 3, H)  # one step's hidden projection, reused by every step
+    gh_rz, gh_n_step, gh_flat = gh[:, :2], gh[:, 2], gh.view(B, 3 * H)
+    # Views of every step made up front: indexing inside the loop would cost more than the math at small sizes.
+    steps = zip(gates[:, :, :2].unbind(0), gates[:, :, 0].unbind(0), gates[:, :, 1].unbind(0),
+                gates[:, :, 2].unbind(0), keep.unbind(0), hp.unbind(0), gh_n.unbind(0), states.unbind(0))  # fmt: skip
+    h, w_hh_t = h0, w_hh.t()
+    for rz_t, r_t, z_t, n_t, keep_t, hp_t, gh_n_t, out in steps:
+        torch.mul(h, keep_t, out=hp_t)
+        torch.addmm(b_hh, hp_t, w_hh_t, out=gh_flat)
+        rz_t.add_(gh_rz).sigmoid_()
+        gh_n_t.copy_(gh_n_step)
+        n_t.addcmul_(r_t, gh_n_t).tanh_()
+        h = torch.lerp(n_t, hp_t, z_t, out=out)  # (1 - z) * n + z * h
 
 
 def _backward_block(x, keep, hp, gh_n, gates, d_states, carry, w_ih, w_hh, dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh):
@@ -99,16 +115,26 @@ def _backward_block(x, keep, hp, gh_n, gates, d_states, carry, w_ih, w_hh, dx, d
         torch.mul(dh.unsqueeze(1), dgh_dh_t, out=dgh_t)
         carry = torch.addmm(dh * z_t, dgh_row, w_hh).mul_(keep_t)
     dgh_flat = dgh.view(K * B, 3 * H)
-    d_w_hh.addmm_(dgh_flat.t(), hp.reshape(K * B, H))
-    d_b_hh += dgh_flat.sum(0)
+    _hidden_grads(hp, dgh_flat, d_w_hh, d_b_hh)
     # The input projection's gradient equals the hidden one's except in the n part, where r does not scale it:
     # dgh becomes it in place, once the hidden weights' gradients have been read from it.
     torch.mul(dh_all, dn, out=dgh[:, :, 2])
-    dgi = dgh_flat
-    torch.mm(dgi, w_ih, out=dx.view(K * B, F))
-    d_w_ih.addmm_(dgi.t(), x.reshape(K * B, F))
-    d_b_ih += dgi.sum(0)
+    _input_grads(x, dgh_flat, w_ih, dx, d_w_ih, d_b_ih)
     return carry
+
+
+def _hidden_grads(hp, dgh, d_w_hh, d_b_hh) -> None:
+    """Adds the hidden weights' and bias's gradients from dgh [K * B, 3H] and the states hp [K, B, H] they saw."""
+    d_w_hh.addmm_(dgh.t(), hp.reshape(-1, hp.shape[-1]))
+    d_b_hh += dgh.sum(0)
+
+
+def _input_grads(x, dgi, w_ih, dx, d_w_ih, d_b_ih) -> None:
+    """Writes dx [K, B, F] and adds the input weights' and bias's gradients, from dgi [K * B, 3H]."""
+    x_flat = x.reshape(-1, x.shape[-1])
+    torch.mm(dgi, w_ih, out=dx.view(x_flat.shape))
+    d_w_ih.addmm_(dgi.t(), x_flat)
+    d_b_ih += dgi.sum(0)
 
 
 def gru_sequence(cell: nn.GRUCell, x: torch.Tensor, first: torch.Tensor, h0: torch.Tensor | None = None,

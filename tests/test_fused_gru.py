@@ -1,0 +1,88 @@
+"""fused_gru: the Triton kernels compute what stepping nn.GRUCell computes, forward and backward, with resets.
+
+On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors). The
+interpreter must be on before the kernels are defined, so that check runs in a fresh process. tests/test_cuda.py runs
+the same check on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from test_layers import case, cell_loop, values_and_grads
+from worldmodel.models import fused_gru, layers
+from worldmodel.models.layers import gru_sequence
+
+#: (batch, steps, features, hidden, share of steps that start an episode): the default model's window (batch 32 x 16,
+#: latent 32, CartPole's 2 actions), a batch smaller than one program's tile, a batch that leaves a partial tile, every
+#: supported hidden size, windows with no reset and with a reset at every step.
+CASES = [(32, 16, 34, 32, 0.1), (5, 7, 3, 16, 0.5), (19, 4, 6, 64, 0.3), (17, 5, 8, 16, 0.0), (3, 6, 4, 32, 1.0)]
+
+
+def assert_fused_is_the_cell_loop(batch, steps, features, hidden, first_p, device="cpu"):
+    """gru_sequence through the kernels (the Python loops are patched to fail) against the GRUCell loop in fp32:
+    states, last state, and the gradients of x, h0 and every weight under a random linear objective."""
+    cell, x, first, h0 = case(batch, steps, features, hidden, first_p, seed=batch + steps, dtype=torch.float32,
+                              device=device)  # fmt: skip
+    assert fused_gru.supports(x.transpose(0, 1), hidden)
+    expected = values_and_grads(cell_loop, cell, x, first, h0, seed=1)
+    refuse = mock.Mock(side_effect=AssertionError("the Python loop ran instead of the kernel"))
+    with mock.patch.object(layers, "_forward_loop", refuse), mock.patch.object(layers, "_backward_block", refuse):
+        got = values_and_grads(gru_sequence, cell, x, first, h0, seed=1)
+    for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs from the GRUCell loop")
+
+
+def patch_the_interpreter() -> None:
+    """Triton 3.6's interpreter (the version torch 2.11's CUDA build pins) takes a loop bound's value with int() on a
+    one-element array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"):
+    read the element instead. Triton 3.9 does the same itself."""
+    import triton.runtime.interpreter as interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def interpreted(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python with Triton's interpreter on and this folder importable."""
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(fused_gru.triton is None, reason="Triton is not installed")
+def test_the_kernels_under_the_interpreter_are_the_cell_loop():
+    done = interpreted("import test_fused_gru as t\nt.patch_the_interpreter()\n"
+                       "for c in t.CASES:\n    t.assert_fused_is_the_cell_loop(*c)\nprint('ok')")  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "why, x, hidden",
+    [
+        ("hidden size without a kernel", torch.zeros(4, 2, 3), 12),
+        ("bf16", torch.zeros(4, 2, 3, dtype=torch.bfloat16), 32),
+        ("CPU tensor outside the interpreter", torch.zeros(4, 2, 3), 32),
+    ],
+)
+def test_cases_the_kernels_do_not_cover_take_the_loop(why, x, hidden):
+    assert not fused_gru.supports(x, hidden), why
+
+
+def test_switched_off_the_kernels_are_not_used():
+    done = interpreted("from worldmodel.models import fused_gru\nimport torch\nx = torch.zeros(4, 2, 3)\n"
+                       "a = fused_gru.supports(x, 32)\nfused_gru.ENABLED = False\nprint(a, fused_gru.supports(x, 32))")  # fmt: skip
+    expected = "True False" if fused_gru.triton is not None else "False False"
+    assert done.stdout.strip() == expected, done.stderr[-3000:]
