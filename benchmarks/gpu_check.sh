@@ -3,8 +3,9 @@
 #   tests/test_cuda.py (each CUDA path against its CPU counterpart: the GRU, the ring on the GPU or behind pinned
 #   memory, every model's updates, eager and as one CUDA graph); short training runs with the replay ring on the GPU,
 #   on the host (pinned-memory copies), under bf16 autocast, compiled with CUDA graphs, with 16 vectorized envs and
-#   float16 storage, and with trainer.cuda_graph=true (fp32; bf16 with the ring on the host; compiled); then
-#   benchmarks/run.py --quick --device cuda --only sampling updates --compile (CPU and CUDA rows, GPU busy share).
+#   float16 storage, eager (trainer.cuda_graph=false) and compiled inside the update's graph; then
+#   benchmarks/run.py --quick --device cuda --device-only --only sampling updates --compile (the CUDA rows, with the
+#   share of the time the GPU was busy). tests/test_fused_gru.py runs with the tests: Triton's interpreter on the CPU.
 #
 #   bash benchmarks/gpu_check.sh [out_dir]          # default out_dir: outputs/gpu_check
 #   DEVICE=cpu bash benchmarks/gpu_check.sh /tmp/x  # the same runs on the CPU (a dry run of this script)
@@ -66,19 +67,17 @@ if [[ $parts == *" tests "* ]]; then
     workers=()
     [[ ${PARALLEL:-} == 1 ]] && "$python" -c "import xdist" 2>/dev/null && workers=(-n 4)
     limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" \
-        "${workers[@]}" tests/test_cuda.py
+        "${workers[@]}" tests/test_cuda.py tests/test_fused_gru.py
 fi
 if [[ $parts == *" runs "* ]]; then
+    # On CUDA every run but two replays its update as one CUDA graph (trainer.cuda_graph=auto, the default).
     train ring_on_device
     train ring_on_host buffer.device=cpu
     train bf16 trainer.precision=bf16
-    train compiled_graphs trainer.compile=true trainer.compile_mode=reduce-overhead
+    train compiled_graphs trainer.compile=true trainer.compile_mode=reduce-overhead  # its own graphs instead
     train vector_fp16 env.num_envs=16 buffer.obs_dtype=float16
-    if [[ $device == cuda* ]]; then  # CUDA graphs need CUDA: not part of a DEVICE=cpu dry run
-        train cuda_graph trainer.cuda_graph=true
-        train cuda_graph_bf16_host_ring trainer.cuda_graph=true trainer.precision=bf16 buffer.device=cpu
-        train cuda_graph_compiled trainer.cuda_graph=true trainer.compile=true
-    fi
+    train eager trainer.cuda_graph=false
+    [[ $device == cuda* ]] && train cuda_graph_compiled trainer.cuda_graph=true trainer.compile=true  # CUDA only
 fi
 if [[ ${PARALLEL:-} == 1 ]]; then
     wait

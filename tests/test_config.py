@@ -95,7 +95,8 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
         ("trainer.compile=maybe", "trainer.compile", "true or false"),
         ("trainer.compile_mode=fastest", "trainer.compile_mode", "default, max-autotune-no-cudagraphs"),
-        ("trainer.cuda_graph=1", "trainer.cuda_graph", "true or false"),
+        ("trainer.cuda_graph=1", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),
+        ("trainer.cuda_graph=on", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),
         ("trainer.cuda_graph=true trainer.device=cpu", "trainer.cuda_graph", "CUDA graphs need a CUDA device"),
         # Checked before the device: torch.compile's own CUDA graphs cannot be recorded inside the update's graph.
         ("trainer.cuda_graph=true trainer.compile=true trainer.compile_mode=reduce-overhead trainer.device=cpu",
@@ -134,6 +135,26 @@ def test_a_graphed_update_on_the_host_is_refused():
     trainer = Trainer(steps=1, prefill=0, batch_size=1, seq_len=1, lr=1e-3, device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
         trainer.build_update(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "device, compile_args, graphed",
+    [
+        ("cpu", {}, False),
+        ("cuda", {}, True),
+        ("cuda", {"compile": True}, True),
+        ("cuda", {"compile": True, "compile_mode": "reduce-overhead"}, False),
+        ("cuda", {"compile": True, "compile_mode": "max-autotune"}, False),
+        ("cuda", {"compile": False, "compile_mode": "reduce-overhead"}, True),  # the mode means nothing uncompiled
+    ],
+)
+def test_cuda_graph_auto_is_on_wherever_it_can_be(device, compile_args, graphed):
+    """The default config's trainer.cuda_graph=auto: on with a CUDA device, off on the host and with the compile modes
+    that record graphs of their own. Validation accepts it on either device (no GPU is needed to build a Trainer)."""
+    trainer = Trainer(steps=1, prefill=0, batch_size=1, seq_len=1, lr=1e-3, device=device, cuda_graph="auto",
+                      **compile_args)  # fmt: skip
+    assert trainer.cuda_graph is graphed
+    validate_config(compose_config(["trainer.device=cpu", "trainer.cuda_graph=auto"]))
 
 
 def test_misspelled_env_id_gets_a_suggestion():

@@ -194,9 +194,10 @@ def assert_graphed_updates_are_eager_updates(name: str, **trainer_args) -> None:
 
 @pytest.fixture(scope="module")
 def eager_gpu_run(tmp_path_factory):
-    """The tests' short run (test_resume.RUN) on the GPU, uninterrupted: the curves the runs below must follow."""
+    """The tests' short run (test_resume.RUN) on the GPU with eager updates, uninterrupted: the curves the runs below
+    must follow."""
     run_dir = tmp_path_factory.mktemp("eager_gpu_run")
-    run_train([*RUN, f"trainer.device={DEVICE}", f"hydra.run.dir={run_dir}"])
+    run_train([*RUN, f"trainer.device={DEVICE}", "trainer.cuda_graph=false", f"hydra.run.dir={run_dir}"])
     return scalars(run_dir)
 
 
@@ -210,9 +211,9 @@ def assert_same_curves(got: dict, expected: dict) -> None:
 
 
 def test_a_gpu_run_resumes_on_the_gpu_and_on_the_host(tmp_path, eager_gpu_run):
-    """A run checkpointed on the GPU (ring, optimizer state and CUDA RNG there) continues on the GPU with the curves
-    of a run that never stopped, and on the host (trainer.device may change on resume)."""
-    gpu = [*RUN, f"trainer.device={DEVICE}"]
+    """An eager run checkpointed on the GPU (ring, optimizer state and CUDA RNG there) continues on the GPU with the
+    curves of a run that never stopped, and on the host (trainer.device may change on resume)."""
+    gpu = [*RUN, f"trainer.device={DEVICE}", "trainer.cuda_graph=false"]
     parts, moved = tmp_path / "parts", tmp_path / "moved"
     for run_dir in (parts, moved):
         run_train([*gpu, "trainer.steps=120", f"hydra.run.dir={run_dir}"])
@@ -224,9 +225,10 @@ def test_a_gpu_run_resumes_on_the_gpu_and_on_the_host(tmp_path, eager_gpu_run):
 
 
 def test_a_graphed_gpu_run_follows_the_eager_run_and_resumes(tmp_path, eager_gpu_run):
-    """trainer.cuda_graph=true in a real run, stopped at a checkpoint and resumed (the graph is then recorded over
-    the loaded weights and optimizer state): the curves of the eager run that never stopped."""
-    graphed = [*RUN, f"trainer.device={DEVICE}", "trainer.cuda_graph=true", f"hydra.run.dir={tmp_path}"]
+    """A real run on the GPU with the default trainer.cuda_graph=auto records its update as a CUDA graph; stopped at a
+    checkpoint and resumed (the graph is then recorded over the loaded weights and optimizer state), it has the curves
+    of the eager run that never stopped."""
+    graphed = [*RUN, f"trainer.device={DEVICE}", f"hydra.run.dir={tmp_path}"]
     run_train([*graphed, "trainer.steps=120"])
     run_train([*graphed, "trainer.resume=true"])
     assert_same_curves(scalars(tmp_path), eager_gpu_run)

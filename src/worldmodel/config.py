@@ -12,11 +12,9 @@ from worldmodel.env import VECTORIZATION_MODES, check_env_id
 from worldmodel.errors import ConfigError
 from worldmodel.replay import obs_storage_dtype
 from worldmodel.runtime import resolve_device
-from worldmodel.trainer import PRECISIONS
+from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
 
 #: torch.compile's modes; the last two record CUDA graphs of the compiled loss.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
@@ -78,8 +76,7 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    for key in ("trainer.resume", "trainer.compile", "trainer.cuda_graph", "trainer.eval_figure", "trainer.progress",
-                "model.bootstrap"):  # fmt: skip
+    for key in ("trainer.resume", "trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(key, value, "true or false")
@@ -92,7 +89,10 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("trainer.lr", "trainer.grad_clip"):
         _number(cfg, key, "a finite number > 0", lambda v: v > 0)
     device = resolve_device(t.device)
-    if t.get("cuda_graph", False):
+    graph = t.get("cuda_graph", False)
+    if not (isinstance(graph, bool) or graph == "auto"):
+        raise ConfigError("trainer.cuda_graph", graph, "auto (on with a CUDA device), true or false")
+    if graph is True:
         if t.compile and mode in GRAPHED_COMPILE_MODES:
             raise ConfigError("trainer.compile_mode", mode, "default or max-autotune-no-cudagraphs with "
                               "trainer.cuda_graph=true, which records the whole update itself (the other modes record "
