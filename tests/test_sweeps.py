@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -200,22 +201,60 @@ def test_grid_sweep_names_jobs_logs_hparams_and_summarizes(tmp_path):
 
 
 def test_a_failed_job_does_not_stop_the_others(tmp_path):
-    """Job 0 diverges (lr 1e30), jobs 1 and 3 have a bad value: each prints its one-paragraph error and fails, and job
-    2 still trains to the end. The sweep then exits non-zero, naming a failed job (Hydra's report)."""
+    """Job 0 diverges (lr 1e30): it prints its one-paragraph error and fails, and job 1 still trains to the end. The
+    sweep then exits non-zero, naming the failed job (Hydra's report)."""
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", "trainer.lr=1e30,0.001", "model.latent_dim=8,0", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
-                     check=False, env_vars=ONE_THREAD)  # fmt: skip
+    proc = run_train(["-m", "trainer.lr=1e30,0.001", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"], check=False,
+                     env_vars=ONE_THREAD)  # fmt: skip
     assert proc.returncode != 0
-    assert "error: Training diverged" in proc.stderr and "Invalid config `model.latent_dim=0`" in proc.stderr
+    assert "error: Training diverged" in proc.stderr
     jobs = job_dirs(sweep)
-    assert len(jobs) == 4  # lr 1e30 x (8, 0), then lr 0.001 x (8, 0)
-    assert not (jobs[0] / "checkpoints" / "last.pt").exists() and (jobs[2] / "checkpoints" / "last.pt").exists()
+    assert len(jobs) == 2
+    assert not (jobs[0] / "checkpoints" / "last.pt").exists() and (jobs[1] / "checkpoints" / "last.pt").exists()
     # summarize.py: the diverged job logged val/* points (step 0, 10) but never finished, so it is left out.
     proc = summarize(sweep)
     assert proc.returncode == 0, proc.stderr
     assert f"note: {jobs[0]} did not finish" in proc.stderr
     with open(sweep / "summary.csv") as f:
-        assert [row["runs"] for row in csv.DictReader(f)] == [jobs[2].name]
+        assert [row["runs"] for row in csv.DictReader(f)] == [jobs[1].name]
+
+
+def test_a_bad_value_anywhere_in_the_grid_stops_the_sweep_before_its_first_job(tmp_path):
+    """Every job of a basic sweep is validated before the first starts: the error names the job and its overrides,
+    and nothing is written."""
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "trainer.lr=0.001,-1", "model.latent_dim=8,16", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"],
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "error: sweep job 2 (trainer.lr=-1 model.latent_dim=8 " in proc.stderr
+    assert "Invalid config `trainer.lr=-1`: expected a finite number > 0. No job was started." in proc.stderr
+    assert not sweep.exists()
+
+
+def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
+    """A SLURM sweep's jobs run on the cluster's nodes: the sweep-wide check leaves their devices to them, but still
+    refuses a device name that exists nowhere."""
+    need("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.config import validate_config
+    from worldmodel.errors import ConfigError
+    from worldmodel.sweep import jobs_run_here
+
+    absent = f"cuda:{torch.cuda.device_count()}"  # one more GPU than this machine has
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfgs = {launcher: compose("config", overrides=[f"hydra/launcher={launcher}", f"trainer.device={absent}",
+                                                       "trainer.cuda_graph=true"], return_hydra_config=True)
+                for launcher in ("slurm", "submitit_local", "joblib", "basic")}  # fmt: skip
+    assert {launcher: jobs_run_here(cfg) for launcher, cfg in cfgs.items()} == {
+        "slurm": False, "submitit_local": True, "joblib": True, "basic": True}  # fmt: skip
+    task = OmegaConf.masked_copy(cfgs["slurm"], [k for k in cfgs["slurm"] if k != "hydra"])
+    validate_config(task, here=False)
+    with pytest.raises(ConfigError, match="trainer.device"):
+        validate_config(task, here=True)
+    task.trainer.device = "gpu"
+    with pytest.raises(ConfigError, match="one of auto, cpu, cuda, cuda:N, mps"):
+        validate_config(task, here=False)
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):

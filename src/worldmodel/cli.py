@@ -9,8 +9,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel.checkpoint import last_checkpoint, load_for_resume, step_checkpoints
 from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
+from worldmodel.sweep import jobs_run_here, sweep_jobs
 
 #: Set WORLDMODEL_DEBUG=1 to get the full traceback instead.
 DEBUG_ENV = "WORLDMODEL_DEBUG"
@@ -68,7 +70,8 @@ class PreflightChecks(Callback):
     refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true) or, without
     checkpoints, its TensorBoard logs (a run stopped before its first checkpoint), and a resume
     whose config would change the experiment. For sweeps, on_multirun_start refuses a sweep directory that holds
-    earlier jobs' checkpoints; each job's own values are checked in the task, in a directory of its own.
+    earlier jobs' checkpoints and, for the basic sweeper, any job with a bad value, before the first job starts (its
+    values are checked again in the task, as are those of an Optuna trial, which are drawn as the trial starts).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -105,3 +108,21 @@ class PreflightChecks(Callback):
                     f"{finished[0]}. Choose a new sweep directory (drop the hydra.sweep.dir override); nothing was "
                     "changed."
                 )
+            check_sweep_jobs(config)
+
+
+def check_sweep_jobs(config: DictConfig) -> None:
+    """Validates every job of a basic sweep, so that a bad value in the grid stops the sweep before its first job
+    rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
+    against this machine only when the jobs run here."""
+    loader, here = GlobalHydra.instance().config_loader(), jobs_run_here(config)
+    for num, overrides in enumerate(sweep_jobs(config) or []):
+        try:
+            job = loader.load_sweep_config(config, overrides)
+        except HydraException:
+            continue  # a job that does not compose: the sweeper says so itself before launching it
+        try:
+            validate_config(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), here=here)
+        except WorldModelError as err:
+            raise WorldModelError(f"sweep job {num} ({' '.join(overrides) or 'no overrides'}): {err} No job was "
+                                  "started.") from None  # fmt: skip

@@ -49,7 +49,9 @@ def _validate_model(cfg: DictConfig) -> None:
         raise ConfigError("model.propagation", model.propagation, "mean or members")
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig, here: bool = True) -> None:
+    """Raises ConfigError for the first bad value. here=False: the run happens on another machine (a SLURM sweep's
+    jobs), so the devices asked for are not checked against this one's."""
     t = cfg.trainer
     _int(cfg, "seed", 0)
     seq_len = _int(cfg, "trainer.seq_len", 1)
@@ -59,7 +61,7 @@ def validate_config(cfg: DictConfig) -> None:
     mode = cfg.env.get("vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
-    resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device")
+    resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device", here=here)
     obs_storage_dtype(cfg.buffer.get("obs_dtype", "float32"))
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
@@ -88,7 +90,7 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_model(cfg)
     for key in ("trainer.lr", "trainer.grad_clip"):
         _number(cfg, key, "a finite number > 0", lambda v: v > 0)
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, here=here)
     graph = t.get("cuda_graph", False)
     if not (isinstance(graph, bool) or graph == "auto"):
         raise ConfigError("trainer.cuda_graph", graph, "auto (on with a CUDA device), true or false")
@@ -97,7 +99,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError("trainer.compile_mode", mode, "default or max-autotune-no-cudagraphs with "
                               "trainer.cuda_graph=true, which records the whole update itself (the other modes record "
                               "CUDA graphs of their own inside it)")  # fmt: skip
-        if device.type != "cuda":
+        if here and device.type != "cuda":
             raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
     check_env_id(cfg.env.id)

@@ -22,9 +22,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | None = None) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | None = None,
+                   here: bool = True) -> torch.device:  # fmt: skip
     """`auto` means `auto` when given (e.g. the trainer's device for buffer.device), else cuda when available, else
-    cpu; asking for an accelerator that is not there is an error (naming config `key`)."""
+    cpu; asking for an accelerator that is not there is an error (naming config `key`). With here=False (a config
+    for jobs that run on other machines) only the name is checked, not what this machine has."""
     name = str(name)
     if name == "auto":
         return auto if auto is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,14 +34,16 @@ def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | 
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(key, name, "one of auto, cpu, cuda, cuda:N, mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(key, name, "one of auto, cpu, cuda, cuda:N, mps")
+    if not here:
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(key, name, "auto or cpu: this machine has no CUDA device visible to torch")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(key, name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(key, name, "auto or cpu: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(key, name, "one of auto, cpu, cuda, cuda:N, mps")
     return device
 
 

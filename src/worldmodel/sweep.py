@@ -1,4 +1,5 @@
-"""Sweeps: readable job directory names, submitit jobs that resume when requeued, and a pointer to the results.
+"""Sweeps: readable job directory names, submitit jobs that resume when requeued, every job's overrides before the
+first starts, and a pointer to the results.
 
 Two OmegaConf resolvers are registered when this module is imported:
 
@@ -25,6 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -37,6 +41,8 @@ MAX_DIRNAME = 160
 
 #: The override SweepCallback adds to the jobs of a submitit sweep.
 AUTO_RESUME = "trainer.resume=${wm.resume_if_checkpoints:}"
+#: Launchers whose jobs run on the machine that starts the sweep (SLURM's run on the cluster's nodes).
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
 _LONG_DECIMAL = re.compile(r"(?<![A-Za-z0-9.])\d+\.\d{5,}(?:e-?\d+)?(?![A-Za-z0-9.])")
@@ -70,6 +76,25 @@ def resume_if_checkpoints() -> bool:
         return False
     output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
     return bool(output_dir) and bool(step_checkpoints(output_dir))
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, in launch order, for a -m sweep run by Hydra's basic sweeper: the grid of the command
+    line's overrides and hydra.sweeper.params, expanded as that sweeper expands it. None for other sweepers: Optuna's
+    draws each trial's values when the trial starts."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if sweeper != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def jobs_run_here(config: DictConfig) -> bool:
+    """Whether a sweep's jobs run on this machine, so that the devices they ask for must be this machine's."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    return launcher.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
 
 
 OmegaConf.register_new_resolver("wm.job_dirname", job_dirname, replace=True)
