@@ -18,6 +18,7 @@ tests/test_fused_gru.py checks them on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,27 +40,34 @@ def supports(x: torch.Tensor, hidden: int) -> bool:
     T, B = x.shape[:2]
     on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (ENABLED and triton is not None and on_device and x.dtype == torch.float32 and hidden in HIDDEN_SIZES
-            and T * B * 3 * hidden < 2**31)  # fmt: skip  # the kernels index with int32
+            and 0 < T * B * 3 * hidden < 2**31)  # fmt: skip  # the kernels index with int32
 
 
 def forward(gates, keep, h0, w_hh, b_hh, hp, gh_n, states) -> None:
     """gates [T, B, 3, H] (input projections in, gates out), keep [T, B, 1], h0 [B, H]; fills hp, gh_n, states."""
     T, B, _, H = gates.shape
-    _forward_kernel[(triton.cdiv(B, BLOCK_B),)](
-        gates, keep.contiguous(), h0.contiguous(), w_hh.contiguous(), b_hh.contiguous(), hp, gh_n, states, T, B,
-        H=H, BLOCK_B=BLOCK_B,
-    )  # fmt: skip
+    with _on(gates):
+        _forward_kernel[(triton.cdiv(B, BLOCK_B),)](
+            gates, keep.contiguous(), h0.contiguous(), w_hh.contiguous(), b_hh.contiguous(), hp, gh_n, states, T, B,
+            H=H, BLOCK_B=BLOCK_B,
+        )  # fmt: skip
 
 
 def backward(gates, hp, gh_n, keep, d_states, w_hh):
     """The forward pass's saved tensors and dL/dstates [T, B, H] -> (dgh, dgi) [T, B, 3, H] and dL/dh0 [B, H]."""
     T, B, _, H = gates.shape
     dgh, dgi, d_h0 = torch.empty_like(gates), torch.empty_like(gates), torch.empty_like(hp[0])
-    _backward_kernel[(triton.cdiv(B, BLOCK_B),)](
-        gates, hp, gh_n, keep.contiguous(), d_states.contiguous(), w_hh.contiguous(), dgh, dgi, d_h0, T, B,
-        H=H, BLOCK_B=BLOCK_B,
-    )  # fmt: skip
+    with _on(gates):
+        _backward_kernel[(triton.cdiv(B, BLOCK_B),)](
+            gates, hp, gh_n, keep.contiguous(), d_states.contiguous(), w_hh.contiguous(), dgh, dgi, d_h0, T, B,
+            H=H, BLOCK_B=BLOCK_B,
+        )  # fmt: skip
     return dgh, dgi, d_h0
+
+
+def _on(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (trainer.device=cuda:1 on a 2-GPU machine)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 if triton is not None:
