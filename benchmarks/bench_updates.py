@@ -149,7 +149,7 @@ def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:
         out.append(Row("updates", case, t_ours * 1e3, timed(step_cell) * 1e3, "nn.GRUCell stepped", "ms", False))
         out.append(Row("updates", case, t_ours * 1e3, timed(lambda: fused(x)[0].sum().backward()) * 1e3,
                        "nn.GRU, no resets", "ms", False))  # fmt: skip
-        if fused_gru.supports(x.transpose(0, 1), latent):  # ours ran the Triton kernels: against its Python loop
+        if fused_gru.supports(x.transpose(0, 1), h0, latent):  # ours ran the Triton kernels: against its Python loop
             with mock.patch.object(fused_gru, "ENABLED", False):
                 t_loop = timed(lambda: gru_sequence(cell, x, first)[0].sum().backward())
             out.append(Row("updates", case, t_ours * 1e3, t_loop * 1e3, "ours stepped in Python, no Triton", "ms",

@@ -31,7 +31,7 @@ def assert_fused_is_the_cell_loop(batch, steps, features, hidden, first_p, devic
     states, last state, and the gradients of x, h0 and every weight under a random linear objective."""
     cell, x, first, h0 = case(batch, steps, features, hidden, first_p, seed=batch + steps, dtype=torch.float32,
                               device=device)  # fmt: skip
-    assert fused_gru.supports(x.transpose(0, 1), hidden)
+    assert fused_gru.supports(x.transpose(0, 1), h0, hidden)
     expected = values_and_grads(cell_loop, cell, x, first, h0, seed=1)
     refuse = mock.Mock(side_effect=AssertionError("the Python loop ran instead of the kernel"))
     with mock.patch.object(layers, "_forward_loop", refuse), mock.patch.object(layers, "_backward_block", refuse):
@@ -70,19 +70,59 @@ def test_the_kernels_under_the_interpreter_are_the_cell_loop():
 
 
 @pytest.mark.parametrize(
-    "why, x, hidden",
+    "why, x, h0, interpreted",
     [
-        ("hidden size without a kernel", torch.zeros(4, 2, 3), 12),
-        ("bf16", torch.zeros(4, 2, 3, dtype=torch.bfloat16), 32),
-        ("CPU tensor outside the interpreter", torch.zeros(4, 2, 3), 32),
+        ("hidden size without a kernel", torch.zeros(4, 2, 3), torch.zeros(2, 12), True),
+        ("bf16", torch.zeros(4, 2, 3, dtype=torch.bfloat16), torch.zeros(2, 32, dtype=torch.bfloat16), True),
+        ("h0 in another dtype", torch.zeros(4, 2, 3), torch.zeros(2, 32, dtype=torch.float64), True),
+        ("h0 of one row for two", torch.zeros(4, 2, 3), torch.zeros(1, 32), True),
+        ("an empty window", torch.zeros(0, 2, 3), torch.zeros(2, 32), True),
+        ("CPU tensor outside the interpreter", torch.zeros(4, 2, 3), torch.zeros(2, 32), False),
     ],
 )
-def test_cases_the_kernels_do_not_cover_take_the_loop(why, x, hidden):
-    assert not fused_gru.supports(x, hidden), why
+def test_cases_the_kernels_do_not_cover_take_the_loop(why, x, h0, interpreted):
+    with mock.patch.object(fused_gru, "INTERPRETED", interpreted):
+        assert not fused_gru.supports(x, h0, h0.shape[1]), why
 
 
 def test_switched_off_the_kernels_are_not_used():
-    done = interpreted("from worldmodel.models import fused_gru\nimport torch\nx = torch.zeros(4, 2, 3)\n"
-                       "a = fused_gru.supports(x, 32)\nfused_gru.ENABLED = False\nprint(a, fused_gru.supports(x, 32))")  # fmt: skip
+    done = interpreted("from worldmodel.models import fused_gru\nimport torch\n"
+                       "x, h0 = torch.zeros(4, 2, 3), torch.zeros(2, 32)\nbefore = fused_gru.supports(x, h0, 32)\n"
+                       "fused_gru.ENABLED = False\nprint(before, fused_gru.supports(x, h0, 32))")  # fmt: skip
     expected = "True False" if fused_gru.triton is not None else "False False"
     assert done.stdout.strip() == expected, done.stderr[-3000:]
+
+
+class _Kernel:
+    """Stands in for a Triton kernel: `kernel[grid](*args, T, B, H=, BLOCK_B=)` calls `run(*args)`."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __getitem__(self, grid):
+        return lambda *args, H, BLOCK_B: self.run(*args[:-2])
+
+
+def _fails(*args):
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+@pytest.mark.skipif(fused_gru.triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("failing", ["forward", "backward"])
+def test_a_kernel_triton_cannot_run_hands_over_to_the_loop_with_one_warning(failing, caplog):
+    """A GPU that this Triton cannot build for must not end the run: the Python loop takes over, for the rest of the
+    process, and the run's log says so once. The kernel that does run is stood in for by the loop's own step."""
+    kernels = {"forward": _Kernel(layers._forward_loop), "backward": _Kernel(_fails)}
+    if failing == "forward":
+        kernels = {"forward": _Kernel(_fails), "backward": _Kernel(_fails)}
+    cell, x, first, h0 = case(5, 6, 3, 16, 0.3, seed=4, dtype=torch.float32)
+    expected = values_and_grads(cell_loop, cell, x, first, h0, seed=1)
+    with mock.patch.multiple(fused_gru, INTERPRETED=True, ENABLED=True, _forward_kernel=kernels["forward"],
+                             _backward_kernel=kernels["backward"]):  # fmt: skip
+        got = values_and_grads(gru_sequence, cell, x, first, h0, seed=1)
+        assert not fused_gru.ENABLED
+        values_and_grads(gru_sequence, cell, x, first, h0, seed=1)  # no second warning
+    for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    warnings = [r.getMessage() for r in caplog.records if "Triton kernels failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no kernel image is available" in warnings[0]

@@ -14,8 +14,6 @@ from worldmodel.replay import obs_storage_dtype
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
 
-#: torch.compile's modes; the last two record CUDA graphs of the compiled loss.
-
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
     value = cfg

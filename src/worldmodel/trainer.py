@@ -67,7 +67,8 @@ class Trainer:
         self.progress = progress
         self.compile, self.compile_mode, self.precision = bool(compile), str(compile_mode), str(precision)
         if cuda_graph == "auto":  # the default config's: on wherever it can be (an eager update there is ~7x slower)
-            cuda_graph = self.device.type == "cuda" and not (self.compile and self.compile_mode in GRAPHED_COMPILE_MODES)
+            own_graphs = self.compile and self.compile_mode in GRAPHED_COMPILE_MODES
+            cuda_graph = self.device.type == "cuda" and not own_graphs
         self.cuda_graph = bool(cuda_graph)
         self._plot: TrajectoryPlot | None = None  # built at the first figure, redrawn after
 

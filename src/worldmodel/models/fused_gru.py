@@ -19,6 +19,7 @@ tests/test_fused_gru.py checks them on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -29,45 +30,57 @@ try:
 except ImportError:  # the CPU wheel of torch comes without Triton: the loop in layers.py runs instead
     triton = None
 
+log = logging.getLogger(__name__)
+
 HIDDEN_SIZES = (16, 32, 64)
 BLOCK_B = 16  # rows per program: tl.dot's smallest tile
-#: Set False to run the Python loop on CUDA too (benchmarks/bench_updates.py measures one against the other).
+#: Set False to run the Python loop on CUDA too (benchmarks/bench_updates.py measures one against the other). Set False
+#: by the first launch that fails.
 ENABLED = True
+#: Whether the kernels below were defined for Triton's interpreter: Triton reads TRITON_INTERPRET once, here.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(x: torch.Tensor, hidden: int) -> bool:
-    """Whether the kernels can run the window x [T, B, F] with this hidden size."""
+def supports(x: torch.Tensor, h0: torch.Tensor, hidden: int) -> bool:
+    """Whether the kernels can run the window x [T, B, F] from the state h0 [B, hidden]."""
     T, B = x.shape[:2]
-    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    on_device = x.is_cuda or (x.device.type == "cpu" and INTERPRETED)
     return (ENABLED and triton is not None and on_device and x.dtype == torch.float32 and hidden in HIDDEN_SIZES
+            and h0.dtype == x.dtype and tuple(h0.shape) == (B, hidden)
             and 0 < T * B * 3 * hidden < 2**31)  # fmt: skip  # the kernels index with int32
 
 
-def forward(gates, keep, h0, w_hh, b_hh, hp, gh_n, states) -> None:
-    """gates [T, B, 3, H] (input projections in, gates out), keep [T, B, 1], h0 [B, H]; fills hp, gh_n, states."""
-    T, B, _, H = gates.shape
-    with _on(gates):
-        _forward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gates, keep.contiguous(), h0.contiguous(), w_hh.contiguous(), b_hh.contiguous(), hp, gh_n, states, T, B,
-            H=H, BLOCK_B=BLOCK_B,
-        )  # fmt: skip
+def forward(gates, keep, h0, w_hh, b_hh, hp, gh_n, states) -> bool:
+    """gates [T, B, 3, H] (input projections in, gates out), keep [T, B, 1], h0 [B, H]; fills hp, gh_n, states.
+    False when Triton could not build or launch the kernel: then nothing was written."""
+    return _launch(_forward_kernel, gates, keep.contiguous(), h0.contiguous(), w_hh.contiguous(), b_hh.contiguous(),
+                   hp, gh_n, states)  # fmt: skip
 
 
 def backward(gates, hp, gh_n, keep, d_states, w_hh):
-    """The forward pass's saved tensors and dL/dstates [T, B, H] -> (dgh, dgi) [T, B, 3, H] and dL/dh0 [B, H]."""
-    T, B, _, H = gates.shape
+    """The forward pass's saved tensors and dL/dstates [T, B, H] -> (dgh, dgi) [T, B, 3, H] and dL/dh0 [B, H], or
+    None when Triton could not build or launch the kernel."""
     dgh, dgi, d_h0 = torch.empty_like(gates), torch.empty_like(gates), torch.empty_like(hp[0])
-    with _on(gates):
-        _backward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gates, hp, gh_n, keep.contiguous(), d_states.contiguous(), w_hh.contiguous(), dgh, dgi, d_h0, T, B,
-            H=H, BLOCK_B=BLOCK_B,
-        )  # fmt: skip
-    return dgh, dgi, d_h0
+    launched = _launch(_backward_kernel, gates, hp, gh_n, keep.contiguous(), d_states.contiguous(), w_hh.contiguous(),
+                       dgh, dgi, d_h0)  # fmt: skip
+    return (dgh, dgi, d_h0) if launched else None
 
 
-def _on(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' (trainer.device=cuda:1 on a 2-GPU machine)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _launch(kernel, gates, *args) -> bool:
+    """Runs `kernel` over the window of `gates` on their device (Triton launches on the current one: trainer.device=
+    cuda:1 must not run on cuda:0). A failure to build or launch (a GPU this Triton does not support, an unwritable
+    cache) switches the kernels off for the process, with one warning: the Python loop computes the same."""
+    global ENABLED
+    T, B, _, H = gates.shape
+    try:
+        with torch.cuda.device(gates.device) if gates.is_cuda else contextlib.nullcontext():
+            kernel[(triton.cdiv(B, BLOCK_B),)](gates, *args, T, B, H=H, BLOCK_B=BLOCK_B)
+    except Exception as err:  # noqa: BLE001  (whatever Triton raises, the loop can take over)
+        ENABLED = False
+        log.warning("The GRU's Triton kernels failed (%s: %s); it is stepped in Python from now on (the same "
+                    "function, slower on a GPU).", type(err).__name__, err)  # fmt: skip
+        return False
+    return True
 
 
 if triton is not None:

@@ -45,8 +45,10 @@ class _ResetGRU(torch.autograd.Function):
         hp = x.new_empty(T, B, H)  # state each step starts from (after the reset)
         gh_n = x.new_empty(T, B, H)  # n part of the hidden projection: the only part backward needs
         states = x.new_empty(T, B, H)
-        ctx.fused = fused_gru.supports(x, H)
-        (fused_gru.forward if ctx.fused else _forward_loop)(gates, keep, h0, w_hh, b_hh, hp, gh_n, states)
+        args = (gates, keep, h0, w_hh, b_hh, hp, gh_n, states)
+        ctx.fused = fused_gru.supports(x, h0, H) and fused_gru.forward(*args)
+        if not ctx.fused:
+            _forward_loop(*args)
         ctx.save_for_backward(x, keep, w_ih, w_hh, hp, gh_n, gates)
         return states
 
@@ -58,8 +60,10 @@ class _ResetGRU(torch.autograd.Function):
         dx = torch.empty_like(x)
         d_w_ih, d_w_hh = torch.zeros_like(w_ih), torch.zeros_like(w_hh)
         d_b_ih, d_b_hh = w_ih.new_zeros(3 * H), w_hh.new_zeros(3 * H)
-        if ctx.fused:
-            dgh, dgi, carry = fused_gru.backward(gates, hp, gh_n, keep, d_states, w_hh)
+        # The kernel's forward pass saved what the loop's does: if its backward cannot run, the loop's can.
+        grads = fused_gru.backward(gates, hp, gh_n, keep, d_states, w_hh) if ctx.fused else None
+        if grads is not None:
+            dgh, dgi, carry = grads
             _hidden_grads(hp, dgh.view(T * B, 3 * H), d_w_hh, d_b_hh)
             _input_grads(x, dgi.view(T * B, 3 * H), w_ih, dx, d_w_ih, d_b_ih)
             return dx, None, carry, d_w_ih, d_w_hh, d_b_ih, d_b_hh
