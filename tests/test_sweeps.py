@@ -7,6 +7,7 @@ skipped, saying so, where it is not installed. Each real sweep takes 15-30 s on 
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import re
@@ -231,6 +232,36 @@ def test_a_bad_value_anywhere_in_the_grid_stops_the_sweep_before_its_first_job(t
     assert not sweep.exists()
 
 
+def test_the_grid_check_resolves_each_jobs_interpolations_in_that_job(tmp_path):
+    """`trainer.val_steps=${trainer.batch_size}` is 64 in job 0 (valid with seq_len 40), not the sweep config's 32:
+    the check must read overrides unresolved, as the sweeper does, and so finds the bad value in job 1."""
+    grid = ["trainer.seq_len=40", "trainer.batch_size=64,128", "trainer.val_steps=${trainer.batch_size}",
+            "trainer.lr=0.001,-1"]  # fmt: skip
+    tiny = [o for o in SWEEP_TINY if not o.startswith("trainer.val_steps=")]
+    proc = run_train(["-m", *tiny, *grid, f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: sweep job 1 (" in proc.stderr and "Invalid config `trainer.lr=-1`" in proc.stderr
+
+
+def test_the_grid_check_leaves_no_resolved_value_behind_for_the_jobs():
+    """Jobs are composed from the sweep's config with its resolver cache: a value the check resolved there (a submitit
+    job's trainer.resume, a ${now:} stamp) would be every job's, and a requeued job would not resume."""
+    need("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.cli import check_sweep_jobs
+    from worldmodel.sweep import AUTO_RESUME, SweepCallback
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=submitit_local", "seed=1", "+stamp=${now:%H%M%S%f}"],
+                      return_hydra_config=True)  # fmt: skip
+        SweepCallback().on_multirun_start(cfg)
+        assert AUTO_RESUME in OmegaConf.to_container(cfg.hydra.overrides.task)
+        before = copy.deepcopy(OmegaConf.get_cache(cfg))  # Hydra's own ${now:} for the run dir, resolved already
+        check_sweep_jobs(cfg)
+    assert OmegaConf.get_cache(cfg) == before
+
+
 def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
     """A SLURM sweep's jobs run on the cluster's nodes: the sweep-wide check leaves their devices to them, but still
     refuses a device name that exists nowhere."""
@@ -255,6 +286,11 @@ def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
     task.trainer.device = "gpu"
     with pytest.raises(ConfigError, match="one of auto, cpu, cuda, cuda:N, mps"):
         validate_config(task, here=False)
+    task.trainer.device = "cpu"  # wrong on every node
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        validate_config(task, here=False)
+    task.trainer.device = "auto"  # a GPU node's auto is cuda
+    validate_config(task, here=False)
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):

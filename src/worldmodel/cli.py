@@ -116,13 +116,17 @@ def check_sweep_jobs(config: DictConfig) -> None:
     rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
     against this machine only when the jobs run here."""
     loader, here = GlobalHydra.instance().config_loader(), jobs_run_here(config)
-    for num, overrides in enumerate(sweep_jobs(config) or []):
+    try:
+        jobs = sweep_jobs(config) or []
+    except HydraException:
+        return  # a grid this sweeper cannot expand: it says so itself
+    for num, overrides in enumerate(jobs):
         try:
             job = loader.load_sweep_config(config, overrides)
-        except HydraException:
-            continue  # a job that does not compose: the sweeper says so itself before launching it
-        try:
             validate_config(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), here=here)
         except WorldModelError as err:
             raise WorldModelError(f"sweep job {num} ({' '.join(overrides) or 'no overrides'}): {err} No job was "
                                   "started.") from None  # fmt: skip
+        except Exception:  # noqa: BLE001  a job that does not compose or resolve reports that itself when it starts
+            # (Hydra would turn the exception into a warning here and drop the check of every later job)
+            continue

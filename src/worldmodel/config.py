@@ -97,7 +97,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
             raise ConfigError("trainer.compile_mode", mode, "default or max-autotune-no-cudagraphs with "
                               "trainer.cuda_graph=true, which records the whole update itself (the other modes record "
                               "CUDA graphs of their own inside it)")  # fmt: skip
-        if here and device.type != "cuda":
+        if device.type != "cuda" and (here or str(t.device) != "auto"):  # elsewhere, auto may still mean cuda
             raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
     check_env_id(cfg.env.id)

@@ -42,7 +42,7 @@ MAX_DIRNAME = 160
 #: The override SweepCallback adds to the jobs of a submitit sweep.
 AUTO_RESUME = "trainer.resume=${wm.resume_if_checkpoints:}"
 #: Launchers whose jobs run on the machine that starts the sweep (SLURM's run on the cluster's nodes).
-LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher", "RayLocalLauncher")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
 _LONG_DECIMAL = re.compile(r"(?<![A-Za-z0-9.])\d+\.\d{5,}(?:e-?\d+)?(?![A-Za-z0-9.])")
@@ -85,8 +85,12 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if sweeper != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
         return None
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    # Unresolved, as the sweeper reads them: resolving `${...}` here would resolve it against this config, not the
+    # job's, and cache the value (a requeued job's trainer.resume, a ${now:} stamp) for every job copied from it.
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    arguments = [f"{k}={v}" for k, v in params.items()] + task
     overrides = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(arguments)
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
