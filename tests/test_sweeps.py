@@ -268,6 +268,7 @@ def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
     need("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
+    from worldmodel.cli import task_config
     from worldmodel.config import validate_config
     from worldmodel.errors import ConfigError
     from worldmodel.sweep import jobs_run_here
@@ -279,7 +280,7 @@ def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
                 for launcher in ("slurm", "submitit_local", "joblib", "basic")}  # fmt: skip
     assert {launcher: jobs_run_here(cfg) for launcher, cfg in cfgs.items()} == {
         "slurm": False, "submitit_local": True, "joblib": True, "basic": True}  # fmt: skip
-    task = OmegaConf.masked_copy(cfgs["slurm"], [k for k in cfgs["slurm"] if k != "hydra"])
+    task = task_config(cfgs["slurm"])
     validate_config(task, here=False)
     with pytest.raises(ConfigError, match="trainer.device"):
         validate_config(task, here=True)

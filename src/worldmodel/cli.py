@@ -76,7 +76,7 @@ class PreflightChecks(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        task_cfg = task_config(config)
         found = [p for _, p in step_checkpoints(run_dir)] + [p for p in [last_checkpoint(run_dir)] if p.exists()]
         # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
@@ -111,6 +111,11 @@ class PreflightChecks(Callback):
             check_sweep_jobs(config)
 
 
+def task_config(config: DictConfig) -> DictConfig:
+    """A callback's config without its `hydra` node: what the task (scripts/train.py) receives."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+
+
 def check_sweep_jobs(config: DictConfig) -> None:
     """Validates every job of a basic sweep, so that a bad value in the grid stops the sweep before its first job
     rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
@@ -123,7 +128,7 @@ def check_sweep_jobs(config: DictConfig) -> None:
     for num, overrides in enumerate(jobs):
         try:
             job = loader.load_sweep_config(config, overrides)
-            validate_config(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), here=here)
+            validate_config(task_config(job), here=here)
         except WorldModelError as err:
             raise WorldModelError(f"sweep job {num} ({' '.join(overrides) or 'no overrides'}): {err} No job was "
                                   "started.") from None  # fmt: skip
