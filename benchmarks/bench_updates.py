@@ -17,9 +17,9 @@ share of the time it was busy, and more rows there: ours with the whole update r
 from __future__ import annotations
 
 import time
-from unittest import mock
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -141,17 +141,18 @@ def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:
         first[:, 0] = True
 
         h0 = x.new_zeros(batch, latent)
+        step_ours = lambda: gru_sequence(cell, x, first)[0].sum().backward()  # noqa: E731
         step_cell = lambda: gru_cell_loop(cell, x, first, h0)[0].sum().backward()  # noqa: E731
         calls = max(2, (200 if name == "seed config" else 5) // (4 if quick else 1))
         timed = lambda fn: time_per_call(fn, calls, 3 if quick else 5, device=device)  # noqa: E731
-        t_ours = timed(lambda: gru_sequence(cell, x, first)[0].sum().backward())
+        t_ours = timed(step_ours)
         case = f"GRU forward + backward, {name}: batch {batch}, seq_len {seq_len}, latent {latent}, {device}"
         out.append(Row("updates", case, t_ours * 1e3, timed(step_cell) * 1e3, "nn.GRUCell stepped", "ms", False))
         out.append(Row("updates", case, t_ours * 1e3, timed(lambda: fused(x)[0].sum().backward()) * 1e3,
                        "nn.GRU, no resets", "ms", False))  # fmt: skip
         if fused_gru.supports(x.transpose(0, 1), h0, latent):  # ours ran the Triton kernels: against its Python loop
             with mock.patch.object(fused_gru, "ENABLED", False):
-                t_loop = timed(lambda: gru_sequence(cell, x, first)[0].sum().backward())
+                t_loop = timed(step_ours)
             out.append(Row("updates", case, t_ours * 1e3, t_loop * 1e3, "ours stepped in Python, no Triton", "ms",
                            False))  # fmt: skip
     return out
