@@ -85,11 +85,11 @@ def ours(budget_s: float, device: str) -> tuple[float | None, int]:
     stored = buffer[:]
     model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
     model.to(device).train()
-    _, update = trainer.build_update(model)
+    _, update, sample = trainer.build_update(model, buffer)
     updates = 0
     while not clock.over:
         collector.collect(trainer.env_steps_per_update)
-        update(buffer.sample(trainer.batch_size, trainer.seq_len))
+        update(sample(trainer.batch_size, trainer.seq_len))
         updates += 1
         if due(updates):
             clock.pause()

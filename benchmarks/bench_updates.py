@@ -9,7 +9,8 @@ heads (model.head_layers=2) and ours with bfloat16 autocast (trainer.precision=b
 training that same variant of our model. The notes also give the share of our step spent sampling the batch (waiting
 on data), the fresh pages of memory each update makes the kernel hand over (see models/layers.py) and, on a GPU, the
 share of the time it was busy, and more rows there: ours with the whole update replayed as a CUDA graph
-(trainer.cuda_graph=true), eager and, under --compile, compiled.
+(trainer.cuda_graph=true), eager and, under --compile, compiled; each with the batch gathered outside the graph and
+copied in, and gathered by the graph itself from the drawn rows (what a run does with the ring on the GPU).
 
     python benchmarks/bench_updates.py [--quick] [--device cuda] [--compile]
 """
@@ -85,14 +86,17 @@ def seed_buffer(data: dict) -> SeedReplayBuffer:
 
 
 def ours(data: dict, batch: int, seq_len: int, latent: int, device: str, compile: bool,
-         head_layers: int | None = None, precision: str = "fp32", cuda_graph: bool = False):  # fmt: skip
-    """(update callable, sample callable) for our pipeline, storage and model on `device`."""
+         head_layers: int | None = None, precision: str = "fp32", cuda_graph: bool = False,
+         gather_in_graph: bool = True):  # fmt: skip
+    """(update callable, sample callable) for our pipeline, storage and model on `device`: what Trainer.fit calls.
+    gather_in_graph=False keeps the batch's gather out of a CUDA graph (the graph then takes the whole batch)."""
     buffer = our_buffer(data, device)
     model = our_model(data, latent, device, head_layers)
     trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device, compile=compile,
                       precision=precision, cuda_graph=cuda_graph)  # fmt: skip
-    _, update = trainer.build_update(model)
-    return (lambda: update(buffer.sample(batch, seq_len))), (lambda: buffer.sample(batch, seq_len))
+    _, update, sample = trainer.build_update(model, buffer if gather_in_graph else None)
+    sample = sample or buffer.sample
+    return (lambda: update(sample(batch, seq_len))), (lambda: sample(batch, seq_len))
 
 
 def seed(data: dict, batch: int, seq_len: int, latent: int, device: str):
@@ -172,12 +176,12 @@ def zoo_rows(data: dict, quick: bool = False, device: str = "cpu") -> list[Row]:
             model = config_model(path.stem, data, device)
             trainer = Trainer(steps=1, prefill=0, batch_size=batch, seq_len=seq_len, lr=1e-3, device=device,
                               compile=compiled)  # fmt: skip
-            _, update = trainer.build_update(model)
+            _, update, sample = trainer.build_update(model, buffer)
             start = time.perf_counter()
-            update(buffer.sample(batch, seq_len))
+            update(sample(batch, seq_len))
             sync(device)
             first_update[compiled] = time.perf_counter() - start
-            rates[compiled] = 1 / time_per_call(lambda: update(buffer.sample(batch, seq_len)), 50 if quick else 200,
+            rates[compiled] = 1 / time_per_call(lambda: update(sample(batch, seq_len)), 50 if quick else 200,
                                                 3 if quick else 5, device=device)  # fmt: skip
         case = f"model={path.stem}, batch {batch} x seq_len {seq_len}, {device}, trainer.compile=true"
         out.append(Row("updates", case, rates[True], rates[False], "eager", "updates/s", True,
@@ -213,12 +217,19 @@ def rows(quick: bool = False, device: str = "cpu", compile: bool = False) -> Ite
             if torch.device(device).type == "cuda":
                 # The whole update replayed as one CUDA graph (with the compiled loss too, under --compile); its eager
                 # warm-up and its recording are not timed.
-                graphed = ours(data, batch, seq_len, latent, device, compiled, cuda_graph=True)[0]
-                t_graphed = time_per_call(graphed, calls, repeats, warmup=WARMUP_UPDATES + 2, device=device)
-                notes = {"sampling share of step": f"{t_sample / t_graphed:.0%}",
-                         "GPU busy": f"{gpu_busy(graphed, calls, device):.0%}"}  # fmt: skip
-                yield Row("updates", f"{label}, trainer.cuda_graph=true", 1 / t_graphed, 1 / t_seed, "seed loop",
-                          "updates/s", True, notes)  # fmt: skip
+                # A/B in one run: the batch gathered outside the graph and copied in (what every graphed update did
+                # until 26 Nov 2026), then gathered by the graph itself from the drawn rows (what Trainer does now
+                # with the ring on the GPU).
+                for inside in (False, True):
+                    graphed, draw = ours(data, batch, seq_len, latent, device, compiled, cuda_graph=True,
+                                         gather_in_graph=inside)  # fmt: skip
+                    t_graphed = time_per_call(graphed, calls, repeats, warmup=WARMUP_UPDATES + 2, device=device)
+                    t_draw = time_per_call(draw, calls, repeats, device=device)
+                    notes = {"sampling share of step": f"{t_draw / t_graphed:.0%}",
+                             "GPU busy": f"{gpu_busy(graphed, calls, device):.0%}"}  # fmt: skip
+                    how = "gathered in the graph" if inside else "batch copied into the graph"
+                    yield Row("updates", f"{label}, trainer.cuda_graph=true, {how}", 1 / t_graphed, 1 / t_seed,
+                              "seed loop", "updates/s", True, notes)  # fmt: skip
             if not compiled:
                 t_same = time_per_call(seed_loop_our_model(data, batch, seq_len, latent, device), calls, repeats,
                                        device=device)  # fmt: skip

@@ -155,32 +155,45 @@ def test_every_model_trains_on_the_gpu(name, precision):
 @pytest.mark.parametrize("name", MODELS)
 def test_the_graphed_update_is_the_eager_update(name, precision):
     """trainer.cuda_graph=true: warm-up updates run eagerly, then one update is recorded and replayed. From the same
-    weights, on the same batches, with the same CUDA random stream (the rssm's noise and the ensemble's bootstrap
+    weights, on the same windows, with the same CUDA random stream (the rssm's noise and the ensemble's bootstrap
     draws continue it as eager updates do), every update gives the losses and weights of eager updates; the replays
     never make the host wait for the GPU."""
     assert_graphed_updates_are_eager_updates(name, precision=precision)
 
 
+def test_a_graph_that_takes_whole_batches_is_the_eager_update():
+    """Where the graph cannot gather from the ring (a ring on the host), it takes the batch sampled outside it."""
+    assert_graphed_updates_are_eager_updates("gru", gather_in_graph=False)
+
+
 @pytest.mark.slow
-def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update():
+@pytest.mark.parametrize("gather_in_graph", [True, False])
+def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update(gather_in_graph):
     """trainer.compile=true inside the graph: the warm-up updates compile the loss on the graph's own inputs, so the
-    recording needs no new compilation (a compiled function compiles again for inputs laid out differently, and the
-    ring's batches are strided views)."""
-    assert_graphed_updates_are_eager_updates("gru", compile=True)
+    recording needs no new compilation (a compiled function compiles again for inputs laid out differently: the
+    ring's sampled batches are strided views, the graph's own gather makes others)."""
+    assert_graphed_updates_are_eager_updates("gru", gather_in_graph, compile=True)
 
 
-def assert_graphed_updates_are_eager_updates(name: str, **trainer_args) -> None:
-    """The same batches, straight from a ring on the GPU (the layout a run's batches have), through Trainer's update
-    eagerly and through GraphedUpdate: the same losses, step by step, and the same weights at the end."""
+def assert_graphed_updates_are_eager_updates(name: str, gather_in_graph: bool = True, **trainer_args) -> None:
+    """The same windows of a ring on the GPU through Trainer's update, eagerly and as a CUDA graph: the same losses,
+    step by step, and the same weights at the end. With gather_in_graph (what a run with its ring on the GPU does)
+    the graph gathers each batch itself from the rows ReplayBuffer.draw picks; without, it takes batches sampled
+    outside it. The eager updates take ReplayBuffer.sample's batches, drawn from the same random state."""
     ring = on_the_gpu(linear_system_buffer(600, seed=0))
-    batches = [ring.sample(16, 8) for _ in range(WARMUP_UPDATES + 6)]
+    start = ring.rng.bit_generator.state
     losses, weights = {}, {}
     for graphed in (False, True):
+        ring.rng.bit_generator.state = start
         model = fitted(name, obs_dim=3, action_dim=1).train()  # seeds torch, the CUDA generator included
-        update = trainer_update(model, DEVICE, cuda_graph=graphed, **trainer_args)
-        values = [update(b) for b in batches[: WARMUP_UPDATES + 2]]  # warm-up, recording + first replay, a replay
+        trainer = Trainer(steps=1, prefill=0, batch_size=16, seq_len=8, lr=1e-3, device=DEVICE, cuda_graph=graphed,
+                          **trainer_args)  # fmt: skip
+        _, update, sample = trainer.build_update(model.to(DEVICE), ring if gather_in_graph else None)
+        sample = sample or ring.sample
+        assert (sample == ring.draw) == (graphed and gather_in_graph)
+        values = [update(sample(16, 8)) for _ in range(WARMUP_UPDATES + 2)]  # warm-up, recording + replay, a replay
         with no_host_waits():
-            values += [update(b) for b in batches[WARMUP_UPDATES + 2 :]]
+            values += [update(sample(16, 8)) for _ in range(4)]
         losses[graphed] = torch.stack(values).cpu()
         weights[graphed] = [p.detach().cpu() for p in model.parameters()]
     assert isinstance(update, GraphedUpdate) and update.graph is not None
@@ -189,7 +202,7 @@ def assert_graphed_updates_are_eager_updates(name: str, **trainer_args) -> None:
     for got, expected in zip(weights[True], weights[False]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="one batch shape"):
-        update(ring.sample(8, 8))
+        update(sample(8, 8))
 
 
 @pytest.fixture(scope="module")

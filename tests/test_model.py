@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from worldmodel import GRUWorldModel, ReplayBuffer
+from worldmodel import trainer as trainer_module
 from worldmodel.replay import Batch
+from worldmodel.trainer import Trainer
 
 
 def fitted_model(obs_dim=3, action_dim=2, **kw) -> WorldModel:
@@ -129,3 +131,34 @@ def test_learns_a_linear_system_to_tight_error(head_layers):
     reward_nmse = ((pred["reward"] - batch.reward) ** 2).mean() / batch.reward.var()
     assert reward_nmse < 0.05
     assert pred["terminated_prob"].max() < 0.05  # the system never terminates
+
+
+class GraphContract:
+    """What GraphedUpdate computes, without CUDA: the input copied into tensors of its own, then update(prepare(it))."""
+
+    def __init__(self, update, optimizer, device, prepare=None):
+        self.update, self.prepare = update, prepare or (lambda batch: batch)
+
+    def __call__(self, given):
+        return self.update(self.prepare(given.clone() if isinstance(given, torch.Tensor) else given))
+
+
+def test_a_graphed_update_gathers_its_batch_from_the_rows_drawn(monkeypatch):
+    """With trainer.cuda_graph and the ring on the trainer's device, Trainer.build_update has the graph gather each
+    batch itself (ReplayBuffer.batch_at) from the rows that ReplayBuffer.draw picks. GraphedUpdate needs CUDA
+    (tests/test_cuda.py runs it); a stand-in with its contract checks the wiring here: the same losses and weights,
+    bit for bit, as eager updates on the batches ReplayBuffer.sample draws from the same random state."""
+    monkeypatch.setattr(trainer_module, "GraphedUpdate", GraphContract)
+    losses, weights = {}, {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        buffer, model = linear_system_buffer(600, seed=0), GRUWorldModel(3, 1, latent_dim=16, hidden_dim=32)
+        rows = buffer[:]
+        model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
+        trainer = Trainer(steps=1, prefill=0, batch_size=8, seq_len=6, lr=1e-3, cuda_graph=graphed)
+        _, update, sample = trainer.build_update(model, buffer)
+        assert isinstance(update, GraphContract) == graphed and (sample == buffer.draw) == graphed
+        losses[graphed] = torch.stack([update(sample(8, 6)) for _ in range(6)])
+        weights[graphed] = [p.detach().clone() for p in model.parameters()]
+    assert torch.equal(losses[True], losses[False])
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))

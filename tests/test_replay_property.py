@@ -84,6 +84,19 @@ def assert_batches_equal(a, b) -> None:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def sample_both_ways(buf: ReplayBuffer, batch_size: int, seq_len: int):
+    """buf.sample(batch_size, seq_len), once it is checked that draw + batch_at (the gather a graphed update records,
+    see cuda_graph.py) give the same batch from the same random state, and leave the same state after."""
+    state = buf.rng.bit_generator.state
+    batch = buf.sample(batch_size, seq_len)
+    after, buf.rng.bit_generator.state = buf.rng.bit_generator.state, state
+    rows = buf.draw(batch_size, seq_len)
+    assert buf.rng.bit_generator.state == after
+    assert rows.dtype == torch.int64 and rows.shape == (batch_size, seq_len)
+    assert_batches_equal(buf.batch_at(rows), batch)
+    return batch
+
+
 def check_batch(batch, tail: list[dict], tail_eps: list[int], batch_size: int, seq_len: int) -> list[int]:
     """Checks every window of `batch` against the reference tail; returns each window's start position in it."""
     for name, dtype in DTYPES.items():
@@ -212,8 +225,10 @@ class ReplayMachine(RuleBasedStateMachine):
             with pytest.raises(NotEnoughDataError) as info:
                 self.buf.sample(batch_size, seq_len)
             assert_not_enough(info.value, len(self.tail), seq_len)
+            with pytest.raises(NotEnoughDataError):
+                self.buf.draw(batch_size, seq_len)
         else:
-            batch = self.buf.sample(batch_size, seq_len)
+            batch = sample_both_ways(self.buf, batch_size, seq_len)
             check_batch(batch, self.tail, self.tail_eps, batch_size, seq_len)
 
     @rule(seq_len=st.integers(1, 14), batch_size=st.integers(1, 5))

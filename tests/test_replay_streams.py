@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from test_replay_property import update_a_row
+from test_replay_property import sample_both_ways, update_a_row
 from worldmodel.errors import NotEnoughDataError
 from worldmodel.replay import ReplayBuffer
 
@@ -221,8 +221,10 @@ class StreamsMachine(RuleBasedStateMachine):
         if max(map(len, tails)) < seq_len:  # no stream holds a window, however many rows all streams hold together
             with pytest.raises(NotEnoughDataError):
                 self.buf.sample(batch_size, seq_len)
+            with pytest.raises(NotEnoughDataError):
+                self.buf.draw(batch_size, seq_len)
         else:
-            check_batch(self.buf.sample(batch_size, seq_len), tails, batch_size, seq_len)
+            check_batch(sample_both_ways(self.buf, batch_size, seq_len), tails, batch_size, seq_len)
 
     @rule(seq_len=st.integers(1, 7), batch_size=st.integers(1, 5))
     def sequences(self, seq_len, batch_size):

@@ -3,7 +3,11 @@
 At small sizes (the default trainer's batch 32 x 16) an update is a few hundred tiny kernels, and on a GPU the host's
 time to launch them, not the GPU's time to run them, is expected to set the pace (benchmarks/bench_updates.py's CUDA
 rows measure it). A CUDA graph records the kernels of one update
-once; each later update is a copy of the batch into the graph's input tensors and one launch.
+once; each later update is a copy of its input into the graph's input tensors and one launch. When the replay ring
+is on the same GPU, the graph also records the gather of the batch from the ring (Trainer.build_update): the input
+copied in is then only the rows drawn, one small copy, where the host used to launch 13 kernels: the index copy,
+the gathers, the ops that derive `first`, and a copy of each of the batch's seven tensors. The ring's tables keep their memory for the whole run (writes and loads go into them in
+place), so the recorded gather reads whatever was collected before each replay.
 
 Recording needs what the update already guarantees (trainer.py): no host-device synchronisation inside it (no
 read-backs; tests/test_cuda.py checks this under torch's sync debug mode), fixed shapes, and state that keeps its
@@ -12,7 +16,7 @@ step counts on the device. The graph records the kernels, not the values, so a r
 would from the same inputs and the same state; random draws (the rssm's noise, the ensemble's bootstrap indices)
 continue the CUDA generator's stream as an eager update would.
 
-Every call copies the batch into the graph's input tensors, made at the first call, and each of the first `warmup`
+Every call copies its input into the graph's input tensors, made at the first call, and each of the first `warmup`
 calls runs one eager update on them, on the side stream the recording then uses (torch's recipe: lazy
 initialisations, Adam's state and a compiled loss's kernels among them, must happen before recording, on exactly
 the inputs that will be recorded: a compiled loss compiles again for another input layout, which cannot happen while
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
 from typing import Callable
 
 import torch
@@ -41,11 +45,16 @@ WARMUP_UPDATES = 3
 
 
 class GraphedUpdate:
-    """update(batch) -> values, the same function, with every call after the first `warmup` one CUDA graph replay."""
+    """update(batch) -> values, the same function, with every call after the first `warmup` one CUDA graph replay.
+
+    The input is a Batch (a dataclass of tensors) or a single tensor. With `prepare`, each call is
+    update(prepare(input)) and the graph records prepare too: given ReplayBuffer.batch_at and the rows that
+    ReplayBuffer.draw picks, the graph gathers its own batch from the ring, and a call copies in only those indices."""
 
     def __init__(self, update: Callable, optimizer: torch.optim.Optimizer, device: torch.device,
-                 warmup: int = WARMUP_UPDATES):  # fmt: skip
+                 warmup: int = WARMUP_UPDATES, prepare: Callable | None = None):  # fmt: skip
         self.update, self.optimizer, self.device, self.warmup = update, optimizer, torch.device(device), int(warmup)
+        self.prepare = prepare or (lambda batch: batch)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device} (trainer.cuda_graph=true)")
         if self.warmup < 1:  # the first update reads a flag back and creates Adam's state: neither can be recorded
@@ -68,23 +77,26 @@ class GraphedUpdate:
             return self.outputs.clone()
 
     def _copy_in(self, batch) -> None:
+        given = _tensors(batch)
         if self.inputs is None:
-            self.inputs = replace(batch, **{f.name: torch.empty_like(getattr(batch, f.name)) for f in fields(batch)})
-        for f in fields(batch):
-            given, static = getattr(batch, f.name), getattr(self.inputs, f.name)
-            if given.shape != static.shape or given.dtype != static.dtype:  # copy_ would broadcast or cast silently
+            static = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in given.items()}
+            self.inputs = replace(batch, **static) if is_dataclass(batch) else static[None]
+        for name, static in _tensors(self.inputs).items():
+            value = given[name]
+            if value.shape != static.shape or value.dtype != static.dtype:  # copy_ would broadcast or cast silently
                 raise ValueError(
-                    f"GraphedUpdate: batch.{f.name} is {tuple(given.shape)} {given.dtype}, but the update's inputs are "
+                    f"GraphedUpdate: {f'batch.{name}' if name else 'the input'} is {tuple(value.shape)} {value.dtype}, but the update's inputs are "
                     f"{tuple(static.shape)} {static.dtype}: a graphed update takes one batch shape "
                     "(trainer.batch_size x trainer.seq_len) for the whole run."
                 )
-            static.copy_(given)
+            # From page-locked host memory (ReplayBuffer.draw's rows) the copy is queued without waiting.
+            static.copy_(value, non_blocking=True)
 
     def _on_side_stream(self):
         current = torch.cuda.current_stream()
         self.stream.wait_stream(current)  # the inputs were written on the current stream
         with torch.cuda.stream(self.stream):
-            values = self.update(self.inputs)
+            values = self.update(self.prepare(self.inputs))
         current.wait_stream(self.stream)  # and are overwritten there by the next call
         return values
 
@@ -92,10 +104,17 @@ class GraphedUpdate:
         """Records one update on the input tensors. It runs nothing: the replay after it is this call's update."""
         graph = torch.cuda.CUDAGraph()
         with _capturable(self.optimizer), torch.cuda.graph(graph, stream=self.stream):
-            outputs = self.update(self.inputs)
+            outputs = self.update(self.prepare(self.inputs))
         self.graph, self.outputs = graph, outputs  # only once recorded: a failed recording leaves nothing half-made
         log.info("recorded the update as a CUDA graph after %d eager updates; every later update replays it",
                  self.eager_calls)  # fmt: skip
+
+
+def _tensors(inputs) -> dict[str | None, torch.Tensor]:
+    """The tensors of an update's input by field name (a dataclass), or the one tensor given (name None)."""
+    if is_dataclass(inputs):
+        return {f.name: getattr(inputs, f.name) for f in fields(inputs)}
+    return {None: inputs}
 
 
 @contextlib.contextmanager

@@ -147,11 +147,24 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, seq_len: int) -> Batch:
         """`batch_size` windows of `seq_len` consecutive transitions, uniformly over all windows stored."""
-        per_stream = self._window_counts(seq_len)
-        ends = np.cumsum(per_stream)
-        draw = self.rng.integers(0, ends[-1], size=int(batch_size))
-        stream = np.searchsorted(ends, draw, side="right")
-        return self._gather(stream, draw - (ends - per_stream)[stream], int(seq_len))
+        return self._gather(*self._draw(batch_size, seq_len), int(seq_len))
+
+    def draw(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """The windows `sample` would draw, from the same random draws, as the table rows they cover: int64
+        [batch_size, seq_len] on the host (page-locked when the ring is on a GPU, so copying them there does not
+        wait). `batch_at` gathers them. A graphed update (cuda_graph.py) records that gather, so per update only these
+        indices are copied in, not the batch."""
+        stream, offset = self._draw(batch_size, seq_len)
+        rows = self.ring.physical_of(stream[:, None], offset[:, None] + np.arange(int(seq_len)))
+        rows = torch.from_numpy(rows)
+        return rows.pin_memory() if self.device.type == "cuda" else rows
+
+    def batch_at(self, rows: torch.Tensor) -> Batch:
+        """The batch at table rows `rows` [batch, seq_len] (from `draw`, copied to the ring's device), on the ring's
+        device: one gather per table and a few elementwise ops, none of which reads a value back to the host."""
+        flat = rows.reshape(-1)
+        return self._assemble({dt: table.index_select(0, flat).view(*rows.shape, table.shape[1])
+                               for dt, table in self.ring.tables.items()})  # fmt: skip
 
     def sequences(self, seq_len: int, batch_size: int) -> Iterator[Batch]:
         """Every stored transition once, as consecutive non-overlapping windows per stream (each stream's tail shorter
@@ -264,6 +277,14 @@ class ReplayBuffer:
             )
         return per_stream
 
+    def _draw(self, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stream, offset of the first row among that stream's rows) of `batch_size` windows drawn uniformly."""
+        per_stream = self._window_counts(seq_len)
+        ends = np.cumsum(per_stream)
+        draw = self.rng.integers(0, ends[-1], size=int(batch_size))
+        stream = np.searchsorted(ends, draw, side="right")
+        return stream, draw - (ends - per_stream)[stream]
+
     def _gather(self, stream: np.ndarray, offset: np.ndarray, seq_len: int) -> Batch:
         ring, seg = self.ring, self.ring.stream_capacity
         start = ring.physical_of(stream, offset)
@@ -283,6 +304,11 @@ class ReplayBuffer:
             if len(wrapped):
                 out[wrapped] = table[rows]
             gathered[dtype] = out.to(self.batch_device, non_blocking=True)
+        return self._assemble(gathered)
+
+    def _assemble(self, gathered: dict[torch.dtype, torch.Tensor]) -> Batch:
+        """The batch from gathered windows of the packed tables ([batch, seq_len, width] each)."""
+        ring = self.ring
         cols = {name: ring.unpack(name, gathered) for name in ring.columns}
         if self.obs_dtype != "float32":
             cols["obs"], cols["next_obs"] = cols["obs"].float(), cols["next_obs"].float()

@@ -59,6 +59,8 @@ class RingBuffer:
             start = widths.get(dtype, 0)
             widths[dtype] = start + prod(shape)
             self.slots[name] = (dtype, start, widths[dtype])
+        # Allocated once and only ever written in place: a recorded CUDA graph's gather (cuda_graph.py) reads them by
+        # address, and the columns below are views of them.
         self.tables = {dt: torch.zeros(self.capacity, w, dtype=dt, device=self.device) for dt, w in widths.items()}
         self.columns = {name: self.unpack(name, self.tables) for name in self.schema}  # views into the tables
         # On the host, numpy views of the same memory: a small slice write through numpy costs ~1 µs, through torch ~5.

@@ -92,7 +92,7 @@ class Trainer:
         buffer = collector.buffer
         val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
         model.to(self.device).train()
-        optimizer, update = self.build_update(model)
+        optimizer, update, sample = self.build_update(model, buffer)
         if resume_from is None:
             collector.collect(self.prefill)
             # Statistics from the prefill data, then frozen: see Normalizer.
@@ -113,7 +113,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 timer["env_steps"] += collector.collect(self.env_steps_per_update).steps
                 t1 = time.perf_counter()
-                values = update(buffer.sample(self.batch_size, self.seq_len))
+                values = update(sample(self.batch_size, self.seq_len))
                 timer["update_s"] += time.perf_counter() - t1
                 timer["collect_s"] += t1 - t0
                 timer["updates"] += 1
@@ -153,11 +153,14 @@ class Trainer:
         bar.close()
         return state["metrics"]
 
-    def build_update(self, model: WorldModel):
-        """(optimizer, update): update(batch) takes one gradient step and returns [loss, *terms] (detached, still on
-        the device). Nothing in it reads a value back to the host, so on a GPU the host goes on to sample the next
-        batch while the kernels of this update still run. With cuda_graph, the update is replayed as one CUDA graph
-        (cuda_graph.py)."""
+    def build_update(self, model: WorldModel, buffer: ReplayBuffer | None = None):
+        """(optimizer, update, sample): update(sample(batch_size, seq_len)) takes one gradient step on windows drawn
+        from `buffer` and returns [loss, *terms] (detached, still on the device). Nothing in it reads a value back to
+        the host, so on a GPU the host goes on to sample the next batch while the kernels of this update still run.
+
+        With cuda_graph, the update is replayed as one CUDA graph (cuda_graph.py). If `buffer`'s ring is on the
+        trainer's GPU, the graph gathers the batch too: sample is then buffer.draw (the rows of the windows) and
+        update gathers and trains on them. Otherwise sample is buffer.sample and update takes its Batch."""
         # One fused kernel for the whole parameter update instead of a handful per parameter tensor.
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=self.device.type in ("cuda", "cpu"))
         loss_fn = self._loss_fn(model)
@@ -172,9 +175,13 @@ class Trainer:
             optimizer.step()
             return values.detach()
 
-        if self.cuda_graph:
-            return optimizer, GraphedUpdate(update, optimizer, self.device)
-        return optimizer, update
+        sample = None if buffer is None else buffer.sample
+        if not self.cuda_graph:
+            return optimizer, update, sample
+        if buffer is not None and _same_device(buffer.device, self.device):
+            graphed = GraphedUpdate(update, optimizer, self.device, prepare=buffer.batch_at)
+            return optimizer, graphed, buffer.draw
+        return optimizer, GraphedUpdate(update, optimizer, self.device), sample
 
     def _loss_fn(self, model: WorldModel):
         """batch -> [loss, *terms] as one fp32 tensor, under bf16 autocast and/or torch.compile when configured."""
@@ -291,3 +298,8 @@ class Trainer:
         state["window_sums"] = payload["loop"]["window_sums"].to(self.device)
         state["first_nonfinite"] = payload["loop"]["first_nonfinite"].to(self.device)
         return state
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one ("cuda" is the current CUDA device, so it is "cuda:0" there)."""
+    return torch.empty(0, device=a).device == torch.empty(0, device=b).device
