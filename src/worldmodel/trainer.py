@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]  # they record CUDA graphs of their own: not inside trainer.cuda_graph's
+WINDOW_ROWS = 1024  # rows of a log window's values allocated at first (doubled if more updates come between logs)
 
 
 class Trainer:
@@ -231,33 +232,54 @@ class Trainer:
         return {
             "step": 0,
             "metrics": metrics,
-            # Summed on the device and read back only at log time: no host sync inside the update.
+            # The window between two logs: each update's [loss, *terms] is copied into a row here, on the device. One
+            # copy per update (one launch on a GPU, and no host sync); the rows are summed and checked at log time and
+            # before each checkpoint, which is also when they are read back.
+            "window_values": torch.empty(min(self.log_every, WINDOW_ROWS), len(self.terms), device=self.device),
+            "window_rows": 0,  # rows filled: updates window_start, window_start + 1, ...
+            "window_start": 0,
+            "window_updates": 0,  # the window's updates: its rows, and those window_sums carries
+            # Sums of the window's updates that have no row: a checkpoint written before window_values existed.
             "window_sums": torch.zeros(len(self.terms), device=self.device),
-            "window_updates": 0,
-            # Per term, the first update whose value was non-finite (-1 = none): tracked on the device for the same
-            # reason, so a divergence is reported at the exact update and term where it began.
-            "first_nonfinite": torch.full((len(self.terms),), -1, dtype=torch.long, device=self.device),
         }
 
     def _accumulate(self, state: dict, step: int, values: torch.Tensor) -> None:
-        state["window_sums"] += values
+        rows = state["window_rows"]
+        if rows == 0:
+            state["window_start"] = step
+        if rows == len(state["window_values"]):  # more updates between logs than rows: twice the rows
+            state["window_values"] = torch.cat([state["window_values"], torch.empty_like(state["window_values"])])
+        state["window_values"][rows] = values
+        state["window_rows"] = rows + 1
         state["window_updates"] += 1
-        fresh = (~torch.isfinite(values)) & (state["first_nonfinite"] < 0)
-        state["first_nonfinite"] = torch.where(fresh, step, state["first_nonfinite"])
+
+    def _window(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device: the window's sums per term, and per term the first update whose value was not finite (-1
+        for none), so a divergence is reported at the exact update and term where it began."""
+        rows = state["window_values"][: state["window_rows"]]
+        sums = state["window_sums"] + rows.sum(0)
+        if not len(rows):
+            return sums, torch.full(sums.shape, -1, dtype=torch.long, device=sums.device)
+        steps = torch.arange(state["window_start"], state["window_start"] + len(rows), device=rows.device)
+        bad = ~torch.isfinite(rows)
+        first = torch.where(bad, steps[:, None], torch.iinfo(torch.long).max).amin(0)
+        return sums, torch.where(bad.any(0), first, -1)
 
     def _flush_window(self, state: dict, checkpointer: Checkpointer | None) -> dict[str, float]:
-        self._check_finite(state, checkpointer)
-        means = (state["window_sums"] / state["window_updates"]).tolist()
-        state["window_updates"] = 0
+        sums = self._check_finite(state, checkpointer)
+        means = (sums / state["window_updates"]).tolist()
+        state["window_rows"] = state["window_updates"] = 0
         state["window_sums"].zero_()
         return {f"train/{name}": v for name, v in zip(self.terms, means)}
 
-    def _check_finite(self, state: dict, checkpointer: Checkpointer | None) -> None:
-        first = state["first_nonfinite"].tolist()
-        bad = [(s, name) for s, name in zip(first, self.terms) if s >= 0]
+    def _check_finite(self, state: dict, checkpointer: Checkpointer | None) -> torch.Tensor:
+        """Raises if an update of the window had a non-finite loss term; returns the window's sums."""
+        sums, first = self._window(state)
+        bad = [(s, name) for s, name in zip(first.tolist(), self.terms) if s >= 0]
         if bad:
             step = min(s for s, _ in bad)
             self._diverged(step, ", ".join(f"train/{n}" for s, n in bad if s == step), checkpointer)
+        return sums
 
     def _check_weights(self, model: WorldModel, step: int, checkpointer: Checkpointer | None) -> None:
         """The losses of update S are computed before update S changes the weights, so finite losses do not prove
@@ -283,7 +305,7 @@ class Trainer:
             "collector": collector.state_dict(),
             "rng": rng_state(),
             "metrics": state["metrics"],
-            "loop": {k: state[k] for k in ("step", "window_sums", "window_updates", "first_nonfinite")},
+            "loop": self._loop_state_dict(state),
         }
 
     def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
@@ -293,11 +315,25 @@ class Trainer:
         collector.buffer.load_state_dict(payload["buffer"])
         collector.load_state_dict(payload["collector"])
         set_rng_state(payload["rng"])
-        state = self._fresh_loop_state(dict(payload["metrics"]))
-        state.update({k: payload["loop"][k] for k in ("step", "window_updates")})
-        state["window_sums"] = payload["loop"]["window_sums"].to(self.device)
-        state["first_nonfinite"] = payload["loop"]["first_nonfinite"].to(self.device)
+        return self._restore_loop(payload["loop"], dict(payload["metrics"]))
+
+    def _restore_loop(self, loop: dict, metrics: dict) -> dict:
+        state = self._fresh_loop_state(metrics)
+        state.update({k: loop[k] for k in ("step", "window_updates")})
+        state["window_sums"] = loop["window_sums"].to(self.device)
+        # Checkpoints from before window_values carry their window in window_sums alone. (A checkpoint never holds a
+        # non-finite value: _check_finite runs before every save.)
+        rows = loop.get("window_values", state["window_values"][:0]).to(self.device)
+        state["window_values"] = torch.cat([rows, torch.empty_like(state["window_values"])])
+        state["window_rows"], state["window_start"] = len(rows), state["step"] - len(rows) + 1
         return state
+
+    def _loop_state_dict(self, state: dict) -> dict:
+        return {
+            **{k: state[k] for k in ("step", "window_sums", "window_updates")},
+            # The rows themselves, so a resumed run sums the same rows in the same order as one that never stopped.
+            "window_values": state["window_values"][: state["window_rows"]].clone(),
+        }
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
