@@ -170,8 +170,8 @@ def test_a_graph_that_takes_whole_batches_is_the_eager_update():
 @pytest.mark.parametrize("gather_in_graph", [True, False])
 def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update(gather_in_graph):
     """trainer.compile=true inside the graph: the warm-up updates compile the loss on the graph's own inputs, so the
-    recording needs no new compilation (a compiled function compiles again for inputs laid out differently: the
-    ring's sampled batches are strided views, the graph's own gather makes others)."""
+    recording needs no new compilation (a compiled function compiles again for inputs laid out differently, and the
+    batches are strided views of the gathered tables, whichever way they are gathered)."""
     assert_graphed_updates_are_eager_updates("gru", gather_in_graph, compile=True)
 
 

@@ -93,7 +93,11 @@ def sample_both_ways(buf: ReplayBuffer, batch_size: int, seq_len: int):
     rows = buf.draw(batch_size, seq_len)
     assert buf.rng.bit_generator.state == after
     assert rows.dtype == torch.int64 and rows.shape == (batch_size, seq_len)
-    assert_batches_equal(buf.batch_at(rows), batch)
+    gathered = buf.batch_at(rows)
+    assert_batches_equal(gathered, batch)
+    for name in DTYPES:  # torch.equal ignores dtypes; strides matter to a compiled loss
+        got, expected = getattr(gathered, name), getattr(batch, name)
+        assert (got.dtype, got.stride()) == (expected.dtype, expected.stride()), name
     return batch
 
 

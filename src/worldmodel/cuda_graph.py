@@ -81,7 +81,10 @@ class GraphedUpdate:
         if self.inputs is None:
             static = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in given.items()}
             self.inputs = replace(batch, **static) if is_dataclass(batch) else static[None]
-        for name, static in _tensors(self.inputs).items():
+        expected = _tensors(self.inputs)
+        if given.keys() != expected.keys():
+            raise ValueError(f"GraphedUpdate: recorded for {_kind(self.inputs)}, called with {_kind(batch)}")
+        for name, static in expected.items():
             value = given[name]
             if value.shape != static.shape or value.dtype != static.dtype:  # copy_ would broadcast or cast silently
                 raise ValueError(
@@ -115,6 +118,10 @@ def _tensors(inputs) -> dict[str | None, torch.Tensor]:
     if is_dataclass(inputs):
         return {f.name: getattr(inputs, f.name) for f in fields(inputs)}
     return {None: inputs}
+
+
+def _kind(inputs) -> str:
+    return f"a {type(inputs).__name__}" if is_dataclass(inputs) else "one tensor"
 
 
 @contextlib.contextmanager

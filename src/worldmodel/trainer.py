@@ -179,7 +179,7 @@ class Trainer:
         sample = None if buffer is None else buffer.sample
         if not self.cuda_graph:
             return optimizer, update, sample
-        if buffer is not None and _same_device(buffer.device, self.device):
+        if buffer is not None and _stored_on(buffer, self.device):
             graphed = GraphedUpdate(update, optimizer, self.device, prepare=buffer.batch_at)
             return optimizer, graphed, buffer.draw
         return optimizer, GraphedUpdate(update, optimizer, self.device), sample
@@ -336,6 +336,7 @@ class Trainer:
         }
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are one ("cuda" is the current CUDA device, so it is "cuda:0" there)."""
-    return torch.empty(0, device=a).device == torch.empty(0, device=b).device
+def _stored_on(buffer: ReplayBuffer, device: torch.device) -> bool:
+    """Whether `buffer`'s ring is on `device` ("cuda" means the current CUDA device, as for the model's .to)."""
+    table = next(iter(buffer.ring.tables.values()))
+    return table.device == torch.empty(0, device=device).device
