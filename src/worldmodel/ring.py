@@ -28,6 +28,16 @@ def torch_dtype(dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
+def copy_into(dest: torch.Tensor, index: slice | torch.Tensor, values: np.ndarray) -> None:
+    """dest[index] = host `values`, converted to dest's dtype on the host. Rows given as a slice of a GPU table are
+    copied straight from pinned memory into them, one transfer without a wait (see to_device)."""
+    if isinstance(index, slice):
+        source = torch.as_tensor(values, dtype=dest.dtype)
+        dest[index].copy_(source.pin_memory() if dest.device.type == "cuda" else source, non_blocking=True)
+    else:
+        dest[index] = to_device(values, dest.device, dest.dtype)
+
+
 def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host values (numpy or torch) as a tensor of `dtype` on `device`, converted on the host.
 
@@ -63,6 +73,7 @@ class RingBuffer:
         # address, and the columns below are views of them.
         self.tables = {dt: torch.zeros(self.capacity, w, dtype=dt, device=self.device) for dt, w in widths.items()}
         self.columns = {name: self.unpack(name, self.tables) for name in self.schema}  # views into the tables
+        self._packing = {dt: [name for name in self.schema if self.slots[name][0] == dt] for dt in self.tables}
         # On the host, numpy views of the same memory: a small slice write through numpy costs ~1 µs, through torch ~5.
         self._host = {name: col.numpy() for name, col in self.columns.items()
                       if self.device.type == "cpu" and col.dtype != torch.bfloat16}  # fmt: skip
@@ -118,14 +129,22 @@ class RingBuffer:
 
     def _write(self, rows_at: slice | np.ndarray, values: Mapping[str, np.ndarray]) -> None:
         """Stores values[name] (already cut to the rows kept) at physical rows `rows_at` of each column."""
-        index = None
-        for name, value in values.items():
-            if name in self._host and isinstance(rows_at, slice):  # scattered rows: torch's index_put is faster
-                self._host[name][rows_at] = value
-                continue
-            if index is None:
-                index = rows_at if isinstance(rows_at, slice) else to_device(rows_at, self.device)
-            self.columns[name][index] = to_device(value, self.device, self.schema[name][1])
+        rest = dict(values)
+        if isinstance(rows_at, slice):  # scattered rows: torch's index_put is faster
+            for name in [name for name in rest if name in self._host]:
+                self._host[name][rows_at] = rest.pop(name)
+        if not rest:
+            return
+        index = rows_at if isinstance(rows_at, slice) else to_device(rows_at, self.device)
+        # The columns of a table written together are packed on the host first: one copy per table, not per column
+        # (on a GPU each copy is a transfer and a launch, and a collected step writes every column).
+        for dtype, names in self._packing.items():
+            if all(name in rest for name in names):
+                n = len(rest[names[0]])
+                packed = np.concatenate([rest.pop(name).reshape(n, -1) for name in names], axis=1)
+                copy_into(self.tables[dtype], index, packed)
+        for name, value in rest.items():
+            copy_into(self.columns[name], index, value)
 
     def extend_streams(self, valid: np.ndarray, **rows) -> None:
         """Writes a block of steps of every stream at once: rows[name] is [T, streams, ...] and valid [T, streams]
