@@ -91,7 +91,8 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
 
 def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     """Last value of every val/* scalar in the job's own event files (not its subdirectories), and whether the job
-    finished (its hparams/* summary, written at the end of a run)."""
+    finished: its hparams/* summary, written at the end of a run, is at least as late as its last val/* point (a
+    finished run continued for more updates and stopped again has an older summary)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
@@ -99,7 +100,12 @@ def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     acc.Reload()
     tags = acc.Tags()["scalars"]
     finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX)}
-    return finals, any(tag.startswith(FINISHED_PREFIX) for tag in tags)
+
+    def last_step(prefix: str) -> int | None:
+        return max((acc.Scalars(tag)[-1].step for tag in tags if tag.startswith(prefix)), default=None)
+
+    summary, latest = last_step(FINISHED_PREFIX), last_step(METRIC_PREFIX)
+    return finals, summary is not None and (latest is None or summary >= latest)
 
 
 def load_jobs(sweep_dir: Path) -> list[Job]:

@@ -146,6 +146,30 @@ def test_submitit_sweeps_resume_requeued_jobs_and_slurm_preset_composes(launcher
     assert AUTO_RESUME not in OmegaConf.to_container(explicit.hydra.overrides.task)  # the user's own choice stands
 
 
+def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_path):
+    """A run finished at update 10 (its hparams/* summary), then resumed for more updates and stopped at 30: its last
+    val/* point is not the final one of any finished run, so summarize.py must not average it in; once the
+    continued run finishes, it counts again."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import read_finals
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    with Logger(tmp_path) as logger:
+        logger.log({"val/loss": 0.5}, step=0)
+        logger.log({"val/loss": 0.25}, step=10)
+        logger.log_hparams({"seed": 0}, {"val/loss": 0.25}, step=10)
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, True)
+    with Logger(tmp_path, purge_step=11) as logger:  # trainer.resume=true trainer.steps=40, stopped at 30
+        logger.log({"val/loss": 0.125}, step=20)
+        logger.log({"val/loss": 0.0625}, step=30)
+    assert read_finals(tmp_path) == ({"val/loss": 0.0625}, False)
+    with Logger(tmp_path, purge_step=31) as logger:
+        logger.log({"val/loss": 0.03125}, step=40)
+        logger.log_hparams({"seed": 0}, {"val/loss": 0.03125}, step=40)
+    assert read_finals(tmp_path) == ({"val/loss": 0.03125}, True)
+
+
 def test_summarize_refuses_a_directory_without_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("no runs here")
     proc = summarize(tmp_path)
