@@ -43,7 +43,10 @@ def main(cfg: DictConfig) -> float:
         spec = env_spec(env)
         dims = {"obs_dim": spec.obs_dim, "action_dim": spec.action_dim}
         streams = getattr(env, "num_envs", 1)  # one replay stream per env, so no sequence mixes two envs
-        buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed)
+        # A resumed run's buffer comes whole from its checkpoint: its dataset file is not read again (it may have moved).
+        dataset = None if resume_from else cfg.buffer.dataset
+        buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed,
+                             dataset=dataset)  # fmt: skip
         model = instantiate(cfg.model, **dims)
         trainer = instantiate(cfg.trainer, device=device)
 
