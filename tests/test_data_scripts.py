@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from conftest import REPO, TINY, run_train, train_env
 
@@ -27,13 +28,25 @@ def test_collect_train_offline_and_evaluate(tmp_path):
     run_dir = tmp_path / "run"  # offline: the dataset only, no env steps at all
     run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",
                "trainer.eval_horizon=5", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    # The dataset moves; the run still resumes for more updates: its buffer comes from the checkpoint.
+    moved = data.rename(tmp_path / "moved.npz")
+    run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",
+               "trainer.eval_horizon=5", f"hydra.run.dir={run_dir}", "trainer.steps=160", "trainer.resume=true"])  # fmt: skip
     ckpt = run_dir / "checkpoints" / "last.pt"
-    proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={data}", "horizon=5", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert torch.load(ckpt, weights_only=True)["loop"]["step"] == 160
+    proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={moved}", "horizon=5", f"hydra.run.dir={tmp_path / 'e'}"])
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert set(metrics["nmse"]) == {"1", "5"} and set(metrics["copy_last_nmse"]) == {"1", "5"}
     assert metrics["nmse"]["1"] < metrics["copy_last_nmse"]["1"]
     assert "horizon" in proc.stdout and "copy-last" in proc.stdout
+
+    # Into a directory that holds files (the training run's, or an earlier evaluation's): refused, nothing changed.
+    for used in (run_dir, tmp_path / "e"):
+        before = {p: p.read_bytes() for p in used.rglob("*") if p.is_file()}
+        proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={moved}", f"hydra.run.dir={used}"])
+        assert proc.returncode == 2 and f"hydra.run.dir={used} already holds files" in proc.stderr, proc.stderr
+        assert {p: p.read_bytes() for p in used.rglob("*") if p.is_file()} == before
 
 
 def test_evaluate_refuses_data_of_another_env(tmp_path):

@@ -111,6 +111,29 @@ class PreflightChecks(Callback):
             check_sweep_jobs(config)
 
 
+class FreshRunDir(Callback):
+    """For scripts that write into a run directory of their own (evaluate.py, collect.py): refuses one that already
+    holds files, before Hydra writes its .hydra/ there, which would replace another run's saved config and overrides
+    (what resuming and summarize.py read). A -m sweep's directory must not hold files either."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._refuse_used(Path(OmegaConf.select(config, "hydra.run.dir")), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._refuse_used(Path(OmegaConf.select(config, "hydra.sweep.dir")), "hydra.sweep.dir")
+
+    @staticmethod
+    def _refuse_used(run_dir: Path, key: str) -> None:
+        held = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+        with user_errors(job=False):
+            if held:
+                raise WorldModelError(
+                    f"{key}={run_dir} already holds files ({', '.join(p.name for p in held[:3])}"
+                    f"{', ...' if len(held) > 3 else ''}): this script writes its own .hydra/ and outputs there, over "
+                    f"theirs. Nothing was changed. Choose a new directory (drop the {key} override)."
+                )
+
+
 def task_config(config: DictConfig) -> DictConfig:
     """A callback's config without its `hydra` node: what the task (scripts/train.py) receives."""
     return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
