@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> dict:
         for key in ("context", "horizon", "max_windows"):
             if not isinstance(cfg[key], int) or cfg[key] < 1:
                 raise ConfigError(key, cfg[key], "an integer >= 1")
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, key="device")
         model, payload = load_world_model(cfg.checkpoint, device)
         spec = payload["env_spec"]
         # The dataset goes through the same buffer as training data, so windows follow the same episode rules.

@@ -59,3 +59,7 @@ def test_evaluate_refuses_data_of_another_env(tmp_path):
     assert proc.returncode == 2 and "`obs` has shape [1, 201, 3]" in proc.stderr and "[N, T+1, 4]" in proc.stderr
     proc = script("evaluate.py", [f"checkpoint={tmp_path / 'none.pt'}", f"data={data}", f"hydra.run.dir={tmp_path / 'e2'}"])
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    if not torch.cuda.is_available():  # the key named is evaluate.yaml's own
+        proc = script("evaluate.py", [f"checkpoint={tmp_path / 'none.pt'}", f"data={data}", "device=cuda",
+                                      f"hydra.run.dir={tmp_path / 'e3'}"])  # fmt: skip
+        assert proc.returncode == 2 and "`device=cuda`" in proc.stderr, proc.stderr

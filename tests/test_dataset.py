@@ -61,6 +61,9 @@ def malformed(data, key, value):
         (lambda d: malformed(d, "actions", d["actions"] + 5), "outside 0..1"),
         (lambda d: malformed(d, "obs", np.where(np.arange(d["obs"].shape[1])[None, :, None] == 1, np.nan, d["obs"])),
          "`obs` holds"),
+        (lambda d: malformed(d, "terminated", d["terminated"] * 0.5), "`terminated` has shape"),
+        (lambda d: malformed(d, "truncated", d["truncated"].astype(str)), "booleans (or 0/1 numbers)"),
+        (lambda d: malformed(d, "actions", d["actions"].astype(np.float32)), "integer action indices (Discrete"),
     ],
 )
 def test_malformed_files_name_the_key(tmp_path, break_it, message):
@@ -127,3 +130,12 @@ def test_collecting_episodes_longer_than_the_buffer_guess_keeps_their_start():
     data = collect_episodes(env, spec, RandomPolicy(env.action_space, 0), episodes=1, seed=0, chunk=500)
     assert data["lengths"].tolist() == [2500] and data["truncated"][0, 2499]
     np.testing.assert_array_equal(data["obs"][0, 0], make().reset(seed=0)[0])
+
+
+def test_flags_stored_as_0_1_numbers_load_as_booleans(tmp_path):
+    spec, data = record("CartPole-v1", 3)
+    path = tmp_path / "flags.npz"
+    np.savez(path, **{**data, "terminated": data["terminated"].astype(np.float32), "truncated": data["truncated"] * 1})
+    loaded = load_dataset(path, spec.obs_dim, spec.action_dim)
+    for name in ("terminated", "truncated"):
+        assert loaded[name].dtype == bool and np.array_equal(loaded[name], data[name])

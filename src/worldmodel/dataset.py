@@ -107,9 +107,15 @@ def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "bu
         expect("actions", ok, f"[{n}, {t}] or [{n}, {t}, 1] integer action indices (Discrete env)")
         actions = actions.reshape(n, t)
     else:
-        expect("actions", actions.shape == (n, t, action_dim), f"[{n}, {t}, {action_dim}] floats (Box actions)")
+        expect("actions", actions.shape == (n, t, action_dim), f"[{n}, {t}, {action_dim}] floats (Box actions), or "
+               f"[{n}, {t}] integer action indices (Discrete actions)")  # fmt: skip
     for name in ("rewards", "terminated", "truncated"):
         expect(name, found[name].shape == (n, t), f"[{n}, {t}]")
+    for name in ("terminated", "truncated"):
+        flags = found[name]
+        numeric = flags.dtype == bool or np.issubdtype(flags.dtype, np.number)
+        expect(name, numeric and bool(np.isin(flags, (0, 1)).all()), f"[{n}, {t}] booleans (or 0/1 numbers)")
+        found[name] = flags.astype(bool)
     expect("lengths", lengths.shape == (n,) and np.issubdtype(lengths.dtype, np.integer), f"[{n}] integers")
     if n == 0 or lengths.min() < 1 or lengths.max() > t:
         raise DatasetError(f"Dataset {where}: key `lengths` must hold N >= 1 values in 1..{t} (the padded length).")
