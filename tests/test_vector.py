@@ -158,3 +158,22 @@ def test_block_drawn_actions_store_what_per_step_calls_store(env_id):
     for name in buffers[0]:
         np.testing.assert_array_equal(buffers[0][name], buffers[1][name], err_msg=name)
     assert policies[0].state_dict() == policies[1].state_dict()
+
+
+def test_a_prefill_left_short_by_autoreset_steps_is_topped_up_to_one_window():
+    """4 CartPole envs, prefill 160 = num_envs x seq_len 40, the least config validation accepts: the autoreset steps
+    store nothing, so no stream holds 40 transitions. The trainer collects on, a step of every env at a time, until
+    one does, rather than failing at the first update after validation and logging have begun."""
+    from worldmodel.trainer import Trainer
+
+    env = make_env("CartPole-v1", seed=0, num_envs=4)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=4, seed=0)
+    collector = make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+    collector.collect(160)
+    assert not buffer.can_sample(40)
+    before = collector.total_steps
+    Trainer(steps=1, prefill=160, batch_size=1, seq_len=40, lr=1e-3)._top_up(collector)
+    assert buffer.can_sample(40) and not buffer.can_sample(41)  # one step of every env at a time, no more
+    assert 0 < collector.total_steps - before <= 4 * 2 * 40
+    buffer.sample(8, 40)

@@ -135,6 +135,10 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.ring)
 
+    def can_sample(self, seq_len: int) -> bool:
+        """Whether some stream holds a window of seq_len transitions (what `sample` needs)."""
+        return int(self.ring.sizes.max()) >= int(seq_len) >= 1
+
     def newest_rows(self) -> np.ndarray:
         """Logical index of each non-empty stream's newest row (where that stream's data ends, maybe mid-episode)."""
         sizes = self.ring.sizes

@@ -96,6 +96,8 @@ class Trainer:
         optimizer, update, sample = self.build_update(model, buffer)
         if resume_from is None:
             collector.collect(self.prefill)
+            if self.prefill:
+                self._top_up(collector)
             # Statistics from the prefill data, then frozen: see Normalizer.
             stored = buffer[:]
             model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
@@ -153,6 +155,19 @@ class Trainer:
                     raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
         bar.close()
         return state["metrics"]
+
+    def _top_up(self, collector: Collector) -> None:
+        """A vectorized env's autoreset steps store nothing (see vector.py), so `prefill` env steps can leave every
+        stream a few transitions short of one window, which config validation cannot foresee. Collect on, one step of
+        every env at a time, until the first update can sample: at most every other step is a reset step."""
+        buffer, extra = collector.buffer, 0
+        for _ in range(2 * self.seq_len):
+            if buffer.can_sample(self.seq_len):
+                break
+            extra += collector.collect(buffer.streams).steps
+        if extra:
+            log.info("prefill: %d more env steps, so that a stream holds trainer.seq_len=%d transitions (autoreset "
+                     "steps store none)", extra, self.seq_len)  # fmt: skip
 
     def build_update(self, model: WorldModel, buffer: ReplayBuffer | None = None):
         """(optimizer, update, sample): update(sample(batch_size, seq_len)) takes one gradient step on windows drawn
