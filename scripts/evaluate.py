@@ -27,7 +27,7 @@ from worldmodel.runtime import resolve_device
 def main(cfg: DictConfig) -> dict:
     with user_errors():
         for key in ("context", "horizon", "max_windows"):
-            if not isinstance(cfg[key], int) or cfg[key] < 1:
+            if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
                 raise ConfigError(key, cfg[key], "an integer >= 1")
         device = resolve_device(cfg.device, key="device")
         model, payload = load_world_model(cfg.checkpoint, device)

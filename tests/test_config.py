@@ -89,6 +89,7 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("env.id=CartPole-v9", "env.id", "registered gymnasium id"),
         ("env.id=NoSuchEnv-v0", "env.id", "registered gymnasium id"),
         ("env.num_envs=0", "env.num_envs", ">= 1"),
+        ("env.max_episode_steps=0", "env.max_episode_steps", ">= 1 or null"),
         ("env.vectorization_mode=threads", "env.vectorization_mode", "sync, async"),
         ("buffer.obs_dtype=int8", "buffer.obs_dtype", "float32, float16, bfloat16"),
         ("buffer.device=tpu", "buffer.device", "auto, cpu, cuda"),

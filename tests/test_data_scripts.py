@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from conftest import REPO, TINY, run_train, train_env
+from worldmodel import make_env
 
 
 def script(name: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -63,3 +64,16 @@ def test_evaluate_refuses_data_of_another_env(tmp_path):
         proc = script("evaluate.py", [f"checkpoint={tmp_path / 'none.pt'}", f"data={data}", "device=cuda",
                                       f"hydra.run.dir={tmp_path / 'e3'}"])  # fmt: skip
         assert proc.returncode == 2 and "`device=cuda`" in proc.stderr, proc.stderr
+
+
+def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(tmp_path):
+    for override, key in (("sticky_prob=1.5", "sticky_prob"), ("seed=-1", "seed"), ("episodes=true", "episodes")):
+        proc = script("collect.py", [override, "policy=sticky", f"out={tmp_path / 'x.npz'}",
+                                     f"hydra.run.dir={tmp_path / key}"])  # fmt: skip
+        assert proc.returncode == 2 and f"`{override}`".lower() in proc.stderr.lower(), proc.stderr
+        assert not (tmp_path / "x.npz").exists()
+    data = tmp_path / "seed0.npz"
+    assert script("collect.py", ["episodes=3", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0
+    train_env = make_env("CartPole-v1", seed=0)  # as scripts/train.py seed=0 builds and first resets it
+    first, _ = train_env.reset(seed=0)
+    assert not np.allclose(np.load(data)["obs"][0, 0], first)

@@ -118,3 +118,11 @@ def test_random_policy_block_equals_single_draws(policy, space, seed, steps):
     np.testing.assert_array_equal(drawn, expected)
     assert block.state_dict() == single.state_dict()
     np.testing.assert_array_equal(block(None), single(None))
+
+
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_a_keyword_the_env_does_not_take_names_env_kwargs(num_envs):
+    with pytest.raises(ConfigError) as err:
+        make_env("Pendulum-v1", seed=0, kwargs={"gravity": 9.81}, num_envs=num_envs)  # Pendulum takes g, not gravity
+    assert err.value.key == "env.kwargs" and "gravity" in str(err.value)
+    assert make_env("Pendulum-v1", seed=0, kwargs={"g": 9.81}, num_envs=num_envs) is not None

@@ -101,4 +101,6 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
             raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
     check_env_id(cfg.env.id)
+    if cfg.env.get("max_episode_steps") is not None:
+        _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
 

@@ -103,7 +103,17 @@ def make_env(
     kwargs = dict(kwargs or {})
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
-    if int(num_envs) == 1:
+    try:
+        env = _make(id, kwargs, int(num_envs), vectorization_mode)
+    except TypeError as err:  # gymnasium passes env.kwargs to the env's constructor: an argument it does not take
+        raise ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})") from None
+    env.action_space.seed(seed)
+    env_spec(env)  # refuse unsupported spaces now, not at the first sample
+    return env
+
+
+def _make(id: str, kwargs: dict, num_envs: int, vectorization_mode: str | None) -> gym.Env | gym.vector.VectorEnv:
+    if num_envs == 1:
         env = gym.make(id, **kwargs)
     else:
         has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
@@ -115,9 +125,7 @@ def make_env(
         if vectorization_mode == "sync":
             # What make_vec builds for "sync", but from a partial, which pickles (make_vec's local closure does not):
             # a checkpoint then holds the envs' exact state, and a resumed run stays bit-identical.
-            env = gym.vector.SyncVectorEnv([functools.partial(gym.make, id, **kwargs)] * int(num_envs))
+            env = gym.vector.SyncVectorEnv([functools.partial(gym.make, id, **kwargs)] * num_envs)
         else:
-            env = gym.make_vec(id, num_envs=int(num_envs), vectorization_mode=vectorization_mode, **kwargs)
-    env.action_space.seed(seed)
-    env_spec(env)  # refuse unsupported spaces now, not at the first sample
+            env = gym.make_vec(id, num_envs=num_envs, vectorization_mode=vectorization_mode, **kwargs)
     return env

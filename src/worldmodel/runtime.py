@@ -14,6 +14,10 @@ from worldmodel.errors import ConfigError
 #: Held-out validation episodes come from an env seeded this far from the run's seed, so no sweep over nearby seeds
 #: ever trains one run on another run's validation episodes.
 VAL_SEED_OFFSET = 1_000_003
+#: scripts/collect.py seeds its env and policy this far from its `seed`, so a dataset never holds the episodes of a
+#: training run (or of its validation) seeded nearby: evaluating a seed-0 model on a seed-0 dataset is not scoring it
+#: on its own training data.
+DATASET_SEED_OFFSET = 2_000_003
 
 
 def seed_everything(seed: int) -> None:
