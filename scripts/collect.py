@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from worldmodel.cli import user_errors
+from worldmodel.config import validate_env
 from worldmodel.dataset import collect_episodes, save_dataset
 from worldmodel.env import env_spec
 from worldmodel.errors import ConfigError, WorldModelError
@@ -32,6 +33,7 @@ def main(cfg: DictConfig) -> None:
         policies = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
         if cfg.policy not in policies:
             raise ConfigError("policy", cfg.policy, f"one of {', '.join(policies)}")
+        validate_env(cfg)
         prob = cfg.sticky_prob
         if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0 <= prob <= 1:
             raise ConfigError("sticky_prob", prob, "a number in [0, 1] (the chance of repeating the previous action)")

@@ -91,8 +91,8 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
 
 def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     """Last value of every val/* scalar in the job's own event files (not its subdirectories), and whether the job
-    finished: its hparams/* summary, written at the end of a run, is at least as late as its last val/* point (a
-    finished run continued for more updates and stopped again has an older summary)."""
+    finished: its hparams/* summary, written at the end of a run, is at least as late as every other point it logged
+    (a finished run continued for more updates and stopped again has an older summary)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
@@ -101,10 +101,11 @@ def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     tags = acc.Tags()["scalars"]
     finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX)}
 
-    def last_step(prefix: str) -> int | None:
-        return max((acc.Scalars(tag)[-1].step for tag in tags if tag.startswith(prefix)), default=None)
+    def last_step(summaries: bool) -> int | None:
+        steps = [acc.Scalars(tag)[-1].step for tag in tags if tag.startswith(FINISHED_PREFIX) == summaries]
+        return max(steps, default=None)
 
-    summary, latest = last_step(FINISHED_PREFIX), last_step(METRIC_PREFIX)
+    summary, latest = last_step(True), last_step(False)
     return finals, summary is not None and (latest is None or summary >= latest)
 
 

@@ -126,3 +126,15 @@ def test_a_keyword_the_env_does_not_take_names_env_kwargs(num_envs):
         make_env("Pendulum-v1", seed=0, kwargs={"gravity": 9.81}, num_envs=num_envs)  # Pendulum takes g, not gravity
     assert err.value.key == "env.kwargs" and "gravity" in str(err.value)
     assert make_env("Pendulum-v1", seed=0, kwargs={"g": 9.81}, num_envs=num_envs) is not None
+
+
+class _BuggyEnv(gym.Env):
+    def __init__(self, size: int = 3):
+        len(size)  # a bug of the env's own: a TypeError that has nothing to do with the keywords given
+
+
+def test_an_envs_own_type_error_is_not_blamed_on_env_kwargs():
+    gym.register(id="BuggyTypeError-v0", entry_point=_BuggyEnv)
+    for kwargs in ({}, {"size": 4}):
+        with pytest.raises(TypeError, match="has no len"):
+            make_env("BuggyTypeError-v0", seed=0, kwargs=kwargs)

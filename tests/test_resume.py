@@ -173,10 +173,14 @@ def test_weights_that_overflow_are_never_checkpointed(tmp_path):
     assert "no checkpoint had been written yet" in proc.stderr and step_checkpoints(tmp_path) == []
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("eval_every", [40, 30], ids=["evaluations-at-logs", "evaluations-between-logs"])
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, eval_every):
+    """The error names the first update whose training loss was non-finite, also when an evaluation between two
+    logs (eval_every=30, log_every=20) meets the diverged weights first."""
     run_dir = tmp_path / "run"
     # Observations turn NaN from the 501st env step: prefill 300 + one step per update -> update 201 adds the first.
-    args = ["env.id=nan_env:NanCartPole-v0", "+env.kwargs.nan_after=500", "trainer.checkpoint_every=50"]
+    args = ["env.id=nan_env:NanCartPole-v0", "+env.kwargs.nan_after=500", "trainer.checkpoint_every=50",
+            f"trainer.eval_every={eval_every}"]  # fmt: skip
     proc = run_train([*RUN, *args, "trainer.steps=400", f"hydra.run.dir={run_dir}"], check=False)
     assert proc.returncode == 2
     diverged_at = int(re.search(r"non-finite at update (\d+)", proc.stderr).group(1))

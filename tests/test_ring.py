@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worldmodel.replay import ReplayBuffer
 from worldmodel.ring import RingBuffer
 
 # A vector column, a scalar bool and an integer id: covers the shapes and dtypes ReplayBuffer uses.
@@ -259,3 +260,12 @@ def test_capacity_one_keeps_only_newest():
         assert_holds(ring, [i])
     ring.extend(**rows([10, 11, 12]))
     assert_holds(ring, [12])
+
+
+@pytest.mark.parametrize("obs_dtype", ["float32", "bfloat16"])  # bfloat16: the packed path numpy cannot write
+def test_extending_by_zero_rows_stores_nothing(obs_dtype):
+    buf = ReplayBuffer(8, 3, 2, obs_dtype=obs_dtype)
+    empty = {"obs": np.zeros((0, 3)), "action": np.zeros((0, 2)), "reward": np.zeros(0), "next_obs": np.zeros((0, 3)),
+             "terminated": np.zeros(0, bool), "truncated": np.zeros(0, bool)}  # fmt: skip
+    buf.extend(**empty)
+    assert len(buf) == 0

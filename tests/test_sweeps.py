@@ -160,12 +160,15 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
         logger.log({"val/loss": 0.25}, step=10)
         logger.log_hparams({"seed": 0}, {"val/loss": 0.25}, step=10)
     assert read_finals(tmp_path) == ({"val/loss": 0.25}, True)
-    with Logger(tmp_path, purge_step=11) as logger:  # trainer.resume=true trainer.steps=40, stopped at 30
+    with Logger(tmp_path, purge_step=11) as logger:  # trainer.resume=true trainer.steps=40, stopped at 15
+        logger.log({"train/loss": 0.2}, step=15)  # before its next evaluation: no new val/* point yet
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, False)
+    with Logger(tmp_path, purge_step=16) as logger:  # resumed again, stopped at 30
         logger.log({"val/loss": 0.125}, step=20)
-        logger.log({"val/loss": 0.0625}, step=30)
+        logger.log({"val/loss": 0.0625, "train/loss": 0.1}, step=30)
     assert read_finals(tmp_path) == ({"val/loss": 0.0625}, False)
     with Logger(tmp_path, purge_step=31) as logger:
-        logger.log({"val/loss": 0.03125}, step=40)
+        logger.log({"val/loss": 0.03125, "train/loss": 0.05}, step=40)
         logger.log_hparams({"seed": 0}, {"val/loss": 0.03125}, step=40)
     assert read_finals(tmp_path) == ({"val/loss": 0.03125}, True)
 

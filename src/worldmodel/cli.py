@@ -7,6 +7,7 @@ import contextlib
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
@@ -30,17 +31,22 @@ class JobFailed(Exception):
 
 
 @contextlib.contextmanager
-def user_errors(job: bool = True):
+def user_errors(job: bool = True, callback: bool = False):
     """Reports a WorldModelError as one paragraph and exits with code 2: sys.exit, not an exception, since Hydra turns
     exceptions raised in callbacks into warnings and prints a traceback for those raised in the task. Inside a job of
     a -m sweep (`job`: not a sweep-wide callback) it raises JobFailed instead: sys.exit would end the whole sweep,
-    while a failed job lets the launcher run the others (a diverged Optuna trial is then a failed trial)."""
+    while a failed job lets the launcher run the others (a diverged Optuna trial is then a failed trial). With
+    WORLDMODEL_DEBUG set the error is raised with its traceback, except in a `callback`, where Hydra would make it a
+    warning and go on: there the traceback is printed and the script still exits."""
     try:
         yield
     except (WorldModelError, InstantiationException) as err:
         # hydra.utils.instantiate wraps what a constructor raises (make_env's check of the env's spaces, a dataset
         # that does not fit) in its own exception: the user's mistake is the cause.
         mistake = err.__cause__ if isinstance(err, InstantiationException) else err
+        if os.environ.get(DEBUG_ENV) and callback and isinstance(mistake, WorldModelError):
+            traceback.print_exc()
+            sys.exit(2)
         if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
             raise
         print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
@@ -80,7 +86,7 @@ class PreflightChecks(Callback):
         found = [p for _, p in step_checkpoints(run_dir)] + [p for p in [last_checkpoint(run_dir)] if p.exists()]
         # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
-        with user_errors():
+        with user_errors(callback=True):
             validate_config(task_cfg)
             if task_cfg.trainer.resume:
                 # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
@@ -101,7 +107,7 @@ class PreflightChecks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
-        with user_errors(job=False):
+        with user_errors(job=False, callback=True):
             if finished:
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
@@ -125,7 +131,7 @@ class FreshRunDir(Callback):
     @staticmethod
     def _refuse_used(run_dir: Path, key: str) -> None:
         held = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
-        with user_errors(job=False):
+        with user_errors(job=False, callback=True):
             if held:
                 raise WorldModelError(
                     f"{key}={run_dir} already holds files ({', '.join(p.name for p in held[:3])}"

@@ -47,18 +47,27 @@ def _validate_model(cfg: DictConfig) -> None:
         raise ConfigError("model.propagation", model.propagation, "mean or members")
 
 
+def validate_env(cfg: DictConfig) -> int:
+    """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
+    check_env_id(cfg.env.id)
+    envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
+    mode = cfg.env.get("vectorization_mode")
+    if mode is not None and mode not in VECTORIZATION_MODES:
+        raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
+    if cfg.env.get("max_episode_steps") is not None:
+        _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
+    return envs
+
+
 def validate_config(cfg: DictConfig, here: bool = True) -> None:
     """Raises ConfigError for the first bad value. here=False: the run happens on another machine (a SLURM sweep's
     jobs), so the devices asked for are not checked against this one's."""
     t = cfg.trainer
     _int(cfg, "seed", 0)
     seq_len = _int(cfg, "trainer.seq_len", 1)
-    envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
+    envs = validate_env(cfg)
     _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
          "env's stream must hold one sequence)")  # fmt: skip
-    mode = cfg.env.get("vectorization_mode")
-    if mode is not None and mode not in VECTORIZATION_MODES:
-        raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
     resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device", here=here)
     obs_storage_dtype(cfg.buffer.get("obs_dtype", "float32"))
     _int(cfg, "trainer.steps", 1)
@@ -100,7 +109,4 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
         if device.type != "cuda" and (here or str(t.device) != "auto"):  # elsewhere, auto may still mean cuda
             raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
-    check_env_id(cfg.env.id)
-    if cfg.env.get("max_episode_steps") is not None:
-        _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
 

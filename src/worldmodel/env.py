@@ -103,10 +103,13 @@ def make_env(
     kwargs = dict(kwargs or {})
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
+    num_envs = int(num_envs)
     try:
-        env = _make(id, kwargs, int(num_envs), vectorization_mode)
-    except TypeError as err:  # gymnasium passes env.kwargs to the env's constructor: an argument it does not take
-        raise ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})") from None
+        env = _make(id, kwargs, num_envs, vectorization_mode)
+    except TypeError as err:  # gymnasium passes env.kwargs to the env's constructor: one it does not take?
+        if not any(f"keyword argument '{key}'" in str(err) for key in kwargs):
+            raise
+        raise ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})") from err
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
     return env

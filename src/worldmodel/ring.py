@@ -141,7 +141,8 @@ class RingBuffer:
         for dtype, names in self._packing.items():
             if all(name in rest for name in names):
                 n = len(rest[names[0]])
-                packed = np.concatenate([rest.pop(name).reshape(n, -1) for name in names], axis=1)
+                widths = [self.slots[name][2] - self.slots[name][1] for name in names]
+                packed = np.concatenate([rest.pop(name).reshape(n, w) for name, w in zip(names, widths)], axis=1)
                 copy_into(self.tables[dtype], index, packed)
         for name, value in rest.items():
             copy_into(self.columns[name], index, value)

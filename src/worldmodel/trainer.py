@@ -140,6 +140,7 @@ class Trainer:
                     val = self.evaluate(model, val_collector.buffer)
                     bad = [k for k, v in val.items() if not math.isfinite(v)]
                     if bad:
+                        self._check_finite(state, checkpointer)  # an update of the window may have diverged first
                         self._diverged(step, ", ".join(bad), checkpointer)
                     self._log_eval(logger, val, model, val_collector.buffer, step)
                     log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
@@ -166,7 +167,7 @@ class Trainer:
                 break
             extra += collector.collect(buffer.streams).steps
         if extra:
-            log.info("prefill: %d more env steps, so that a stream holds trainer.seq_len=%d transitions (autoreset "
+            log.info("prefill: %d more transitions collected, so that a stream holds trainer.seq_len=%d (autoreset "
                      "steps store none)", extra, self.seq_len)  # fmt: skip
 
     def build_update(self, model: WorldModel, buffer: ReplayBuffer | None = None):
