@@ -6,6 +6,7 @@ Each row carries a unique integer `id`, so any misplaced, stale or skipped row s
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -269,3 +270,33 @@ def test_extending_by_zero_rows_stores_nothing(obs_dtype):
              "terminated": np.zeros(0, bool), "truncated": np.zeros(0, bool)}  # fmt: skip
     buf.extend(**empty)
     assert len(buf) == 0
+
+
+@pytest.mark.parametrize("obs_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("streams", [1, 3])
+def test_packed_writes_store_what_column_writes_store(monkeypatch, obs_dtype, streams):
+    """A GPU ring packs each table's columns on the host and writes once per table (ring.WRITE_AS_ON_GPU makes a host
+    ring write that way): after the same writes of every kind, both rings hold the same tables, bit for bit."""
+    from worldmodel import ring as ring_module
+
+    rng = np.random.default_rng(0)
+    rings = {packed: ReplayBuffer(3 * 7, 3, 2, streams=streams, obs_dtype=obs_dtype) for packed in (False, True)}
+
+    def rows(*lead):
+        return {"obs": rng.normal(size=(*lead, 3)), "action": rng.normal(size=(*lead, 2)),
+                "reward": rng.normal(size=lead), "next_obs": rng.normal(size=(*lead, 3)),
+                "terminated": rng.random(lead) < 0.2, "truncated": rng.random(lead) < 0.2}  # fmt: skip
+
+    def on_both(method, *args, **kwargs):
+        for packed, buf in rings.items():
+            monkeypatch.setattr(ring_module, "WRITE_AS_ON_GPU", packed)
+            getattr(buf, method)(*args, **kwargs)
+
+    for n in (0, 1, 5, 9, 30):  # 30 rows: more than a stream holds
+        on_both("extend", **rows(n), stream=n % streams)
+        valid = rng.random((4, streams)) > 0.3
+        on_both("extend_streams", valid, **rows(4, streams))
+        on_both("add", **{k: v[0] for k, v in rows(1).items()}, stream=streams - 1)
+        on_both("update", np.array([0, -1]), reward=rng.normal(size=2), obs=rng.normal(size=(2, 3)))
+    for dtype, table in rings[False].ring.tables.items():
+        assert torch.equal(table, rings[True].ring.tables[dtype]), dtype

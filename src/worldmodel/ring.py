@@ -28,6 +28,9 @@ def torch_dtype(dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
+WRITE_AS_ON_GPU = False  # tests set it: a host ring then writes as a GPU ring does (no numpy views, packed tables)
+
+
 def copy_into(dest: torch.Tensor, index: slice | torch.Tensor, values: np.ndarray) -> None:
     """dest[index] = host `values`, converted to dest's dtype on the host. Rows given as a slice of a GPU table are
     copied straight from pinned memory into them, one transfer without a wait (see to_device)."""
@@ -130,15 +133,17 @@ class RingBuffer:
     def _write(self, rows_at: slice | np.ndarray, values: Mapping[str, np.ndarray]) -> None:
         """Stores values[name] (already cut to the rows kept) at physical rows `rows_at` of each column."""
         rest = dict(values)
-        if isinstance(rows_at, slice):  # scattered rows: torch's index_put is faster
+        if isinstance(rows_at, slice) and not WRITE_AS_ON_GPU:  # scattered rows: torch's index_put is faster
             for name in [name for name in rest if name in self._host]:
                 self._host[name][rows_at] = rest.pop(name)
         if not rest:
             return
         index = rows_at if isinstance(rows_at, slice) else to_device(rows_at, self.device)
-        # The columns of a table written together are packed on the host first: one copy per table, not per column
-        # (on a GPU each copy is a transfer and a launch, and a collected step writes every column).
-        for dtype, names in self._packing.items():
+        # On a GPU each copy is a transfer and a launch, and a collected step writes every column: the columns of a
+        # table written together are packed on the host first, one copy per table. On the host packing is an extra
+        # pass over the data, which costs more than it saves once a write holds more than a few rows.
+        pack = self.device.type != "cpu" or WRITE_AS_ON_GPU
+        for dtype, names in self._packing.items() if pack else ():
             if all(name in rest for name in names):
                 n = len(rest[names[0]])
                 widths = [self.slots[name][2] - self.slots[name][1] for name in names]
