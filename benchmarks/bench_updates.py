@@ -117,18 +117,23 @@ def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, devic
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def update():
-        obs, action, reward, done = (torch.tensor(x, device=device) for x in buffer.sample(batch, seq_len + 1))
-        first = torch.ones_like(done[:, :-1])
-        first[:, 1:] = done[:, :-2]
-        b = Batch(obs=obs[:, :-1], action=action[:, :-1], reward=reward[:, :-1], next_obs=obs[:, 1:],
-                  terminated=done[:, :-1], truncated=torch.zeros_like(done[:, :-1]), first=first)  # fmt: skip
         with autocast:
-            loss, _ = model.loss(b)
+            loss, _ = model.loss(seed_batch(buffer, batch, seq_len, device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     return update
+
+
+def seed_batch(buffer: SeedReplayBuffer, batch: int, seq_len: int, device: str) -> Batch:
+    """A batch for our model from the seed's sampler (np.stack, then numpy -> tensor), as the seed's loop would make
+    one: windows of seq_len + 1 observations, each step's target the next one; `first` from the done flags."""
+    obs, action, reward, done = (torch.tensor(x, device=device) for x in buffer.sample(batch, seq_len + 1))
+    first = torch.ones_like(done[:, :-1])
+    first[:, 1:] = done[:, :-2]
+    return Batch(obs=obs[:, :-1], action=action[:, :-1], reward=reward[:, :-1], next_obs=obs[:, 1:],
+                 terminated=done[:, :-1], truncated=torch.zeros_like(done[:, :-1]), first=first)  # fmt: skip
 
 
 def gru_rows(quick: bool = False, device: str = "cpu") -> list[Row]:

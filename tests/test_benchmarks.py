@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,17 @@ def test_time_to_quality_metric_and_rows():
     assert val.obs.shape[1] == bench_time_to_quality.CONTEXT and not val.first[:, 1:].any()
     row = Row("x", "y", ours=2.0, baseline=6.0, baseline_name="b", unit="s", higher_is_better=False)
     assert row.ratio == 3.0 and time_per_call(lambda: None, calls=2, repeats=2) >= 0
+
+
+def test_train_until_stops_at_the_target_and_keeps_the_best_nmse():
+    val = bench_time_to_quality.validation_windows(seed=3, steps=300)
+    steps = []
+    exact_after_15 = lambda v: v.next_obs[:, -1] if len(steps) >= 15 else v.obs[:, -1]  # noqa: E731
+    result = bench_time_to_quality.train_until(60.0, "cpu", lambda: steps.append(1), exact_after_15, val)
+    assert result.updates == 20 and result.seconds is not None and result.best == 0.0  # checked every 10 updates
+    copy_last = bench_time_to_quality.nmse(val.obs[:, -1], val.next_obs[:, -1])
+    result = bench_time_to_quality.train_until(0.05, "cpu", lambda: time.sleep(0.002), lambda v: v.obs[:, -1], val)
+    assert result.seconds is None and result.updates >= 10 and result.best == pytest.approx(copy_last)
 
 
 def test_gpu_busy_share_is_the_union_of_device_spans():
