@@ -177,3 +177,24 @@ def test_a_prefill_left_short_by_autoreset_steps_is_topped_up_to_one_window():
     assert buffer.can_sample(40) and not buffer.can_sample(41)  # one step of every env at a time, no more
     assert 0 < collector.total_steps - before <= 4 * 2 * 40
     buffer.sample(8, 40)
+
+
+@pytest.mark.parametrize("num_envs", [1, 5])
+def test_episode_returns_and_lengths_are_those_of_the_stored_episodes(num_envs):
+    """Over calls of every size (a vector step at a time, as between updates, and blocks), each finished episode is
+    reported once, with its stored rows' length and summed reward, whichever calls it spanned."""
+    env = make_env("CartPole-v1", seed=3, num_envs=num_envs)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=num_envs, seed=0)
+    collector = make_collector(env, buffer, RandomPolicy(env.action_space, 3), seed=3, spec=spec)
+    reported = []
+    for steps in [1, 7, 1, 40, 1, 1, 200, 3, 90] * 3:
+        stats = collector.collect(steps * num_envs)
+        reported += list(zip(stats.episode_lengths, stats.episode_returns))
+    expected = []
+    for rows in stream_rows(buffer):
+        ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        expected += [(int(e - s + 1), float(rows["reward"][s : e + 1].sum())) for s, e in zip(starts, ends)]
+    assert len(expected) > 10 * num_envs
+    assert sorted(reported) == sorted(expected)  # CartPole rewards are 1: every sum is exact

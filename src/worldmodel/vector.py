@@ -103,15 +103,13 @@ class VectorCollector:
         """Returns and lengths of the episodes that ended in this block, continuing those in progress."""
         returns = self._returns + np.cumsum(np.where(valid, reward, 0.0), axis=0)  # [T, N] running, per env
         lengths = self._lengths + np.cumsum(valid, axis=0)
-        for k in range(self.num_envs):
+        self._returns[:], self._lengths[:] = returns[-1], lengths[-1]
+        for k in np.flatnonzero(ends.any(axis=0)):  # only the envs whose episodes ended: few per vector step
             done_at = np.flatnonzero(ends[:, k])
-            if len(done_at):
-                cut_r, cut_l = returns[done_at, k], lengths[done_at, k]
-                stats.episode_returns += np.diff(cut_r, prepend=0.0).tolist()
-                stats.episode_lengths += np.diff(cut_l, prepend=0).tolist()
-                self._returns[k], self._lengths[k] = returns[-1, k] - cut_r[-1], lengths[-1, k] - cut_l[-1]
-            else:
-                self._returns[k], self._lengths[k] = returns[-1, k], lengths[-1, k]
+            cut_r, cut_l = returns[done_at, k], lengths[done_at, k]
+            stats.episode_returns += np.diff(cut_r, prepend=0.0).tolist()
+            stats.episode_lengths += np.diff(cut_l, prepend=0).tolist()
+            self._returns[k], self._lengths[k] = returns[-1, k] - cut_r[-1], lengths[-1, k] - cut_l[-1]
 
     def state_dict(self) -> dict:
         """The episodes in progress, the vector env itself and the policy's RNG, so collection continues exactly (see
