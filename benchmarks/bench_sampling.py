@@ -52,8 +52,10 @@ def seed(capacity: int, obs_dim: int) -> SeedReplayBuffer:
     return buffer
 
 
-def torchrl_sampler(capacity: int, obs_dim: int):
-    """TorchRL's documented way to sample trajectory slices; None when torchrl is not installed."""
+def torchrl_sampler(capacity: int, obs_dim: int, cache_values: bool = False):
+    """TorchRL's documented way to sample trajectory slices, with its defaults (strict_length=True: only episodes of
+    at least SEQ_LEN steps are sampled); None when torchrl is not installed. cache_values=True keeps the episode
+    boundaries between calls instead of finding them again each time, which holds only while nothing is written."""
     try:
         from tensordict import TensorDict
         from torchrl.data import LazyTensorStorage
@@ -62,7 +64,8 @@ def torchrl_sampler(capacity: int, obs_dim: int):
     except ImportError:
         return None
     rb = TorchRLReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=BATCH * SEQ_LEN,
-                             sampler=SliceSampler(slice_len=SEQ_LEN, end_key=("next", "done")))  # fmt: skip
+                             sampler=SliceSampler(slice_len=SEQ_LEN, end_key=("next", "done"),
+                                                  cache_values=cache_values))  # fmt: skip
 
     def write(obs, action, reward, next_obs, done):
         n, done = len(obs), torch.from_numpy(done).unsqueeze(-1)
@@ -93,10 +96,13 @@ def rows(quick: bool = False, device: str = "cpu") -> Iterator[Row]:
                  "of memcpy": f"{gbps / memcpy:.0%}"}  # fmt: skip
         yield Row("sampling", case, t_ours * 1e3, t_seed * 1e3, "seed np.stack", "ms", False, notes)
         del buffer
-        rb = torchrl_sampler(capacity, obs_dim)
-        if rb is not None:
+        for cache in (False, True):  # as in training (rows written between samples), then on a static buffer
+            rb = torchrl_sampler(capacity, obs_dim, cache_values=cache)
+            if rb is None:
+                break
             t_rl = time_per_call(rb.sample, max(calls // 3, 3), repeats)
-            yield Row("sampling", case, t_ours * 1e3, t_rl * 1e3, "TorchRL SliceSampler", "ms", False)
+            name = "TorchRL SliceSampler" + (" (cache_values=True, nothing written between samples)" if cache else "")
+            yield Row("sampling", case, t_ours * 1e3, t_rl * 1e3, name, "ms", False)
             del rb
         if torch.device(device).type == "cuda":
             on_gpu = ours(capacity, obs_dim, device)
