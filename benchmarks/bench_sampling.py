@@ -55,7 +55,7 @@ def seed(capacity: int, obs_dim: int) -> SeedReplayBuffer:
 def torchrl_sampler(capacity: int, obs_dim: int, cache_values: bool = False):
     """TorchRL's documented way to sample trajectory slices, with its defaults (strict_length=True: only episodes of
     at least SEQ_LEN steps are sampled); None when torchrl is not installed. cache_values=True keeps the episode
-    boundaries between calls instead of finding them again each time, which holds only while nothing is written."""
+    boundaries between calls until the storage changes (any write), instead of finding them again each time."""
     try:
         from tensordict import TensorDict
         from torchrl.data import LazyTensorStorage

@@ -126,10 +126,17 @@ def seed_loop_our_model(data: dict, batch: int, seq_len: int, latent: int, devic
     return update
 
 
-def seed_batch(buffer: SeedReplayBuffer, batch: int, seq_len: int, device: str) -> Batch:
+def seed_batch(buffer: SeedReplayBuffer, batch: int, seq_len: int, device: str, within_episodes: bool = False) -> Batch:
     """A batch for our model from the seed's sampler (np.stack, then numpy -> tensor), as the seed's loop would make
-    one: windows of seq_len + 1 observations, each step's target the next one; `first` from the done flags."""
-    obs, action, reward, done = (torch.tensor(x, device=device) for x in buffer.sample(batch, seq_len + 1))
+    one: windows of seq_len + 1 observations, each step's target the next one; `first` from the done flags. At an
+    episode's last step that target is the next episode's reset observation (the seed stores no next_obs);
+    within_episodes keeps only windows where that never happens (drawn again until there are `batch` of them)."""
+    arrays = buffer.sample(batch, seq_len + 1)
+    while within_episodes and arrays[3][:, :seq_len].any():
+        keep = ~arrays[3][:, :seq_len].any(axis=1)
+        more = buffer.sample(batch, seq_len + 1)
+        arrays = tuple(np.concatenate([a[keep], b])[:batch] for a, b in zip(arrays, more))
+    obs, action, reward, done = (torch.tensor(x, device=device) for x in arrays)
     first = torch.ones_like(done[:, :-1])
     first[:, 1:] = done[:, :-2]
     return Batch(obs=obs[:, :-1], action=action[:, :-1], reward=reward[:, :-1], next_obs=obs[:, 1:],

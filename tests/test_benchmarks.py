@@ -87,3 +87,14 @@ def test_page_faults_counts_fresh_memory():
         pytest.skip("this OS does not count page faults")
     # At least one fault per 2 MB (huge) page of the 64 MB, and far fewer when nothing is allocated.
     assert faults >= 32 and page_faults(lambda: None, calls=2) < 8
+
+
+def test_seed_batches_within_episodes_never_cross_a_reset():
+    buffer = bench_updates.SeedReplayBuffer(500, (3,), (2,))
+    rng = np.random.default_rng(0)
+    for t in range(500):
+        buffer.add(rng.normal(size=3), rng.normal(size=2), 1.0, t % 7 == 6)  # episodes of 7 steps
+    crossing = bench_updates.seed_batch(buffer, 64, 5, "cpu")
+    assert crossing.terminated.any()  # plain seed windows do reach an episode's end, and its target is a reset
+    within = bench_updates.seed_batch(buffer, 64, 5, "cpu", within_episodes=True)
+    assert within.obs.shape == (64, 5, 3) and not within.terminated.any() and not within.first[:, 1:].any()
