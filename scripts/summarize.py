@@ -66,6 +66,13 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=order)
 
 
+def failed_before_logging(sweep_dir: Path, logged: set[Path]) -> list[Path]:
+    """Job directories with a saved config (.hydra/overrides.yaml) but no event file: jobs that stopped before their
+    logger started (a missing dataset file, say)."""
+    found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    return sorted(d for d in found - logged if not any(part.startswith(".") for part in d.relative_to(sweep_dir).parts))
+
+
 def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     """The job's task overrides that define its configuration: {key: text} and {key: parsed value}."""
     path = job_dir / ".hydra" / "overrides.yaml"
@@ -173,12 +180,16 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
             f"None of the {len(finished)} finished runs under {sweep_dir} logged {metric} (logged: "
             f"{', '.join(tags) or 'none'}). Choose another --metric."
         )  # fmt: skip
+    for job_dir in failed_before_logging(sweep_dir, {j.dir for j in jobs}):
+        print(f"note: {job_dir} has a config but no TensorBoard logs (failed before training); left out", file=sys.stderr)
     for job in jobs:
         if not job.finished:
             print(f"note: {job.dir} did not finish (diverged, failed or still running); left out", file=sys.stderr)
         elif job not in done:
             print(f"note: {job.dir} has no {metric}; left out", file=sys.stderr)
     groups, swept, fixed = group_jobs(done)
+    # A value shared by the jobs shown is not "fixed" if the jobs left out had others.
+    fixed = {k: v for k, v in fixed.items() if len({j.overrides.get(k, "<default>") for j in jobs}) == 1}
     groups.sort(key=lambda g: mean_std(g.values(metric))[0])
     tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})
     return groups, swept, fixed, tags

@@ -173,6 +173,30 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
     assert read_finals(tmp_path) == ({"val/loss": 0.03125}, True)
 
 
+def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_job_varied(tmp_path, capsys):
+    """Three jobs of a sweep over trainer.lr: one finished, one diverged (no hparams/* summary), one failed before its
+    logger started (a config, no event file). The table holds the first; the other two are named on stderr; and lr,
+    though the one job shown has a single value, is not reported as fixed."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import summarize as summarize_dir
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for num, lr in enumerate(["0.001", "1e6", "0.01"]):
+        job = tmp_path / f"{num}_trainer.lr-{lr}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- trainer.lr={lr}\n- model.latent_dim=16\n")
+        if num < 2:
+            with Logger(job) as logger:
+                logger.log({"val/loss": 0.5, "train/loss": 0.4}, step=10)
+                if num == 0:
+                    logger.log_hparams({"seed": 0}, {"val/loss": 0.5}, step=10)
+    groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
+    err = capsys.readouterr().err
+    assert [len(g.jobs) for g in groups] == [1] and swept == [] and fixed == {"model.latent_dim": "16"}
+    assert "1_trainer.lr-1e6 did not finish" in err and "2_trainer.lr-0.01 has a config but no TensorBoard logs" in err
+
+
 def test_summarize_refuses_a_directory_without_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("no runs here")
     proc = summarize(tmp_path)
