@@ -13,10 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from worldmodel.cli import user_errors
-from worldmodel.config import validate_env
+from worldmodel.config import validate_collect
 from worldmodel.dataset import collect_episodes, save_dataset
 from worldmodel.env import env_spec
-from worldmodel.errors import ConfigError, WorldModelError
 from worldmodel.rollout import RandomPolicy, StickyRandomPolicy
 from worldmodel.runtime import DATASET_SEED_OFFSET
 
@@ -24,19 +23,9 @@ from worldmodel.runtime import DATASET_SEED_OFFSET
 @hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        out = Path(cfg.out)
-        if out.exists():
-            raise WorldModelError(f"out={out} already exists; datasets are never overwritten. Choose another path.")
-        for key, minimum in (("episodes", 1), ("seed", 0)):
-            if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < minimum:
-                raise ConfigError(key, cfg[key], f"an integer >= {minimum}")
+        validate_collect(cfg)  # also checked before Hydra wrote the run dir (conf/collect.yaml's callback)
+        out, prob = Path(cfg.out), cfg.sticky_prob
         policies = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
-        if cfg.policy not in policies:
-            raise ConfigError("policy", cfg.policy, f"one of {', '.join(policies)}")
-        validate_env(cfg)
-        prob = cfg.sticky_prob
-        if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0 <= prob <= 1:
-            raise ConfigError("sticky_prob", prob, "a number in [0, 1] (the chance of repeating the previous action)")
         seed = cfg.seed + DATASET_SEED_OFFSET
         env = instantiate(cfg.env, seed=seed, num_envs=1)  # whole episodes, one at a time
         spec = env_spec(env)

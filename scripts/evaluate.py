@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from worldmodel.checkpoint import load_world_model
 from worldmodel.cli import user_errors
+from worldmodel.config import validate_evaluate
 from worldmodel.dataset import episodes_to_buffer, load_dataset
-from worldmodel.errors import ConfigError, WorldModelError
+from worldmodel.errors import WorldModelError
 from worldmodel.evaluation import open_loop
 from worldmodel.replay import ReplayBuffer
 from worldmodel.runtime import resolve_device
@@ -26,9 +27,7 @@ from worldmodel.runtime import resolve_device
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
     with user_errors():
-        for key in ("context", "horizon", "max_windows"):
-            if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-                raise ConfigError(key, cfg[key], "an integer >= 1")
+        validate_evaluate(cfg)  # also checked before Hydra wrote the run dir (conf/evaluate.yaml's callback)
         device = resolve_device(cfg.device, key="device")
         model, payload = load_world_model(cfg.checkpoint, device)
         spec = payload["env_spec"]

@@ -72,7 +72,7 @@ def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(t
         proc = script("collect.py", [override, "policy=sticky", f"out={tmp_path / 'x.npz'}",
                                      f"hydra.run.dir={tmp_path / key}"])  # fmt: skip
         assert proc.returncode == 2 and f"`{override}`".lower() in proc.stderr.lower(), proc.stderr
-        assert not (tmp_path / "x.npz").exists()
+        assert not (tmp_path / "x.npz").exists() and not (tmp_path / key).exists()  # refused before Hydra wrote
     data = tmp_path / "seed0.npz"
     assert script("collect.py", ["episodes=3", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0
     train_env = make_env("CartPole-v1", seed=0)  # as scripts/train.py seed=0 builds and first resets it

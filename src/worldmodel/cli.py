@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import hydra.utils
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException
@@ -120,10 +121,18 @@ class PreflightChecks(Callback):
 class FreshRunDir(Callback):
     """For scripts that write into a run directory of their own (evaluate.py, collect.py): refuses one that already
     holds files, before Hydra writes its .hydra/ there, which would replace another run's saved config and overrides
-    (what resuming and summarize.py read). A -m sweep's directory must not hold files either."""
+    (what resuming and summarize.py read). A -m sweep's directory must not hold files either. `check` names the
+    script's own validation (e.g. worldmodel.config.validate_collect), run here too so that a refused value leaves no
+    new directory behind."""
+
+    def __init__(self, check: str | None = None):
+        self.check = hydra.utils.get_method(check) if check else None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._refuse_used(Path(OmegaConf.select(config, "hydra.run.dir")), "hydra.run.dir")
+        if self.check is not None:
+            with user_errors(callback=True):
+                self.check(task_config(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._refuse_used(Path(OmegaConf.select(config, "hydra.sweep.dir")), "hydra.sweep.dir")

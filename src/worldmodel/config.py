@@ -6,10 +6,12 @@ Hydra already refuses keys that are not in the config (a typo such as `trainer.s
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.env import VECTORIZATION_MODES, check_env_id
-from worldmodel.errors import ConfigError
+from worldmodel.errors import ConfigError, WorldModelError
 from worldmodel.replay import obs_storage_dtype
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
@@ -110,3 +112,35 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
             raise ConfigError("trainer.cuda_graph", "true", f"false here: trainer.device={t.device} resolved to "
                               f"{device}, and CUDA graphs need a CUDA device")  # fmt: skip
 
+
+def _required(cfg: DictConfig, key: str, what: str) -> str:
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(key, "???", f"{what}, given on the command line ({key}=...)")
+    return str(cfg[key])
+
+
+def validate_collect(cfg: DictConfig) -> None:
+    """scripts/collect.py's values (conf/collect.yaml), checked before Hydra writes its run directory."""
+    if Path(_required(cfg, "out", "the .npz file to write")).exists():
+        raise WorldModelError(f"out={cfg.out} already exists; datasets are never overwritten. Choose another path.")
+    for key, minimum in (("episodes", 1), ("seed", 0)):
+        _int(cfg, key, minimum)
+    if cfg.policy not in ("random", "sticky"):
+        raise ConfigError("policy", cfg.policy, "one of random, sticky")
+    _number(cfg, "sticky_prob", "a number in [0, 1] (the chance of repeating the previous action)",
+            lambda v: 0 <= v <= 1)  # fmt: skip
+    validate_env(cfg)
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    """scripts/evaluate.py's values (conf/evaluate.yaml), checked before Hydra writes its run directory."""
+    for key in ("context", "horizon", "max_windows"):
+        _int(cfg, key, 1)
+    resolve_device(cfg.device, key="device")
+    _required(cfg, "checkpoint", "a run's checkpoints/last.pt (or a step_*.pt)")
+    _required(cfg, "data", "an .npz episode dataset (scripts/collect.py)")
+    if not Path(cfg.checkpoint).is_file():
+        raise WorldModelError(f"Checkpoint {cfg.checkpoint} does not exist; a finished run writes <run dir>/checkpoints/"
+                              "last.pt.")  # fmt: skip
+    if not Path(cfg.data).is_file():
+        raise WorldModelError(f"Dataset data={cfg.data} does not exist (write one with scripts/collect.py).")
