@@ -16,7 +16,7 @@ from worldmodel.cli import user_errors
 from worldmodel.config import validate_collect
 from worldmodel.dataset import collect_episodes, save_dataset
 from worldmodel.env import env_spec
-from worldmodel.rollout import RandomPolicy, StickyRandomPolicy
+from worldmodel.rollout import POLICIES
 from worldmodel.runtime import DATASET_SEED_OFFSET
 
 
@@ -25,12 +25,11 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         validate_collect(cfg)  # also checked before Hydra wrote the run dir (conf/collect.yaml's callback)
         out, prob = Path(cfg.out), cfg.sticky_prob
-        policies = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
         seed = cfg.seed + DATASET_SEED_OFFSET
         env = instantiate(cfg.env, seed=seed, num_envs=1)  # whole episodes, one at a time
         spec = env_spec(env)
         extra = {"repeat_prob": prob} if cfg.policy == "sticky" else {}
-        policy = policies[cfg.policy](env.action_space, seed, **extra)
+        policy = POLICIES[cfg.policy](env.action_space, seed, **extra)
         episodes = collect_episodes(env, spec, policy, cfg.episodes, seed=seed)
         save_dataset(out, episodes)
         lengths = episodes["lengths"]

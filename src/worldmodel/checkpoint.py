@@ -92,12 +92,18 @@ class Checkpointer:
         os.replace(tmp, last)
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """The checkpoint's payload. mmap=True maps its tensors (the replay buffer is most of a checkpoint) instead of
-    reading them, for checks that only look at the config."""
+def require_checkpoint(path: str | Path) -> Path:
+    """`path`, or an error saying that no checkpoint is there."""
     path = Path(path)
     if not path.is_file():
         raise WorldModelError(f"Checkpoint {path} does not exist; a finished run writes <run dir>/checkpoints/last.pt.")
+    return path
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint's payload. mmap=True maps its tensors (the replay buffer is most of a checkpoint) instead of
+    reading them, for checks that only look at the config."""
+    path = require_checkpoint(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:

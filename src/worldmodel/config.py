@@ -10,9 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from worldmodel.checkpoint import require_checkpoint
+from worldmodel.dataset import require_dataset
 from worldmodel.env import VECTORIZATION_MODES, check_env_id
 from worldmodel.errors import ConfigError, WorldModelError
 from worldmodel.replay import obs_storage_dtype
+from worldmodel.rollout import POLICIES
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
 
@@ -125,8 +128,8 @@ def validate_collect(cfg: DictConfig) -> None:
         raise WorldModelError(f"out={cfg.out} already exists; datasets are never overwritten. Choose another path.")
     for key, minimum in (("episodes", 1), ("seed", 0)):
         _int(cfg, key, minimum)
-    if cfg.policy not in ("random", "sticky"):
-        raise ConfigError("policy", cfg.policy, "one of random, sticky")
+    if cfg.policy not in POLICIES:
+        raise ConfigError("policy", cfg.policy, f"one of {', '.join(POLICIES)}")
     _number(cfg, "sticky_prob", "a number in [0, 1] (the chance of repeating the previous action)",
             lambda v: 0 <= v <= 1)  # fmt: skip
     validate_env(cfg)
@@ -139,8 +142,5 @@ def validate_evaluate(cfg: DictConfig) -> None:
     resolve_device(cfg.device, key="device")
     _required(cfg, "checkpoint", "a run's checkpoints/last.pt (or a step_*.pt)")
     _required(cfg, "data", "an .npz episode dataset (scripts/collect.py)")
-    if not Path(cfg.checkpoint).is_file():
-        raise WorldModelError(f"Checkpoint {cfg.checkpoint} does not exist; a finished run writes <run dir>/checkpoints/"
-                              "last.pt.")  # fmt: skip
-    if not Path(cfg.data).is_file():
-        raise WorldModelError(f"Dataset data={cfg.data} does not exist (write one with scripts/collect.py).")
+    require_checkpoint(cfg.checkpoint)
+    require_dataset(cfg.data, key="data")

@@ -75,12 +75,18 @@ def save_dataset(path: str | Path, episodes: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def require_dataset(path: str | Path, key: str = "buffer.dataset") -> Path:
+    """`path`, or an error naming config `key` and saying that no dataset is there."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Dataset {key}={path} does not exist (write one with scripts/collect.py).")
+    return path
+
+
 def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset") -> dict[str, np.ndarray]:
     """Reads and checks a dataset file against the env's dimensions; every problem names the file and the key."""
-    path = Path(path)
+    path = require_dataset(path, key)
     where = f"{key}={path}"
-    if not path.is_file():
-        raise DatasetError(f"Dataset {where} does not exist (write one with scripts/collect.py).")
     try:
         with np.load(path, allow_pickle=False) as data:
             found = {k: data[k] for k in data.files}

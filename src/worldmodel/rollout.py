@@ -91,6 +91,9 @@ class StickyRandomPolicy(RandomPolicy):
         return np.asarray(value, dtype=self.action_space.dtype)
 
 
+#: scripts/collect.py's `policy` options.
+POLICIES = {"random": RandomPolicy, "sticky": StickyRandomPolicy}
+
 _UNPICKLABLE: set[type] = set()  # env types already warned about, so each run says it once, not at every checkpoint
 
 
