@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from worldmodel.errors import ConfigError, NotEnoughDataError
-from worldmodel.ring import RingBuffer, to_device
+from worldmodel.ring import RingBuffer, copy_into, to_device
 from worldmodel.runtime import resolve_device
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -216,7 +216,7 @@ class ReplayBuffer:
         rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])
         index = to_device(rows, self.device)
         for name, values in state["columns"].items():
-            ring.columns[name][index] = to_device(np.asarray(values), self.device, ring.schema[name][1])
+            copy_into(ring.columns[name], index, np.asarray(values))
         ring.sizes, ring.ptrs = sizes.copy(), sizes % ring.stream_capacity
         self.rng.bit_generator.state = state["rng"]
 

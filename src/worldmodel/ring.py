@@ -218,7 +218,7 @@ class RingBuffer:
         rows = self._device_rows(index)
         fields = self._as_columns(fields, tuple(rows.shape), "update", broadcast=True)
         for name, value in fields.items():
-            self.columns[name][rows] = to_device(value, self.device, self.schema[name][1])
+            copy_into(self.columns[name], rows, value)
 
     def _device_rows(self, index) -> torch.Tensor:
         """Physical rows of logical `index` (int, slice or integer array, bounds-checked) as a tensor on the device."""
