@@ -53,11 +53,7 @@ class SummaryError(Exception):
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
     """Directories holding event files, outside hidden folders (.submitit, .hydra), in job-number order."""
-    dirs = {
-        p.parent
-        for p in sweep_dir.rglob("events.out.tfevents.*")
-        if not any(part.startswith(".") for part in p.parent.relative_to(sweep_dir).parts)
-    }
+    dirs = {p.parent for p in sweep_dir.rglob("events.out.tfevents.*") if _visible(p.parent, sweep_dir)}
 
     def order(d: Path):
         num = re.match(r"\d+", d.name)
@@ -70,7 +66,12 @@ def failed_before_logging(sweep_dir: Path, logged: set[Path]) -> list[Path]:
     """Job directories with a saved config (.hydra/overrides.yaml) but no event file: jobs that stopped before their
     logger started (a missing dataset file, say)."""
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
-    return sorted(d for d in found - logged if not any(part.startswith(".") for part in d.relative_to(sweep_dir).parts))
+    return sorted(d for d in found - logged if _visible(d, sweep_dir))
+
+
+def _visible(job_dir: Path, sweep_dir: Path) -> bool:
+    """Outside hidden folders (.submitit, .hydra): a job's directory, not a launcher's or Hydra's own files."""
+    return not any(part.startswith(".") for part in job_dir.relative_to(sweep_dir).parts)
 
 
 def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
