@@ -59,8 +59,8 @@ def due(updates: int) -> bool:
 class Clock:
     """Wall time of the training work only: paused while validating."""
 
-    def __init__(self, budget_s: float):
-        self.budget_s, self.spent, self._start = budget_s, 0.0, time.perf_counter()
+    def __init__(self, budget_s: float, spent: float = 0.0):
+        self.budget_s, self.spent, self._start = budget_s, spent, time.perf_counter()
 
     def pause(self) -> None:
         self.spent += time.perf_counter() - self._start
@@ -79,10 +79,10 @@ class Result(NamedTuple):
     best: float  # the lowest validation nmse seen
 
 
-def train_until(budget_s: float, device: str, step, predict, val) -> Result:
+def train_until(budget_s: float, device: str, step, predict, val, spent: float = 0.0) -> Result:
     """Calls step() (collect, one update) until predict(val) reaches TARGET or the budget is spent; validation passes
     are not timed (queued GPU work is waited for before the clock stops)."""
-    clock, updates, best = Clock(budget_s), 0, math.inf
+    clock, updates, best = Clock(budget_s, spent), 0, math.inf  # spent: the prefill's seconds, counted too
     while not clock.over:
         step()
         updates += 1
@@ -122,8 +122,7 @@ def ours(budget_s: float, device: str) -> Result:
         collector.collect(trainer.env_steps_per_update)
         update(sample(trainer.batch_size, trainer.seq_len))
 
-    result = train_until(budget_s - prefill_s, device, step, imagine_one_step(model), val)
-    return result._replace(seconds=None if result.seconds is None else result.seconds + prefill_s)
+    return train_until(budget_s, device, step, imagine_one_step(model), val, spent=prefill_s)
 
 
 def imagine_one_step(model):
@@ -185,8 +184,7 @@ def seed(budget_s: float, device: str, our_model: bool = False, within_episodes:
             seed_update(model, optimizer, buffer, 32, 16, device, predict_next=True)
 
     predict = imagine_one_step(model) if our_model else (lambda val: model(val.obs, val.action)[0][:, -1])
-    result = train_until(budget_s - prefill_s, device, step, predict, val)
-    return result._replace(seconds=None if result.seconds is None else result.seconds + prefill_s)
+    return train_until(budget_s, device, step, predict, val, spent=prefill_s)
 
 
 def rows(quick: bool = False, device: str = "cpu") -> list[Row]:
