@@ -101,15 +101,24 @@ class VectorCollector:
 
     def _episode_stats(self, reward: np.ndarray, valid: np.ndarray, ends: np.ndarray, stats: CollectStats) -> None:
         """Returns and lengths of the episodes that ended in this block, continuing those in progress."""
-        returns = self._returns + np.cumsum(np.where(valid, reward, 0.0), axis=0)  # [T, N] running, per env
+        stepped = np.where(valid, reward.astype(np.float64), 0.0)  # summed in float64, as the single-env Collector does
+        if not ends.any():  # most single vector steps: only the running totals move
+            self._returns += stepped.sum(axis=0)
+            self._lengths += valid.sum(axis=0)
+            return
+        returns = self._returns + np.cumsum(stepped, axis=0)  # [T, N] running, per env
         lengths = self._lengths + np.cumsum(valid, axis=0)
         self._returns[:], self._lengths[:] = returns[-1], lengths[-1]
-        for k in np.flatnonzero(ends.any(axis=0)):  # only the envs whose episodes ended: few per vector step
-            done_at = np.flatnonzero(ends[:, k])
-            cut_r, cut_l = returns[done_at, k], lengths[done_at, k]
-            stats.episode_returns += np.diff(cut_r, prepend=0.0).tolist()
-            stats.episode_lengths += np.diff(cut_l, prepend=0).tolist()
-            self._returns[k], self._lengths[k] = returns[-1, k] - cut_r[-1], lengths[-1, k] - cut_l[-1]
+        # Only the envs whose episodes ended, each cut where its episodes ended: a few numbers per vector step, which
+        # plain Python handles faster than numpy calls on one-element arrays.
+        for k in np.flatnonzero(ends.any(axis=0)).tolist():
+            cut_r, cut_l = 0.0, 0
+            for t in np.flatnonzero(ends[:, k]).tolist():
+                r, n = float(returns[t, k]), int(lengths[t, k])
+                stats.episode_returns.append(r - cut_r)
+                stats.episode_lengths.append(n - cut_l)
+                cut_r, cut_l = r, n
+            self._returns[k], self._lengths[k] = returns[-1, k] - cut_r, lengths[-1, k] - cut_l
 
     def state_dict(self) -> dict:
         """The episodes in progress, the vector env itself and the policy's RNG, so collection continues exactly (see
