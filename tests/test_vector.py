@@ -126,6 +126,34 @@ def test_unpicklable_env_on_resume_truncates_each_open_episode():
     assert len(buffer) == 60
 
 
+@pytest.mark.parametrize("num_envs, episode_ends_at_checkpoint", [(1, False), (1, True), (3, False)])
+def test_resuming_an_unsaved_env_twice_collects_the_same_rows(num_envs, episode_ends_at_checkpoint):
+    """An env that a checkpoint cannot save (async vector envs) is replaced by a fresh one on resume. Its first reset
+    must be seeded from the run, not from the OS: two resumes of one checkpoint collect the same episodes, and these
+    are not the run's first episodes again."""
+
+    def collector(buffer=None):
+        env = make_env("Pendulum-v1", seed=0, num_envs=num_envs)
+        spec = env_spec(env)
+        buffer = buffer or ReplayBuffer(2000, spec.obs_dim, spec.action_dim, streams=num_envs)
+        return make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+
+    run = collector()
+    run.collect(200 * num_envs if episode_ends_at_checkpoint else 30 * num_envs)  # Pendulum: 200-step episodes
+    assert (run._obs is None) == episode_ends_at_checkpoint
+    state, saved = {**run.state_dict(), "env": None}, run.buffer.state_dict()
+    resumed = []
+    for _ in range(2):
+        fresh = collector()
+        fresh.buffer.load_state_dict(saved)
+        fresh.load_state_dict(state)
+        fresh.collect(20 * num_envs)
+        resumed.append(np.stack([rows["obs"][-20:] for rows in stream_rows(fresh.buffer)]))  # each env's new rows
+    np.testing.assert_array_equal(resumed[1], resumed[0])
+    first = np.stack([rows["obs"][0] for rows in stream_rows(run.buffer)])  # each env's first reset in the run
+    assert not (resumed[0][:, 0] == first).all(axis=-1).any()  # the fresh env's episodes are new ones
+
+
 def test_vector_env_options_and_errors():
     env = make_env("CartPole-v1", seed=0, num_envs=3)
     assert type(env).__name__ == "CartPoleVectorEnv"  # the env's own batched version by default

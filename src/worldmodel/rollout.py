@@ -123,6 +123,14 @@ def load_env_and_policy(state: dict, policy: Policy):
     return None if state["env"] is None else pickle.loads(state["env"])  # our own checkpoint, written by us
 
 
+def fresh_env_seed(run_seed: int, total_steps: int) -> int:
+    """The seed for the first reset of the env that replaces one a checkpoint could not save. A reset without a seed
+    would draw entropy from the OS, and two resumes of the same checkpoint would collect different episodes; this one
+    follows from the run's seed and the steps collected before the checkpoint, so it is the same for every resume of
+    that checkpoint and differs from the run's first reset."""
+    return int(np.random.SeedSequence([int(run_seed), int(total_steps)]).generate_state(1)[0])
+
+
 @dataclass
 class CollectStats:
     steps: int = 0
@@ -142,6 +150,7 @@ class Collector:
         self.env, self.buffer, self.policy = env, buffer, policy
         self.spec = spec or env_spec(env)
         self._seed: int | None = seed  # used by the first reset only: later resets continue the env's own RNG
+        self._run_seed = seed
         self._obs: np.ndarray | None = None
         self._return, self._length = 0.0, 0
         self.total_steps = 0
@@ -191,6 +200,8 @@ class Collector:
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self._seed = state["total_steps"], state["seed"]
         env = load_env_and_policy(state, self.policy)
+        if env is None and self._seed is None:
+            self._seed = fresh_env_seed(self._run_seed, self.total_steps)
         if env is not None:
             self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)

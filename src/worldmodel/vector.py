@@ -16,7 +16,14 @@ from gymnasium.vector import AutoresetMode
 
 from worldmodel.env import EnvSpec, env_spec
 from worldmodel.replay import ReplayBuffer
-from worldmodel.rollout import Collector, CollectStats, Policy, env_and_policy_state, load_env_and_policy
+from worldmodel.rollout import (
+    Collector,
+    CollectStats,
+    Policy,
+    env_and_policy_state,
+    fresh_env_seed,
+    load_env_and_policy,
+)
 
 
 class VectorCollector:
@@ -37,6 +44,7 @@ class VectorCollector:
         self.spec = spec or env_spec(env)
         self.num_envs = env.num_envs
         self._seed: int | None = seed  # used by the first reset only
+        self._run_seed = seed
         self._obs: np.ndarray | None = None
         self._resetting = np.zeros(self.num_envs, dtype=bool)  # env k's next step is an autoreset, not a transition
         self._returns = np.zeros(self.num_envs)
@@ -137,6 +145,8 @@ class VectorCollector:
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self._seed, self._credit = state["total_steps"], state["seed"], state["credit"]
         env = load_env_and_policy(state, self.policy)
+        if env is None and self._seed is None:
+            self._seed = fresh_env_seed(self._run_seed, self.total_steps)
         if env is not None:
             self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
