@@ -78,3 +78,14 @@ def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(t
     train_env = make_env("CartPole-v1", seed=0)  # as scripts/train.py seed=0 builds and first resets it
     first, _ = train_env.reset(seed=0)
     assert not np.allclose(np.load(data)["obs"][0, 0], first)
+
+
+def test_train_refuses_the_directory_of_a_collect_run(tmp_path):
+    """collect.py's and evaluate.py's directories hold no checkpoint or TensorBoard log, but their .hydra/ records how
+    they were run: a training run aimed there must not replace it."""
+    run_dir = tmp_path / "c"
+    assert script("collect.py", ["episodes=1", f"out={tmp_path / 'd.npz'}", f"hydra.run.dir={run_dir}"]).returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_train([*TINY, "trainer.steps=10", f"hydra.run.dir={run_dir}"], check=False)
+    assert proc.returncode == 2 and "holds the output of a collect.py run" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -89,6 +89,7 @@ class PreflightChecks(Callback):
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
             validate_config(task_cfg)
+            _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
             if task_cfg.trainer.resume:
                 # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
                 load_for_resume(run_dir, task_cfg, mmap=True)
@@ -116,6 +117,19 @@ class PreflightChecks(Callback):
                     "changed."
                 )
             check_sweep_jobs(config)
+
+
+def _refuse_other_scripts_dir(run_dir: Path, job_name: str) -> None:
+    """A directory made by another script (evaluate.py, collect.py) holds no checkpoint or TensorBoard log for the
+    checks above to find, but its .hydra/ records what that script was run with, which this run would replace."""
+    saved = run_dir / ".hydra" / "hydra.yaml"
+    other = OmegaConf.select(OmegaConf.load(saved), "hydra.job.name") if saved.is_file() else None
+    if other is not None and str(other) != job_name:
+        raise WorldModelError(
+            f"hydra.run.dir={run_dir} holds the output of a {other}.py run ({saved} says so), whose saved config this "
+            f"{job_name}.py run would replace; nothing was changed. Choose a new directory (drop the hydra.run.dir "
+            "override)."
+        )
 
 
 class FreshRunDir(Callback):
