@@ -1,7 +1,7 @@
 """Summarize a sweep: final validation metrics per configuration, mean ± std over seeds, as a table, CSV and plot.
 
-    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00
-    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00 --metric val/obs
+    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00-118342
+    python scripts/summarize.py outputs/multirun/2026-11-25/15-49-00-118342 --metric val/obs
 
 Every directory under the sweep directory that holds TensorBoard event files is a job. A job's final value of each
 `val/*` scalar is read from its event files (TensorBoard's own reader, so resumed runs read as one), and its

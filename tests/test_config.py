@@ -167,3 +167,17 @@ def test_resolved_config_is_plain_yaml():
     # The run logs and checkpoints the resolved config: it must resolve without the Hydra runtime.
     cfg = compose_config()
     assert "_target_" in OmegaConf.to_yaml(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("config_name", ["config", "evaluate", "collect"])
+def test_default_directories_of_runs_started_in_the_same_second_differ(config_name):
+    """Two runs started together (a shell loop with &) must not share a default run or sweep directory: the second
+    would be refused, or, for sweeps, its jobs would write into the first one's job directories."""
+    from hydra import compose, initialize_config_dir
+
+    dirs = []
+    for _ in range(2):  # a fresh compose each: ${now:} is resolved once per config
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name=config_name, return_hydra_config=True)
+        dirs.append([str(OmegaConf.select(cfg, f"hydra.{k}.dir")) for k in ("run", "sweep")])
+    assert all(a != b for a, b in zip(*dirs)), dirs
