@@ -65,9 +65,8 @@ def main(cfg: DictConfig) -> float:
         # Hide what a killed run logged after its checkpoint; a fresh start hides everything an earlier attempt in this
         # directory logged (a requeued sweep job that was killed before its first checkpoint starts over here).
         purge_step = resume_from["loop"]["step"] + 1 if resume_from else 0
-        with Logger(run_dir, purge_step=purge_step) as logger:
-            if resume_from is None:
-                logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+        config_text = None if resume_from else OmegaConf.to_yaml(cfg, resolve=True)  # a resumed run logged it already
+        with Logger(run_dir, purge_step=purge_step, config=config_text) as logger:
             metrics = trainer.fit(collector, val_collector, model, logger, checkpointer, resume_from)
             logger.log_hparams(cfg, metrics, step=cfg.trainer.steps)  # HParams tab: flattened config, final metrics
         print(f"val/loss {metrics['val/loss_initial']:.4g} -> {metrics['val/loss']:.4g}; run dir: {run_dir}")

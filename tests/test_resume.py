@@ -86,6 +86,25 @@ def test_signal_checkpoints_exits_and_resumes_bit_identical(tmp_path, uninterrup
     assert_same_run(uninterrupted, run_dir)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_prefill_stops_cleanly_and_the_directory_takes_the_rerun(tmp_path, sig):
+    """Before the first update there is nothing to checkpoint: the run says so (no traceback for Ctrl-C, not a silent
+    death for SIGTERM) and leaves no TensorBoard log, so the same command, same directory, starts over."""
+    run_dir = tmp_path / "run"
+    proc = start_train([*RUN, "trainer.prefill=3000000", f"hydra.run.dir={run_dir}"])  # about half a minute here
+    deadline = time.monotonic() + 120
+    while "prefill:" not in ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "during the prefill" in err and "nothing to resume" in err and "Traceback" not in err
+    assert not list(run_dir.glob("events.out.tfevents.*")) and not step_checkpoints(run_dir)
+    run_train([*RUN, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
+    assert step_checkpoints(run_dir)[-1][0] == 20
+
+
 def test_sigkill_right_after_a_checkpoint_resumes_bit_identical(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = start_train([*RUN, f"hydra.run.dir={run_dir}"])

@@ -55,7 +55,12 @@ def user_errors(job: bool = True, callback: bool = False):
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
+        if stop.checkpoint is None:  # stopped during the prefill: nothing trained, nothing saved, nothing logged
+            print(f"Stopped by signal {stop.signum} during the prefill, before the first update: there is nothing to "
+                  "resume. Run the same command again to start over (its run directory, if you named it, takes the "
+                  "new run).", file=sys.stderr)  # fmt: skip
+            sys.exit(128 + stop.signum)
+        run_dir = Path(stop.checkpoint).parent.parent
         print(f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
               f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)  # fmt: skip
         sys.exit(128 + stop.signum)

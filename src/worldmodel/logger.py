@@ -40,11 +40,26 @@ def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int
 
 class Logger:
     """`purge_step`: on resume, events a killed run wrote after its last checkpoint (steps >= purge_step) are hidden by
-    TensorBoard, so resumed curves continue without duplicated or stale points."""
+    TensorBoard, so resumed curves continue without duplicated or stale points.
 
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
-        self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+    The event file is created by the first thing logged, not before: a run stopped before it logged anything (during
+    its prefill) leaves no TensorBoard log in its directory, which may then take a new run (see cli.PreflightChecks).
+    `config`, the resolved config as YAML text, is written into it first, at step 0 (TensorBoard's Text tab).
+    """
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None, config: str | None = None):
+        self.log_dir, self.purge_step, self.config = Path(log_dir), purge_step, config
+        self._writer: SummaryWriter | None = None
+
+    @property
+    def writer(self) -> SummaryWriter:
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+            if self.config is not None:
+                # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.
+                text = "\n".join("    " + line for line in self.config.splitlines())
+                self._writer.add_text("config", text, global_step=0)
+        return self._writer
 
     def __enter__(self) -> Logger:
         return self
@@ -59,10 +74,6 @@ class Logger:
     def log_image(self, tag: str, image, step: int) -> None:
         """An RGB image, uint8 [height, width, 3]."""
         self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
-
-    def log_config(self, yaml_text: str) -> None:
-        # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.
-        self.writer.add_text("config", "\n".join("    " + line for line in yaml_text.splitlines()), global_step=0)
 
     def log_hparams(self, flat_config: DictConfig | Mapping[str, Any], metrics: Mapping[str, float], step: int = 0):
         """The run's hyperparameters and final metrics for TensorBoard's HParams tab, in this run's own event file.
@@ -81,5 +92,6 @@ class Logger:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

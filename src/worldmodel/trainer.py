@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]  # they record CUDA graphs of their own: not inside trainer.cuda_graph's
+PREFILL_BLOCK = 10_000  # env steps the prefill collects between looks at the stop flag (well under a second here)
 WINDOW_ROWS = 1024  # rows of a log window's values allocated at first (doubled if more updates come between logs)
 
 
@@ -91,27 +92,27 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.terms = ("loss", *model.loss_terms)  # what train/* and val/* report, in this order
         buffer = collector.buffer
-        val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
-        model.to(self.device).train()
-        optimizer, update, sample = self.build_update(model, buffer)
-        if resume_from is None:
-            collector.collect(self.prefill)
-            if self.prefill:
-                self._top_up(collector)
-            # Statistics from the prefill data, then frozen: see Normalizer.
-            stored = buffer[:]
-            model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
-            initial = self.evaluate(model, val_collector.buffer)
-            self._log_eval(logger, initial, model, val_collector.buffer, step=0)
-            state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
-        else:
-            state = self._restore(resume_from, collector, model, optimizer)
-            log.info("resumed from %s at update %d", resume_from["path"], state["step"])
-
-        timer = {"updates": 0, "env_steps": 0, "update_s": 0.0, "collect_s": 0.0}
-        bar = tqdm(total=self.steps, initial=state["step"], desc="train", dynamic_ncols=True,
-                   disable=None if self.progress else True)  # fmt: skip
+        # Watched from here, not only in the loop: a long prefill stopped by Ctrl-C or SLURM ends with a message
+        # rather than a traceback (or, for SIGTERM, nothing at all).
         with StopSignals() as stop:
+            val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
+            model.to(self.device).train()
+            optimizer, update, sample = self.build_update(model, buffer)
+            if resume_from is None:
+                self._prefill(collector, stop)
+                # Statistics from the prefill data, then frozen: see Normalizer.
+                stored = buffer[:]
+                model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+                initial = self.evaluate(model, val_collector.buffer)
+                self._log_eval(logger, initial, model, val_collector.buffer, step=0)
+                state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
+            else:
+                state = self._restore(resume_from, collector, model, optimizer)
+                log.info("resumed from %s at update %d", resume_from["path"], state["step"])
+            # A signal from here on is acted on after the next update, which checkpoints.
+            timer = {"updates": 0, "env_steps": 0, "update_s": 0.0, "collect_s": 0.0}
+            bar = tqdm(total=self.steps, initial=state["step"], desc="train", dynamic_ncols=True,
+                       disable=None if self.progress else True)  # fmt: skip
             for step in range(state["step"] + 1, self.steps + 1):
                 t0 = time.perf_counter()
                 timer["env_steps"] += collector.collect(self.env_steps_per_update).steps
@@ -154,8 +155,22 @@ class Trainer:
                 if stop.signum is not None and not final:  # stopped at the last update: the run is finished anyway
                     bar.close()
                     raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
-        bar.close()
+            bar.close()
         return state["metrics"]
+
+    def _prefill(self, collector: Collector, stop: StopSignals) -> None:
+        """Collects `prefill` env steps in blocks, so a stop signal is noticed within one block; stopped, there is
+        nothing to checkpoint yet (RunInterrupted at update 0). Blocks leave the data as one call would: collectors
+        carry the remainder of a vector step over to the next call."""
+        left = self.prefill
+        log.info("prefill: %d env steps", self.prefill)
+        while left > 0 and stop.signum is None:
+            collector.collect(min(left, PREFILL_BLOCK))
+            left -= PREFILL_BLOCK
+        if self.prefill and stop.signum is None:
+            self._top_up(collector)
+        if stop.signum is not None:
+            raise RunInterrupted(stop.signum, 0, None)
 
     def _top_up(self, collector: Collector) -> None:
         """A vectorized env's autoreset steps store nothing (see vector.py), so `prefill` env steps can leave every
