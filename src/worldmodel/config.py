@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.checkpoint import require_checkpoint
 from worldmodel.dataset import require_dataset
-from worldmodel.env import VECTORIZATION_MODES, check_env_id
+from worldmodel.env import VECTORIZATION_MODES, check_env_id, vectorization
 from worldmodel.errors import ConfigError, WorldModelError
 from worldmodel.replay import obs_storage_dtype
 from worldmodel.rollout import POLICIES
@@ -59,6 +59,8 @@ def validate_env(cfg: DictConfig) -> int:
     mode = cfg.env.get("vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
+    if envs > 1:
+        vectorization(cfg.env.id, mode)
     if cfg.env.get("max_episode_steps") is not None:
         _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
     return envs

@@ -115,20 +115,29 @@ def make_env(
     return env
 
 
+def vectorization(id: str, vectorization_mode: str | None) -> str:
+    """The vector mode make_env uses for `id` (env.vectorization_mode, null = automatic); refuses vector_entry_point
+    for an env without a batched implementation of its own. It reads the registry only, so config checks can call
+    it before any env is made."""
+    has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
+    if vectorization_mode is None:
+        return "vector_entry_point" if has_own else "sync"
+    if vectorization_mode == "vector_entry_point" and not has_own:
+        raise ConfigError("env.vectorization_mode", vectorization_mode, f"null, sync or async: {id} has no batched "
+                          "implementation of its own (no vector_entry_point)")  # fmt: skip
+    return vectorization_mode
+
+
 def _make(id: str, kwargs: dict, num_envs: int, vectorization_mode: str | None) -> gym.Env | gym.vector.VectorEnv:
     if num_envs == 1:
         env = gym.make(id, **kwargs)
     else:
-        has_own = gym.spec(id.split(":")[-1]).vector_entry_point is not None
-        if vectorization_mode is None:
-            vectorization_mode = "vector_entry_point" if has_own else "sync"
-        elif vectorization_mode == "vector_entry_point" and not has_own:
-            raise ConfigError("env.vectorization_mode", vectorization_mode, f"null, sync or async: {id} has no "
-                              "batched implementation of its own (no vector_entry_point)")  # fmt: skip
+        vectorization_mode = vectorization(id, vectorization_mode)
         if vectorization_mode == "sync":
             # What make_vec builds for "sync", but from a partial, which pickles (make_vec's local closure does not):
             # a checkpoint then holds the envs' exact state, and a resumed run stays bit-identical.
             env = gym.vector.SyncVectorEnv([functools.partial(gym.make, id, **kwargs)] * num_envs)
+            env.spec = env.envs[0].spec  # as make_vec does, so errors and checkpoints name the env, not the class
         else:
             env = gym.make_vec(id, num_envs=num_envs, vectorization_mode=vectorization_mode, **kwargs)
     return env
