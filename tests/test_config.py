@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
-from worldmodel import ConfigError, ReplayBuffer, WorldModel, env_spec
+from worldmodel import ConfigError, ReplayBuffer, WorldModel, env_spec, make_env
 from worldmodel.config import validate_config
 from worldmodel.runtime import resolve_device
 from worldmodel.trainer import Trainer
@@ -181,3 +181,27 @@ def test_default_directories_of_runs_started_in_the_same_second_differ(config_na
             cfg = compose(config_name=config_name, return_hydra_config=True)
         dirs.append([str(OmegaConf.select(cfg, f"hydra.{k}.dir")) for k in ("run", "sweep")])
     assert all(a != b for a, b in zip(*dirs)), dirs
+
+
+def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_path):
+    """A vector mode the env lacks is caught by the pre-run checks (so a -m grid is refused before its first job), and
+    errors about a vector env name the env the user gave, not gymnasium's wrapper class."""
+    cfg = compose_config(["env=pendulum", "env.num_envs=2", "env.vectorization_mode=vector_entry_point"])
+    with pytest.raises(ConfigError, match="env.vectorization_mode=vector_entry_point.*Pendulum-v1 has no batched"):
+        validate_config(cfg)
+    validate_config(compose_config(["env=cartpole", "env.num_envs=2", "env.vectorization_mode=vector_entry_point"]))
+    with pytest.raises(ConfigError, match="`env.id=FrozenLake-v1`"):  # Discrete observations, built as SyncVectorEnv
+        make_env("FrozenLake-v1", seed=0, num_envs=2)
+    assert env_spec(make_env("Pendulum-v1", seed=0, num_envs=2)).id == "Pendulum-v1"
+
+
+def test_a_dataset_too_large_for_the_buffer_names_the_capacity_given(tmp_path):
+    """The capacity is split evenly over the streams (rounded down); the error must quote the user's value."""
+    from worldmodel import RandomPolicy
+    from worldmodel.dataset import collect_episodes, save_dataset
+
+    env = make_env("Pendulum-v1", seed=0)
+    save_dataset(tmp_path / "d.npz", collect_episodes(env, env_spec(env), RandomPolicy(env.action_space, 0), 3, seed=0))
+    ReplayBuffer(600, 3, 1, streams=3, dataset=tmp_path / "d.npz")  # 200-step episodes, one per stream: fits
+    with pytest.raises(ConfigError, match=r"`buffer.capacity=601`: expected at least 800 .* 4 stream\(s\)"):
+        ReplayBuffer(601, 3, 1, streams=4, dataset=tmp_path / "d.npz")  # 150 rows per stream

@@ -89,3 +89,16 @@ def test_train_refuses_the_directory_of_a_collect_run(tmp_path):
     proc = run_train([*TINY, "trainer.steps=10", f"hydra.run.dir={run_dir}"], check=False)
     assert proc.returncode == 2 and "holds the output of a collect.py run" in proc.stderr, proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_dataset_without_one_window_is_refused_before_anything_is_logged(tmp_path):
+    """With trainer.prefill=0 the dataset alone must hold a window of trainer.seq_len; if not, the run says so before
+    validating or logging, and its directory takes the corrected run."""
+    data, run_dir = tmp_path / "d.npz", tmp_path / "run"
+    assert script("collect.py", ["episodes=2", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0
+    stored = int(np.load(data)["lengths"].sum())  # one stream (one env) holds both episodes
+    args = [*TINY, "trainer.steps=10", "trainer.val_steps=400", f"buffer.dataset={data}", f"hydra.run.dir={run_dir}"]
+    proc = run_train([*args, "trainer.prefill=0", f"trainer.seq_len={stored + 1}"], check=False)
+    assert proc.returncode == 2 and "trainer.prefill=0" in proc.stderr and f"holds {stored} transitions" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(run_dir.glob("events.out.tfevents.*"))
+    run_train([*args, "trainer.prefill=0", f"trainer.seq_len={stored}"])  # one window is enough, same directory

@@ -104,7 +104,7 @@ class ReplayBuffer:
         self._pin = self.device.type == "cpu" and self.batch_device.type == "cuda"
         self.rng = np.random.default_rng(seed)
         if dataset:
-            self._load_dataset(dataset)
+            self._load_dataset(dataset, int(capacity))
 
     # ---- create -------------------------------------------------------------------------------------------------
     def add(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:
@@ -257,7 +257,7 @@ class ReplayBuffer:
         sizes = self.ring.sizes
         return list(zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()))
 
-    def _load_dataset(self, path: str | Path) -> None:
+    def _load_dataset(self, path: str | Path, asked: int) -> None:
         from worldmodel.dataset import episodes_to_buffer, load_dataset  # dataset.py builds on this module
 
         episodes = load_dataset(path, self.obs_dim, self.action_dim)
@@ -265,8 +265,9 @@ class ReplayBuffer:
         per_stream = [int(episodes["lengths"][k :: self.streams].sum()) for k in range(self.streams)]
         if max(per_stream) > self.ring.stream_capacity:
             need = max(per_stream) * self.streams
-            raise ConfigError("buffer.capacity", self.capacity, f"at least {need} to hold the {sum(per_stream)} "
-                              f"transitions of dataset {path} dealt over {self.streams} stream(s)")  # fmt: skip
+            raise ConfigError("buffer.capacity", asked, f"at least {need} to hold the {sum(per_stream)} transitions "
+                              f"of dataset {path} dealt over {self.streams} stream(s) (whole episodes per stream, each "
+                              f"stream holding capacity // streams = {self.ring.stream_capacity} rows)")  # fmt: skip
         episodes_to_buffer(self, episodes)
 
     def _window_counts(self, seq_len: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import Checkpointer, check_steps_cover, step_checkpoints
 from worldmodel.cuda_graph import GraphedUpdate
-from worldmodel.errors import RunInterrupted, WorldModelError
+from worldmodel.errors import ConfigError, RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
 from worldmodel.logger import Logger
 from worldmodel.models import WorldModel
@@ -171,6 +171,12 @@ class Trainer:
             self._top_up(collector)
         if stop.signum is not None:
             raise RunInterrupted(stop.signum, 0, None)
+        buffer = collector.buffer
+        if not buffer.can_sample(self.seq_len):  # trainer.prefill=0 on a dataset (the validator allows it) too short
+            raise ConfigError("trainer.prefill", self.prefill, f"a larger value, a buffer.dataset with longer episodes "
+                              f"or a shorter trainer.seq_len: after the prefill the replay buffer's longest stream "
+                              f"holds {int(buffer.ring.sizes.max())} transitions, less than one window of "
+                              f"trainer.seq_len={self.seq_len}")  # fmt: skip
 
     def _top_up(self, collector: Collector) -> None:
         """A vectorized env's autoreset steps store nothing (see vector.py), so `prefill` env steps can leave every
