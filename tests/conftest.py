@@ -47,6 +47,12 @@ def start_train(args: list[str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def run_script(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Runs `python scripts/NAME ARGS` (evaluate.py, collect.py, ...) and returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
 def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_vars: dict | None = None):
     """Runs `python scripts/train.py ARGS` and returns the CompletedProcess (stdout/stderr as text)."""
     proc = subprocess.run(

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, run_train, train_env
+from conftest import TINY, run_train
+from conftest import run_script as script  # the other scripts, as a user runs them
 from worldmodel import make_env
-
-
-def script(name: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, env=train_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def test_collect_train_offline_and_evaluate(tmp_path):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, images, run_train, scalars
+from conftest import TINY, images, run_script, run_train, scalars
 from worldmodel.checkpoint import load_world_model
 
 EXPECTED_TAGS = {
@@ -170,3 +171,25 @@ def test_compiled_run_matches_eager_and_trains(tmp_path):
     assert c["train/loss"][0][1] == pytest.approx(e["train/loss"][0][1], rel=1e-3)  # mean of the first 20 updates
     val_first, val_last = first_last(c["val/loss"])
     assert val_last < val_first / 3
+
+
+def test_damaged_or_misnamed_checkpoints_get_errors_that_say_what_to_do(tmp_path):
+    """An empty or cut newest checkpoint names the one before it to resume from; a folder given as a checkpoint names a
+    file in it; evaluate.py finds a damaged file before Hydra writes its directory."""
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.checkpoint_every=40", f"hydra.run.dir={run_dir}"])
+    folder = run_dir / "checkpoints"
+    newest = folder / "step_00000120.pt"
+    os.unlink(folder / "last.pt")  # a hard link to the newest step file
+    newest.write_bytes(newest.read_bytes()[:-100])  # cut, as a full disk would leave it
+    proc = run_train([*TINY, "trainer.steps=200", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "step_00000120.pt is unreadable or truncated" in proc.stderr, proc.stderr
+    assert f"previous checkpoint is {folder / 'step_00000080.pt'}" in proc.stderr
+    for given, named in ((run_dir, "step_00000120.pt"), (folder, "step_00000120.pt")):
+        out = tmp_path / f"eval_{given.name}"
+        proc = run_script("evaluate.py", [f"checkpoint={given}", "data=no.npz", f"hydra.run.dir={out}"])
+        assert proc.returncode == 2 and f"{given} is a directory" in proc.stderr and named in proc.stderr
+    newest.write_bytes(b"")
+    out = tmp_path / "eval_empty"
+    proc = run_script("evaluate.py", [f"checkpoint={newest}", "data=no.npz", f"hydra.run.dir={out}"])
+    assert proc.returncode == 2 and "unreadable or truncated (0 bytes" in proc.stderr and not out.exists()

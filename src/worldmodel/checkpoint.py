@@ -15,6 +15,7 @@ import importlib
 import inspect
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -92,11 +93,29 @@ class Checkpointer:
         os.replace(tmp, last)
 
 
+class CheckpointUnreadable(WorldModelError):
+    """A checkpoint file that exists but cannot be read: empty, truncated or not a torch.save file."""
+
+
 def require_checkpoint(path: str | Path) -> Path:
-    """`path`, or an error saying that no checkpoint is there."""
+    """`path`, or an error saying that no readable checkpoint is there. Reading a zip's table of contents (what
+    torch.save writes, at the end of the file) costs microseconds and catches an empty or truncated file before a
+    script starts any work."""
     path = Path(path)
+    if path.is_dir():
+        # A run directory, or its checkpoints/ folder: the final checkpoint first, else the newest.
+        newest = [p for _, p in reversed(step_checkpoints(path))] + sorted(path.glob("step_*.pt"), reverse=True)
+        inside = [p for p in [last_checkpoint(path), path / "last.pt", *newest] if p.is_file()]
+        hint = f", such as {inside[0]}" if inside else " (a finished run writes <run dir>/checkpoints/last.pt)"
+        raise WorldModelError(f"Checkpoint {path} is a directory; give a checkpoint file{hint}.")
     if not path.is_file():
         raise WorldModelError(f"Checkpoint {path} does not exist; a finished run writes <run dir>/checkpoints/last.pt.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointUnreadable(f"Checkpoint {path} is unreadable or truncated ({path.stat().st_size} bytes: "
+                                   f"{err}).") from None  # fmt: skip
     return path
 
 
@@ -107,7 +126,8 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: 
     try:
         payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:
-        raise WorldModelError(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}).") from None
+        raise CheckpointUnreadable(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200]}).") from None  # fmt: skip
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise WorldModelError(f"Checkpoint {path} was not written by this version of worldmodel.")
     return payload
@@ -123,7 +143,13 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
             "Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a new one."
         )
     path = found[-1][1]
-    payload = read_checkpoint(path, mmap=mmap)
+    try:
+        payload = read_checkpoint(path, mmap=mmap)
+    except CheckpointUnreadable as err:
+        if len(found) < 2:
+            raise
+        raise CheckpointUnreadable(f"{err} The run's previous checkpoint is {found[-2][1]}: move {path.name} out of "
+                                   f"{path.parent} to resume from that one.") from None  # fmt: skip
     diffs = config_differences(payload["config"], OmegaConf.to_container(cfg, resolve=True))
     refused = {k: v for k, v in diffs.items() if k not in RESUMABLE_CHANGES}
     if refused:
