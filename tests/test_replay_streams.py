@@ -12,6 +12,7 @@ The reference keeps, per stream, every row written since the last clear; a strea
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -600,3 +601,45 @@ def test_float64_values_round_once_to_float16_storage(write):
         buf.extend(**rows(0.0, 0.0))
         buf.update(-2, obs=np.array([value]))
     assert buf[-2]["obs"][0] == np.float16(value)
+
+
+def state_of_version(src: ReplayBuffer, version) -> dict:
+    state = src.state_dict()
+    if version is None:
+        del state["format_version"]
+    else:
+        state["format_version"] = version
+    return state
+
+
+@pytest.mark.parametrize("version", [1, 3, None])
+def test_load_refuses_a_state_of_another_format_version(tmp_path, version):
+    """A buffer saved in another layout (e.g. version 1, before per-stream sizes) is refused, never misread."""
+    src = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=1)
+    fill_streams(src, [3, 4])
+    state = state_of_version(src, version)
+    src.save(tmp_path / "r.npz")
+    with np.load(tmp_path / "r.npz") as data:
+        files = {k: data[k] for k in data.files}
+    meta = {k: v for k, v in state.items() if k != "columns"}
+    np.savez(tmp_path / "old.npz", **{**files, "meta": np.array(json.dumps(meta))})
+    dst = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=5)
+    before = fill_streams(dst, [1, 2])
+    rng_state = dst.rng.bit_generator.state
+    with pytest.raises(ValueError):
+        dst.load_state_dict(state)
+    with pytest.raises(ValueError, match="old.npz"):
+        dst.load(tmp_path / "old.npz")
+    # Refused before anything is written.
+    assert_contents(dst, [r for rows in before for r in rows])
+    assert dst.rng.bit_generator.state == rng_state
+    dst.load_state_dict(state_of_version(src, src.state_dict()["format_version"]))  # the current version loads
+    assert_contents(dst, [transition(k, i) for k, n in enumerate([3, 4]) for i in range(n)])
+
+
+def test_a_state_of_another_format_version_is_refused_with_a_message_saying_so():
+    """Refusing another format version says the version differs (the shapes match, so they cannot explain it)."""
+    src = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=1)
+    dst = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=5)
+    with pytest.raises(ValueError, match="(?i)version"):
+        dst.load_state_dict(state_of_version(src, 1))

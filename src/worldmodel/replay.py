@@ -209,7 +209,10 @@ class ReplayBuffer:
         """Restores a `state_dict`; refuses one whose capacity, streams or shapes differ from this buffer's."""
         mine = self._shape()
         theirs = {k: state.get(k) for k in mine}
-        if theirs != mine or state.get("format_version") != FORMAT_VERSION:
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source} has format_version {state.get('format_version')!r}, but this version of "
+                             f"worldmodel reads format_version {FORMAT_VERSION} only")  # fmt: skip
+        if theirs != mine:
             raise ValueError(f"{source} holds a buffer of {theirs}, but this buffer is {mine}")
         ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
         # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest row.
