@@ -138,3 +138,40 @@ def test_an_envs_own_type_error_is_not_blamed_on_env_kwargs():
     for kwargs in ({}, {"size": 4}):
         with pytest.raises(TypeError, match="has no len"):
             make_env("BuggyTypeError-v0", seed=0, kwargs=kwargs)
+
+
+def test_an_unsaved_env_on_resume_closes_the_open_episode_as_a_truncation():
+    """Resuming without the env (it could not be pickled) starts a fresh episode; the one in progress must end as a
+    truncation in the buffer, so no sampled window runs from the old episode into the new one."""
+    env = make_env("Pendulum-v1", seed=0)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, seed=0)
+    collector = Collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0)
+    collector.collect(30)
+    collector.load_state_dict({**collector.state_dict(), "env": None})
+    rows = buffer[:]
+    assert rows["truncated"][29] and not rows["truncated"][:29].any() and not rows["terminated"].any()
+    collector.collect(20)
+    rows = buffer[:]
+    assert len(buffer) == 50 and not np.array_equal(rows["obs"][30], rows["next_obs"][29])  # a fresh episode
+    cont = ~(rows["terminated"] | rows["truncated"])[:-1]  # rows chain wherever the episode did not end
+    np.testing.assert_array_equal(rows["next_obs"][:-1][cont], rows["obs"][1:][cont])
+
+
+@pytest.mark.parametrize(
+    "space", [gym.spaces.Discrete(4), gym.spaces.Box(-2.0, 2.0, (1,), np.float32)], ids=["discrete", "box"]
+)
+def test_sticky_policy_repeats_its_action_with_the_given_probability(space):
+    """scripts/collect.py's sticky policy holds an action with probability repeat_prob: at 0.9 nearly every step
+    repeats the previous action, at 0.0 repeats happen only by chance (1/4 for Discrete(4), never for a Box)."""
+    chance = 0.25 if isinstance(space, gym.spaces.Discrete) else 0.0
+
+    def repeat_rate(repeat_prob: float) -> float:
+        policy = StickyRandomPolicy(space, seed=7, repeat_prob=repeat_prob)
+        actions = np.stack([np.asarray(policy(None)) for _ in range(2000)])
+        return float(np.mean([np.array_equal(a, b) for a, b in zip(actions[:-1], actions[1:])]))
+
+    held = repeat_rate(0.9)
+    assert 0.85 < held < 0.96  # 0.9 + 0.1 x chance
+    fresh = repeat_rate(0.0)
+    assert chance - 0.05 <= fresh < chance + 0.05

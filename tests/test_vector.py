@@ -10,14 +10,19 @@ from worldmodel import ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_e
 from worldmodel.vector import VectorCollector, make_collector
 
 
-def vector_run(env_id: str, num_envs: int, steps: int, seed: int = 0, **env_kwargs):
+def vector_collector(env_id: str, num_envs: int, seed: int = 0, **env_kwargs) -> VectorCollector:
     env = make_env(env_id, seed=seed, num_envs=num_envs, **env_kwargs)
     spec = env_spec(env)
     buffer = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=num_envs, seed=seed)
     collector = make_collector(env, buffer, RandomPolicy(env.action_space, seed), seed=seed, spec=spec)
     assert isinstance(collector, VectorCollector)
+    return collector
+
+
+def vector_run(env_id: str, num_envs: int, steps: int, seed: int = 0, **env_kwargs):
+    collector = vector_collector(env_id, num_envs, seed, **env_kwargs)
     stats = collector.collect(steps)
-    return buffer, spec, stats
+    return collector.buffer, collector.spec, stats
 
 
 def stream_rows(buffer: ReplayBuffer) -> list[dict[str, np.ndarray]]:
@@ -44,8 +49,25 @@ def test_every_stored_row_is_the_transition_a_replay_of_the_env_returns(env_id, 
     vector_steps = 60
     buffer, spec, stats = vector_run(env_id, num_envs, vector_steps * num_envs, **kwargs)
     streams = stream_rows(buffer)
-    env = make_env(env_id, seed=0, num_envs=num_envs, **kwargs)
-    obs, _ = env.reset(seed=0)
+    ends = assert_rows_replay_the_env(buffer, spec, env_id, num_envs, vector_steps, **kwargs)
+    assert stats.steps == len(buffer) == vector_steps * num_envs - int(
+        sum(1 for s in streams for d in (s["terminated"] | s["truncated"])[:-1] if d)
+    )  # one reset step per episode end, except an end on the very last step
+    assert ends >= 2 * num_envs  # many boundaries were crossed
+    assert len(stats.episode_lengths) == ends
+    # Within a stream, rows chain: each next_obs is the next row's obs unless the episode ended there.
+    for s in streams:
+        cont = ~(s["terminated"] | s["truncated"])[:-1]
+        np.testing.assert_array_equal(s["next_obs"][:-1][cont], s["obs"][1:][cont])
+
+
+def assert_rows_replay_the_env(buffer, spec, env_id: str, num_envs: int, vector_steps: int, seed: int = 0,
+                               **kwargs) -> int:  # fmt: skip
+    """Replays `vector_steps` of a fresh env seeded like the collector's with the stored actions and checks that the
+    buffer holds exactly its transitions, none for an autoreset step; returns the number of episode ends."""
+    streams = stream_rows(buffer)
+    env = make_env(env_id, seed=seed, num_envs=num_envs, **kwargs)
+    obs, _ = env.reset(seed=seed)
     cursor = np.zeros(num_envs, dtype=int)
     resetting = np.zeros(num_envs, dtype=bool)
     ends = 0
@@ -71,15 +93,7 @@ def test_every_stored_row_is_the_transition_a_replay_of_the_env_returns(env_id, 
         resetting = ~resetting & (terminated | truncated)
         obs = next_obs
     assert (cursor == buffer.ring.sizes).all()  # nothing stored beyond the real transitions
-    assert stats.steps == len(buffer) == vector_steps * num_envs - int(
-        sum(1 for s in streams for d in (s["terminated"] | s["truncated"])[:-1] if d)
-    )  # one reset step per episode end, except an end on the very last step
-    assert ends >= 2 * num_envs  # many boundaries were crossed
-    assert len(stats.episode_lengths) == ends
-    # Within a stream, rows chain: each next_obs is the next row's obs unless the episode ended there.
-    for s in streams:
-        cont = ~(s["terminated"] | s["truncated"])[:-1]
-        np.testing.assert_array_equal(s["next_obs"][:-1][cont], s["obs"][1:][cont])
+    return ends
 
 
 def test_collect_counts_env_steps_and_carries_the_remainder():
@@ -228,3 +242,102 @@ def test_episode_returns_and_lengths_are_those_of_the_stored_episodes(env_id, nu
                      for s, e in zip(starts, ends)]  # fmt: skip
     assert len(expected) >= 5 * num_envs
     np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)  # float64 sums, in another order
+
+
+@pytest.mark.parametrize(
+    "env_id, num_envs, kwargs",
+    [
+        ("CartPole-v1", 4, {}),
+        ("Pendulum-v1", 3, {"max_episode_steps": 7}),  # every env's episode ends on the same vector step
+        ("CartPole-v1", 2, {"vectorization_mode": "sync"}),
+    ],
+)
+def test_rows_collected_over_many_small_calls_are_the_transitions_a_replay_of_the_env_returns(env_id, num_envs, kwargs):
+    """Between updates the trainer collects a vector step at a time, so episodes often end on a call's last step:
+    the next call must still know that env's first step is an autoreset and store nothing for it."""
+    collector = vector_collector(env_id, num_envs, **kwargs)
+    sizes = [num_envs] * 40 + [1, 2 * num_envs - 1, num_envs + 1, 3 * num_envs, num_envs - 1, 1] * 5 + [num_envs] * 20
+    ends_at_call_end, stored, reported = 0, 0, 0
+    for n in sizes:
+        stats = collector.collect(n)
+        stored += stats.steps
+        reported += len(stats.episode_lengths)
+        ends_at_call_end += int(collector._resetting.sum())
+    vector_steps = sum(sizes) // num_envs
+    assert collector._credit == sum(sizes) % num_envs
+    buffer = collector.buffer
+    ends = assert_rows_replay_the_env(buffer, collector.spec, env_id, num_envs, vector_steps, **kwargs)
+    assert ends_at_call_end >= 3  # the case in question happened, several times
+    assert stored == len(buffer) == collector.total_steps and reported == ends
+    for s in stream_rows(buffer):  # no stored row leads from an episode's final observation to the next's reset
+        ended = (s["terminated"] | s["truncated"])[:-1]
+        assert not (s["obs"][1:][ended] == s["next_obs"][:-1][ended]).all(axis=-1).any()
+
+
+def collect_until_an_episode_ends_on_a_calls_last_step(collector: VectorCollector, at_least: int = 10) -> None:
+    """One vector step per call, at least `at_least` of them, until some (but not every) env's episode has just
+    ended: its next step is an autoreset the collector must remember across calls (and checkpoints)."""
+    for t in range(1000):
+        collector.collect(collector.num_envs)
+        if t + 1 >= at_least and collector._resetting.any() and not collector._resetting.all():
+            return
+    raise AssertionError("no episode ended on a call's last step")
+
+
+def test_a_checkpoint_taken_just_after_an_episode_ended_resumes_bit_for_bit():
+    """A checkpoint right after env k's episode ended (its next step an autoreset) resumes into a fresh collector,
+    env and buffer that store exactly the rows, and report the episodes, of a run that never stopped."""
+    run = vector_collector("CartPole-v1", 3, seed=2)
+    collect_until_an_episode_ends_on_a_calls_last_step(run)
+    state, saved = run.state_dict(), run.buffer.state_dict()
+    expected = [run.collect(n) for n in (3, 3, 30, 3, 90)]
+
+    resumed = vector_collector("CartPole-v1", 3, seed=99)  # another seed: everything must come from the checkpoint
+    resumed.buffer.load_state_dict(saved)
+    resumed.load_state_dict(state)
+    got = [resumed.collect(n) for n in (3, 3, 30, 3, 90)]
+    for key, value in run.buffer[:].items():
+        np.testing.assert_array_equal(resumed.buffer[:][key], value, err_msg=key)
+    assert (resumed.buffer.ring.sizes == run.buffer.ring.sizes).all()
+    assert [(s.steps, s.episode_lengths, s.episode_returns) for s in got] == [
+        (s.steps, s.episode_lengths, s.episode_returns) for s in expected
+    ]
+    assert resumed.total_steps == run.total_steps
+
+
+def test_an_unsaved_env_resumed_just_after_an_episode_ended_stores_every_fresh_first_step():
+    """Resuming without the env (an async vector env) restarts every env with a fresh, run-seeded reset; an env
+    whose episode had just ended must not skip that fresh episode's first transition as if it were an autoreset."""
+    from worldmodel.rollout import fresh_env_seed
+
+    run = vector_collector("CartPole-v1", 3, seed=1)
+    collect_until_an_episode_ends_on_a_calls_last_step(run)
+    before = run.buffer.ring.sizes.copy()
+    run.load_state_dict({**run.state_dict(), "env": None})
+    for s in stream_rows(run.buffer):
+        assert s["terminated"][-1] or s["truncated"][-1]  # every stream's episode is closed
+    stats = run.collect(3)
+    assert stats.steps == 3 and (run.buffer.ring.sizes == before + 1).all()  # one transition of every env
+    reset, _ = make_env("CartPole-v1", seed=0, num_envs=3).reset(seed=fresh_env_seed(1, run.total_steps - 3))
+    first = np.stack([s["obs"][-1] for s in stream_rows(run.buffer)])
+    np.testing.assert_array_equal(first, np.asarray(reset, np.float32))  # the fresh episodes' first observations
+
+
+def test_the_prefill_tops_up_streams_left_several_steps_short_by_autoreset_steps():
+    """2 CartPole envs, prefill 200 = num_envs x seq_len 100: the autoreset steps leave each stream several
+    transitions short of a window. The prefill itself (not the first update) collects on until one window fits."""
+    from types import SimpleNamespace
+
+    from worldmodel.trainer import Trainer
+
+    plain = vector_collector("CartPole-v1", 2)
+    plain.collect(200)
+    assert plain.buffer.ring.sizes.max() <= 98  # short by two transitions or more: one extra vector step is not enough
+    collector = vector_collector("CartPole-v1", 2)
+    Trainer(steps=1, prefill=200, batch_size=1, seq_len=100, lr=1e-3)._prefill(collector, SimpleNamespace(signum=None))
+    buffer = collector.buffer
+    assert buffer.can_sample(100) and not buffer.can_sample(101)  # one step of every env at a time, no more
+    for key, value in plain.buffer[:].items():  # the prefill itself, then only whole vector steps on top
+        rows = np.concatenate([s[key][:n] for s, n in zip(stream_rows(buffer), plain.buffer.ring.sizes)])
+        np.testing.assert_array_equal(rows, value, err_msg=key)
+    buffer.sample(4, 100)
