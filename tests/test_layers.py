@@ -137,3 +137,40 @@ def test_time_major_is_the_same_function_in_the_other_layout(autocast):
     assert states_tm.shape == (5, 3, 6)
     torch.testing.assert_close(states_tm.transpose(0, 1), states)
     torch.testing.assert_close(last_tm, last)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_the_compiled_path_resets_where_first_is_set(time_major):
+    """Under trainer.compile=true gru_sequence runs layers.gru_cell_loop: it must be the same function, values and
+    gradients, with resets inside the windows, in either layout."""
+    cell, x, first, h0 = case(3, 7, 4, 5, 0.0, seed=19)
+    first[0, 2] = first[1, 4] = first[1, 5] = first[2, 0] = True
+    expected = values_and_grads(gru_sequence, cell, x, first, h0)
+    got = values_and_grads(layers.gru_cell_loop, cell, x, first, h0)
+    for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gru_cell_loop's {name} differs")
+
+    def compiled(cell, x, first, h0):  # gru_sequence as torch.compile traces it
+        with mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+            if not time_major:
+                return gru_sequence(cell, x, first, h0)
+            states, last = gru_sequence(cell, x.transpose(0, 1), first.t(), h0, time_major=True)
+            return states.transpose(0, 1), last
+
+    got = values_and_grads(compiled, cell, x, first, h0)
+    for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"compiled path's {name} differs")
+
+
+def test_the_cell_loop_after_a_reset_is_a_fresh_start():
+    """gru_cell_loop's states from a `first` row on are those of running the rest of the window from a zero state."""
+    cell, x, first, h0 = case(2, 6, 3, 4, 0.0, seed=23)
+    first[:, 3] = True
+    with torch.no_grad():
+        states, last = layers.gru_cell_loop(cell, x, first, h0)
+        fresh, fresh_last = layers.gru_cell_loop(cell, x[:, 3:], first[:, 3:], torch.zeros_like(h0))
+        carried, _ = layers.gru_cell_loop(cell, x, torch.zeros_like(first), h0)
+    torch.testing.assert_close(states[:, 3:], fresh, rtol=0, atol=1e-12)
+    torch.testing.assert_close(last, fresh_last, rtol=0, atol=1e-12)
+    torch.testing.assert_close(states[:, :3], carried[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(states[:, 3:], carried[:, 3:])  # the history would have mattered

@@ -162,3 +162,98 @@ def test_a_graphed_update_gathers_its_batch_from_the_rows_drawn(monkeypatch):
         weights[graphed] = [p.detach().clone() for p in model.parameters()]
     assert torch.equal(losses[True], losses[False])
     assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
+def transition_batch(b=4, t=8, obs_dim=3, action_dim=2, seed=2, dtype=torch.float32) -> Batch:
+    """A Batch of random transitions, `first` set at every row's start."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(b, t, obs_dim, generator=g, dtype=dtype)
+    action = torch.randn(b, t, action_dim, generator=g, dtype=dtype)
+    reward = torch.randn(b, t, generator=g, dtype=dtype)
+    next_obs = obs + torch.randn(b, t, obs_dim, generator=g, dtype=dtype)
+    terminated = torch.rand(b, t, generator=g) < 0.3
+    first = torch.zeros(b, t, dtype=torch.bool)
+    first[:, 0] = True
+    return Batch(obs, action, reward, next_obs, terminated, torch.zeros(b, t, dtype=torch.bool), first)
+
+
+def test_termination_loss_ignores_time_limit_truncations():
+    """A time-limit truncation is not a termination: the termination head is taught `terminated` alone, so an env's
+    time limit never teaches the model that the state ends the episode."""
+    model = fitted_model()
+    with torch.no_grad():
+        model.terminated_head[-1].bias.fill_(2.0)  # logits far from 0, where BCE against 0 and 1 differ clearly
+    batch = transition_batch()
+    batch.terminated[:, -1] = False
+    truncated = batch.truncated.clone()
+    truncated[:, -1] = True  # episodes cut by a time limit (and a truncated row in the middle of one window)
+    truncated[0, 3] = True
+    batch.terminated[0, 3] = False
+    assert (truncated & ~batch.terminated).sum() == 5
+    _, terms = model.loss(batch)
+    prob = model.predict(batch.obs, batch.action, batch.first)["terminated_prob"].double()
+    target = batch.terminated.double()
+    expected = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+    torch.testing.assert_close(terms["terminated"].double(), expected, rtol=1e-5, atol=1e-6)
+    truncated_batch = Batch(**{**vars(batch), "truncated": truncated})
+    total, truncated_terms = model.loss(truncated_batch)
+    torch.testing.assert_close(truncated_terms["terminated"], terms["terminated"], rtol=0, atol=0)
+    torch.testing.assert_close(total, model.loss(batch)[0], rtol=0, atol=0)
+
+
+def test_loss_total_is_the_coefficient_weighted_sum_of_its_terms():
+    """conf/model/gru.yaml's *_coef keys weight their terms: total = obs + reward_coef * reward + terminated_coef *
+    terminated + open_loop_coef * open_loop, and the terms themselves do not depend on the weights."""
+    batch = transition_batch()
+    default = fitted_model(open_loop_steps=3)
+    _, default_terms = default.loss(batch)
+    coefs = {"reward_coef": 0.3, "terminated_coef": 2.5, "open_loop_coef": 0.7}
+    model = fitted_model(open_loop_steps=3, **coefs)
+    total, terms = model.loss(batch)
+    assert tuple(terms) == model.loss_terms
+    for name in model.loss_terms:
+        torch.testing.assert_close(terms[name], default_terms[name])
+        assert terms[name] > 0, name
+    expected = (terms["obs"] + 0.3 * terms["reward"] + 2.5 * terms["terminated"] + 0.7 * terms["open_loop"])
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(default.loss(batch)[0], sum(default_terms.values()))
+
+
+def open_loop_by_imagine(model, batch: Batch, k: int) -> torch.Tensor:
+    """The open-loop term computed from `imagine`, as its docstring defines it: observe the first c = T - k rows,
+    imagine the rest, score horizons 2..k+1 (next_obs[c..T-1]) in normalized obs units, only up to the first reset
+    among the imagined rows, the mean over the scored steps and dimensions."""
+    T = batch.obs.shape[1]
+    c = T - k
+    pred = model.imagine(batch.obs[:, :c], batch.action, batch.first[:, :c], units="normalized")["obs"]
+    assert pred.shape[1] == k + 1
+    target = model.normalizer.normalize("obs", batch.next_obs)
+    total, count = 0.0, 0
+    for b in range(batch.obs.shape[0]):
+        for i in range(c, T):
+            if batch.first[b, c : i + 1].any():
+                break
+            total = total + ((pred[b, i - c + 1] - target[b, i]) ** 2).sum()
+            count += pred.shape[-1]
+    return total / count
+
+
+@pytest.mark.parametrize("head_layers", [1, 2])
+def test_open_loop_term_is_imagine_scored_up_to_the_first_reset(head_layers):
+    """model.open_loop_steps trains on what `imagine` predicts: the term equals imagine's normalized error on the last
+    k steps, with every step from an episode start onwards left out of both the sum and the count."""
+    k, T = 4, 8
+    model = fitted_model(head_layers=head_layers, open_loop_steps=k).double()
+    batch = transition_batch(b=5, t=T, dtype=torch.float64)
+    batch.first[1, 5] = True  # a reset inside the imagined part: rows 5..7 unscored, row 4 scored
+    batch.first[2, 4] = True  # a reset at its first imagined row: nothing of this window scored
+    batch.first[3, 6] = batch.first[3, 7] = True  # two resets: rows 4, 5 scored
+    batch.first[4, 2] = True  # a reset among the observed rows: imagine starts from it too
+    _, terms = model.loss(batch)
+    expected = open_loop_by_imagine(model, batch, k)
+    torch.testing.assert_close(terms["open_loop"], expected, rtol=1e-7, atol=1e-9)
+    # The term is what open_loop_steps adds: the other terms are those of the model without it.
+    _, closed = fitted_model(head_layers=head_layers).double().loss(batch)
+    for name in ("obs", "reward", "terminated"):
+        torch.testing.assert_close(terms[name], closed[name])
+    assert closed["open_loop"] == 0
