@@ -10,15 +10,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_train, scalars, start_train
+from omegaconf import OmegaConf
+
+from conftest import compose_config, run_train, scalars, start_train
+from worldmodel import ReplayBuffer, env_spec, make_env
 from worldmodel.checkpoint import (
     Checkpointer,
     atomic_torch_save,
     config_differences,
     load_for_resume,
+    read_checkpoint,
     step_checkpoints,
 )
+from worldmodel.env import EnvSpec
 from worldmodel.errors import WorldModelError
+from worldmodel.logger import Logger
+from worldmodel.models import EnsembleWorldModel, RSSMWorldModel
+from worldmodel.rollout import RandomPolicy
+from worldmodel.runtime import seed_everything
+from worldmodel.trainer import Trainer
+from worldmodel.vector import make_collector
 
 # Small but real: enough updates to cross several checkpoints, logs and evaluations.
 RUN = [
@@ -267,6 +278,113 @@ def test_config_differences_and_what_may_change():
     }
     with pytest.raises(WorldModelError, match="holds no step"):
         load_for_resume(Path("/nonexistent"), None)
+
+
+#: What README "Stopping and resuming" says may change on resume, each with a value other than the default config's
+#: (trainer.resume itself changes on every resume: false when saved, true now).
+DOCUMENTED_CHANGES = {
+    "trainer.steps": 20000, "trainer.eval_every": 7, "trainer.log_every": 3, "trainer.checkpoint_every": 11,
+    "trainer.keep_checkpoints": 9, "trainer.device": "cpu", "trainer.progress": False, "trainer.compile": True,
+    "trainer.compile_mode": "max-autotune", "trainer.cuda_graph": True, "buffer.device": "cpu",
+    "trainer.resume": True,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", DOCUMENTED_CHANGES)
+def test_every_documented_change_resumes_and_another_is_refused(tmp_path, key):
+    """A user may change what README lists on resume (more steps, another device...) and the run continues; a key
+    outside that list (trainer.lr) is refused, naming it, even next to an allowed change."""
+    saved = compose_config(["trainer.steps=100"])
+    Checkpointer(tmp_path, saved, EnvSpec("X-v0", 2, 1, False)).save({"model": {}}, step=10)
+    now = OmegaConf.merge(saved, OmegaConf.from_dotlist([f"{key}={DOCUMENTED_CHANGES[key]}"]))
+    assert config_differences(OmegaConf.to_container(saved), OmegaConf.to_container(now)).keys() == {key}
+    assert load_for_resume(tmp_path, now)["step"] == 10
+    now.trainer.lr = 0.5
+    with pytest.raises(WorldModelError, match=r"trainer\.lr: saved 0\.001, now 0\.5") as err:
+        load_for_resume(tmp_path, now)
+    assert key not in str(err.value).split("(")[1].split(")")[0]  # the allowed change is not among the refused
+
+
+def test_resume_reads_the_newest_of_several_step_checkpoints(tmp_path):
+    """With several step_*.pt kept, a resumed run continues from the newest, not from an older one."""
+    cfg = OmegaConf.create({"trainer": {"steps": 100}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    for step in (10, 20, 30):
+        ckpt.save({"model": {"w": torch.full((2,), float(step))}}, step=step)
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [10, 20, 30]
+    for mmap in (False, True):
+        payload = load_for_resume(tmp_path, cfg, mmap=mmap)
+        assert payload["step"] == 30 and payload["path"] == str(tmp_path / "checkpoints" / "step_00000030.pt")
+        assert torch.equal(payload["model"]["w"], torch.full((2,), 30.0))
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_naming_the_file(tmp_path):
+    """A checkpoint written by another version of worldmodel is refused with a clear error naming it, never loaded
+    as if its layout were this version's."""
+    cfg = OmegaConf.create({"trainer": {"steps": 100}})
+    path = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False)).save({"model": {}}, step=10)
+    payload = torch.load(path, weights_only=True)
+    for version in (2, None):
+        if version is None:
+            del payload["format_version"]
+        else:
+            payload["format_version"] = version
+        atomic_torch_save(payload, path)
+        for read in (lambda: read_checkpoint(path), lambda: load_for_resume(tmp_path, cfg)):
+            with pytest.raises(WorldModelError, match=f"{re.escape(str(path))} was not written by this version"):
+                read()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny in-process runs, as the subprocess ones (conftest.train_env): two threads on two shared cores are slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(run_dir: Path, model_name: str, steps: int, resume: bool = False) -> dict:
+    """In process, what scripts/train.py does: seed, build CartPole, buffers, a tiny `model_name` and Trainer, fit
+    (from the newest checkpoint of `run_dir` with resume); returns the final checkpoint's payload."""
+    seed_everything(0)
+    cfg = OmegaConf.create({"trainer": {"steps": steps}})
+    resume_from = load_for_resume(run_dir, cfg) if resume else None
+    env = make_env("CartPole-v1", seed=0)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, seed=0)
+    collector = make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+    val_env = make_env("CartPole-v1", seed=1)
+    val_buffer = ReplayBuffer(60, spec.obs_dim, spec.action_dim, seed=1)
+    val_collector = make_collector(val_env, val_buffer, RandomPolicy(val_env.action_space, 1), seed=1, spec=spec)
+    if model_name == "rssm":
+        model = RSSMWorldModel(spec.obs_dim, spec.action_dim, latent_dim=8, stoch_dim=4, hidden_dim=16, free_nats=0.0)
+    else:
+        model = EnsembleWorldModel(spec.obs_dim, spec.action_dim, latent_dim=8, hidden_dim=8, ensemble_size=3,
+                                   num_layers=2)  # fmt: skip
+    trainer = Trainer(steps=steps, prefill=100, batch_size=4, seq_len=6, lr=1e-2, val_steps=60, eval_every=4,
+                      log_every=2, eval_context=2, eval_horizon=3, eval_figure=False, checkpoint_every=4,
+                      progress=False)  # fmt: skip
+    with Logger(run_dir) as logger:
+        trainer.fit(collector, val_collector, model, logger, Checkpointer(run_dir, cfg, spec), resume_from)
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("model_name", ["rssm", "mlp_ensemble"])
+def test_a_model_that_draws_random_numbers_resumes_bit_identical(tmp_path, model_name, one_thread):
+    """model=rssm samples its posterior and model=mlp_ensemble its bootstraps from torch's global RNG in every
+    update: a resumed run draws what the uninterrupted run drew, and ends with the same weights, to the bit."""
+    whole = tiny_run(tmp_path / "whole", model_name, steps=8)
+    tiny_run(tmp_path / "run", model_name, steps=4)
+    resumed = tiny_run(tmp_path / "run", model_name, steps=8, resume=True)  # seeded and built anew, as train.py does
+    assert resumed["step"] == whole["step"] == 8
+    for part in ("model", "optimizer"):
+        flat_a, flat_b = whole[part], resumed[part]
+        if part == "optimizer":
+            flat_a = {f"{i}.{k}": v for i, s in flat_a["state"].items() for k, v in s.items()}
+            flat_b = {f"{i}.{k}": v for i, s in flat_b["state"].items() for k, v in s.items()}
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
 
 
 @pytest.mark.parametrize("env", ["env=cartpole", "env=pendulum"])

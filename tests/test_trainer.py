@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from worldmodel import GRUWorldModel, ReplayBuffer, env_spec, make_env
 from worldmodel import trainer as trainer_module
 from worldmodel.errors import WorldModelError
+from worldmodel.logger import Logger
+from worldmodel.rollout import RandomPolicy
 from worldmodel.trainer import Trainer
+from worldmodel.vector import make_collector
 
 TERMS = ("loss", "obs", "reward")
 
@@ -92,3 +98,110 @@ def test_a_checkpointed_window_resumes_with_the_same_rows():
     accumulate(trainer, resumed, range(8, 11))
     got = trainer._flush_window(resumed, None)
     assert list(got.values()) == pytest.approx(list(expected.values()), rel=1e-6)
+
+
+def test_a_window_restored_from_an_old_checkpoint_counts_once():
+    """The sums an old checkpoint carried belong to the window it was saved in: the next log window means its own
+    updates only."""
+    trainer = window_trainer()
+    old = {"step": 7, "window_updates": 7, "window_sums": torch.stack([values(s) for s in range(1, 8)]).sum(0)}
+    resumed = trainer._restore_loop(old, {})
+    accumulate(trainer, resumed, range(8, 11))
+    first = trainer._flush_window(resumed, None)
+    expected = torch.stack([values(s) for s in range(1, 11)]).mean(0).tolist()
+    assert list(first.values()) == pytest.approx(expected, rel=1e-6)
+    accumulate(trainer, resumed, range(11, 14))
+    second = trainer._flush_window(resumed, None)
+    expected = torch.stack([values(s) for s in range(11, 14)]).mean(0).tolist()
+    assert list(second.values()) == pytest.approx(expected, rel=1e-6)
+
+
+def random_rows(n: int, obs_dim: int = 3, action_dim: int = 2, seed: int = 0, delta: float = 0.1) -> dict:
+    """n consecutive transitions of one episode, random but for next_obs = obs + `delta`-sized steps."""
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    return {"obs": obs, "action": rng.normal(size=(n, action_dim)).astype(np.float32),
+            "reward": rng.normal(size=n).astype(np.float32),
+            "next_obs": (obs + delta * rng.normal(size=(n, obs_dim))).astype(np.float32),
+            "terminated": np.zeros(n, dtype=bool), "truncated": np.zeros(n, dtype=bool)}  # fmt: skip
+
+
+def fitted_gru(rows: dict) -> GRUWorldModel:
+    torch.manual_seed(0)
+    model = GRUWorldModel(3, 2, latent_dim=8, hidden_dim=16)
+    model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
+    return model
+
+
+def test_grad_clip_caps_the_norm_of_the_gradient_each_update_applies():
+    """trainer.grad_clip caps the global norm of the gradient Adam is given (its first moment after one update is
+    (1 - beta1) x that gradient); a gradient already below the cap is applied as it is."""
+    rows = random_rows(200)
+    buffer = ReplayBuffer(200, 3, 2, seed=0)
+    buffer.extend(**rows)
+    model, batch = fitted_gru(rows), buffer.sample(8, 6)
+    reference = copy.deepcopy(model)
+    reference.loss(batch)[0].backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert norm > 1e-3
+    for clip in (norm / 100, 10 * norm):
+        clipped = copy.deepcopy(model)
+        optimizer, update, _ = Trainer(steps=1, prefill=0, batch_size=8, seq_len=6, lr=1e-3,
+                                       grad_clip=clip).build_update(clipped)  # fmt: skip
+        update(batch)
+        scale = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s
+        beta1 = optimizer.param_groups[0]["betas"][0]
+        for p, g in zip(clipped.parameters(), grads):
+            torch.testing.assert_close(optimizer.state[p]["exp_avg"], (1 - beta1) * scale * g, rtol=1e-4, atol=1e-9)
+
+
+def test_validation_loss_weights_every_window_alike():
+    """val/* are means over every held-out window, also when the last validation batch is smaller than the others
+    (257 windows: batches of 129 and 128), not means of per-batch means."""
+    train = random_rows(400)
+    model = fitted_gru(train)
+    val = random_rows(514, seed=1)
+    val["next_obs"][258:] += 30.0  # the second batch's windows: far larger losses than the first's
+    val_buffer = ReplayBuffer(514, 3, 2, seed=0)
+    val_buffer.extend(**val)
+    trainer = Trainer(steps=1, prefill=0, batch_size=8, seq_len=2, lr=1e-3)
+    assert [len(b) for b in val_buffer.sequences(2, batch_size=256)] == [129, 128]
+    got = trainer.evaluate(model, val_buffer)
+    model.eval()
+    with torch.no_grad():
+        loss, terms = model.loss(val_buffer.gather(np.arange(0, 514, 2), 2))  # all 257 windows in one batch
+    expected = {"val/loss": float(loss), **{f"val/{k}": float(v) for k, v in terms.items()}}
+    assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path):
+    """After the prefill, the model's normalizer holds the mean and std of the stored observations, actions, rewards
+    and observation deltas (next_obs - obs), as normalize.py documents."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny run: a second thread only contends for two shared cores
+    try:
+        torch.manual_seed(0)
+        env, val_env = make_env("CartPole-v1", seed=0), make_env("CartPole-v1", seed=1)
+        spec = env_spec(env)
+        buffer, val_buffer = ReplayBuffer(1000, 4, 2, seed=0), ReplayBuffer(40, 4, 2, seed=1)
+        collector = make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+        val_collector = make_collector(val_env, val_buffer, RandomPolicy(val_env.action_space, 1), seed=1, spec=spec)
+        model = GRUWorldModel(4, 2, latent_dim=8, hidden_dim=16)
+        trainer = Trainer(steps=1, prefill=300, batch_size=4, seq_len=6, lr=1e-3, env_steps_per_update=0, val_steps=40,
+                          eval_context=2, eval_horizon=3, eval_figure=False, progress=False)  # fmt: skip
+        with Logger(tmp_path) as logger:
+            trainer.fit(collector, val_collector, model, logger)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {k: v.astype(np.float64) for k, v in buffer[:].items()}
+    assert len(rows["obs"]) == 300  # the prefill, and nothing after it (env_steps_per_update=0)
+    data = {"obs": rows["obs"], "action": rows["action"], "delta": rows["next_obs"] - rows["obs"],
+            "reward": rows["reward"][:, None]}  # fmt: skip
+    norm = model.normalizer
+    assert bool(norm.fitted)
+    for name, values in data.items():
+        mean = torch.as_tensor(values.mean(0), dtype=torch.float32)
+        std = torch.as_tensor(np.maximum(values.std(0), norm.min_std), dtype=torch.float32)
+        torch.testing.assert_close(getattr(norm, f"{name}_mean"), mean, msg=f"{name}_mean")
+        torch.testing.assert_close(getattr(norm, f"{name}_std"), std, msg=f"{name}_std")
