@@ -139,3 +139,35 @@ def test_flags_stored_as_0_1_numbers_load_as_booleans(tmp_path):
     loaded = load_dataset(path, spec.obs_dim, spec.action_dim)
     for name in ("terminated", "truncated"):
         assert loaded[name].dtype == bool and np.array_equal(loaded[name], data[name])
+
+
+def small_dataset(lengths: list[int]) -> dict[str, np.ndarray]:
+    """Episodes with obs_dim 1 and Box actions of dim 1; obs[i, t] = 100 i + t, so every stored row is identifiable."""
+    n, t = len(lengths), max(lengths)
+    obs = (100 * np.arange(n)[:, None] + np.arange(t + 1)[None, :]).astype(np.float32)[:, :, None]
+    terminated = np.arange(t)[None, :] == np.array(lengths)[:, None] - 1
+    return {"obs": obs, "actions": np.zeros((n, t, 1), np.float32), "rewards": np.zeros((n, t), np.float32),
+            "terminated": terminated, "truncated": np.zeros((n, t), bool),
+            "lengths": np.array(lengths, np.int64)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "streams, fits, too_small, need",
+    [(1, [14, 15], [13, 7], 14), (2, [18, 19], [17, 16], 18)],  # 2 streams: episodes 0, 2 (5 rows) and 1, 3 (9 rows)
+)
+def test_dataset_capacity_boundary(tmp_path, streams, fits, too_small, need):
+    """A dataset that exactly fills the buffer loads whole; one row more is refused, naming buffer.capacity and file."""
+    lengths = [3, 5, 2, 4]
+    path = tmp_path / "d.npz"
+    save_dataset(path, small_dataset(lengths))
+    ids = [[100 * i + t for t in range(n)] for i, n in enumerate(lengths)]
+    expected = [row for k in range(streams) for episode in ids[k::streams] for row in episode]
+    for capacity in fits:
+        buffer = ReplayBuffer(capacity, 1, 1, dataset=path, streams=streams)
+        assert len(buffer) == 14
+        assert buffer[:]["obs"][:, 0].tolist() == expected  # nothing overwritten, every episode from its start
+    for capacity in too_small:
+        with pytest.raises(ConfigError) as err:
+            ReplayBuffer(capacity, 1, 1, dataset=path, streams=streams)
+        message = str(err.value)
+        assert f"buffer.capacity={capacity}" in message and f"at least {need}" in message and str(path) in message

@@ -114,3 +114,61 @@ def test_trajectory_figure_shows_the_middle_window_and_redraws_without_memory():
     # The figure is reused across validation passes: the same trajectories must draw the same image again, whatever
     # was drawn in between (axis limits follow the data, nothing is left over).
     np.testing.assert_array_equal(plot.image(true, imagined), first)
+
+
+class Recorder(Drift):
+    """Drift that also records the first context observation of every window it is shown."""
+
+    def __init__(self):
+        super().__init__(step=0.0)
+        self.seen: list[float] = []
+
+    def imagine(self, context_obs, actions, first=None):
+        self.seen += context_obs[:, 0, 0].tolist()
+        return super().imagine(context_obs, actions, first)
+
+
+def test_capped_windows_are_spread_over_the_whole_buffer():
+    """With more valid windows than max_windows, the scored ones span every episode and stream, not just the oldest."""
+    # Two streams of three 20-step episodes each; obs[0] is the row's logical index, obs[1] its stream.
+    buffer = ReplayBuffer(120, obs_dim=2, action_dim=1, streams=2)
+    for k in range(2):
+        for t in range(60):
+            row = 60 * k + t
+            buffer.add([row, k], [0.0], 0.0, [row + 0.5, k], t % 20 == 19, False, stream=k)
+    starts = episode_window_starts(buffer, 2 + 3 - 1)
+    assert len(starts) == 6 * 17
+    model = Recorder()
+    res = open_loop(model, buffer, context=2, horizon=3, max_windows=6, batch_size=4)
+    chosen = np.array(sorted(model.seen), dtype=np.int64)
+    assert res.windows == 6 and len(set(chosen.tolist())) == 6
+    at = np.searchsorted(starts, chosen)
+    np.testing.assert_array_equal(starts[at], chosen)  # every scored window is a valid one
+    assert chosen[0] == starts[0] and chosen[-1] == starts[-1]  # from the oldest to the newest episode
+    assert (chosen >= 60).sum() == 3  # half of them from stream 1
+    gap = (len(starts) - 1) / 5
+    assert set(np.diff(at).tolist()) <= {int(np.floor(gap)), int(np.ceil(gap))}  # evenly spaced among valid starts
+    again = Recorder()
+    open_loop(again, buffer, context=2, horizon=3, max_windows=6)
+    assert sorted(again.seen) == sorted(model.seen)  # deterministic
+
+
+@pytest.mark.parametrize(
+    "horizon, reported", [(1, [1]), (3, [1, 3]), (7, [1, 5, 7]), (10, [1, 5, 10]), (12, [1, 5, 10, 12])]
+)
+def test_reported_horizons_always_include_the_last(horizon, reported):
+    """eval/*_hH and metrics.json report 1, 5, 10, ... and the requested horizon H itself, whatever H is."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(30):
+        buffer.add([t, -t], [0.0], 0.0, [t + 1, -(t + 1)], False, t == 29)
+    res = open_loop(Drift(step=[0.5, -0.5]), buffer, context=2, horizon=horizon)
+    assert res.horizon == horizon and res.report_horizons() == reported
+    d = res.as_dict()
+    for key in ("nmse", "copy_last_nmse", "reward_mse"):
+        assert list(d[key]) == [str(h) for h in reported]
+        assert d[key][str(horizon)] == pytest.approx(float(getattr(res, key)[horizon - 1]))
+    scalars = res.scalars()
+    expected = {f"eval/{key}_h{h}" for key in ("nmse", "copy_last_nmse", "reward_mse") for h in reported}
+    assert set(scalars) == expected | {"eval/terminated_accuracy"}
+    assert scalars[f"eval/nmse_h{horizon}"] == pytest.approx(float(res.nmse[-1]))
+    assert res.nmse[-1] > 0 and (horizon == 1 or res.nmse[-1] > res.nmse[0])  # the value of horizon H, not of 1

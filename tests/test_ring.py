@@ -300,3 +300,64 @@ def test_packed_writes_store_what_column_writes_store(monkeypatch, obs_dtype, st
         on_both("update", np.array([0, -1]), reward=rng.normal(size=2), obs=rng.normal(size=(2, 3)))
     for dtype, table in rings[False].ring.tables.items():
         assert torch.equal(table, rings[True].ring.tables[dtype]), dtype
+
+
+def ring_state(ring: RingBuffer) -> tuple:
+    return ring.ptrs.copy(), ring.sizes.copy(), {dt: t.clone() for dt, t in ring.tables.items()}
+
+
+def assert_unchanged(ring: RingBuffer, state: tuple) -> None:
+    ptrs, sizes, tables = state
+    np.testing.assert_array_equal(ring.ptrs, ptrs)
+    np.testing.assert_array_equal(ring.sizes, sizes)
+    for dt, table in ring.tables.items():
+        assert torch.equal(table, tables[dt]), dt
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_extend_refuses_a_broadcastable_but_wrong_shape_and_writes_nothing(stream):
+    """extend stores exactly the rows given: a column that would only fit by broadcasting is an error, not copied."""
+    ring = filled(4, 3) if stream == 0 else RingBuffer(8, SCHEMA, streams=2)
+    if stream:
+        ring.extend(stream=0, **rows([0, 1, 2]))
+    state = ring_state(ring)
+    with pytest.raises(ValueError, match="vec"):  # vec [3, 1] for a [3, 2] column (e.g. obs [n, 1] for obs_dim 2)
+        ring.extend(stream=stream, **{**rows([7, 8, 9]), "vec": np.ones((3, 1), np.float32)})
+    assert_unchanged(ring, state)
+    assert_holds(ring, [0, 1, 2])
+
+
+def test_append_refuses_a_broadcastable_but_wrong_shape_and_writes_nothing():
+    """append of a vector column with one value for a 2-vector (e.g. obs [1] for obs_dim 2) is refused."""
+    ring = filled(4, 4)  # full: an accepted append would overwrite row 0
+    state = ring_state(ring)
+    with pytest.raises(ValueError, match="vec"):
+        ring.append(**{**row(9), "vec": np.array([9.0], np.float32)})
+    assert_unchanged(ring, state)
+    assert_holds(ring, [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1), (2, 1, 2), (1, 2, 2)], ids=["per-value", "per-stream", "per-step"])
+def test_extend_streams_refuses_a_broadcastable_but_wrong_shape_and_writes_nothing(shape):
+    """extend_streams needs each column as [T, streams, ...] exactly: a broadcastable one is refused, unwritten."""
+    ring = RingBuffer(8, SCHEMA, streams=2)
+    ring.extend(stream=0, **rows([0, 1]))
+    ring.extend(stream=1, **rows([10]))
+    state = ring_state(ring)
+    good = {k: v.reshape(2, 2, *v.shape[1:]) for k, v in rows([20, 21, 22, 23]).items()}
+    with pytest.raises(ValueError, match="vec"):
+        ring.extend_streams(np.ones((2, 2), bool), **{**good, "vec": np.ones(shape, np.float32)})
+    assert_unchanged(ring, state)
+    ring.extend_streams(np.ones((2, 2), bool), **good)  # the right shape is accepted
+    assert ring.read(slice(None))["id"].tolist() == [0, 1, 20, 22, 10, 21, 23]
+
+
+def test_write_broadcasts_values_over_the_rows_it_updates():
+    """update/write, unlike the row writes, broadcasts: one value (or one per row) fills every named row's field."""
+    ring = filled(5, 5)
+    ring.write(np.array([1, 3]), vec=np.array([[7.0], [8.0]], np.float32))  # [2, 1] -> [2, 2]
+    ring.write(slice(0, 1), vec=np.float32(-1.0))  # a scalar for a vector field
+    ring.write(4, vec=np.array([5.0], np.float32))
+    got = ring.read(slice(None))
+    np.testing.assert_array_equal(got["vec"], [[-1, -1], [7, 7], [2, -4], [8, 8], [5, 5]])
+    np.testing.assert_array_equal(got["id"], [0, 1, 2, 3, 4])
