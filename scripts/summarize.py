@@ -181,7 +181,8 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
             f"None of the {len(finished)} finished runs under {sweep_dir} logged {metric} (logged: "
             f"{', '.join(tags) or 'none'}). Choose another --metric."
         )  # fmt: skip
-    for job_dir in failed_before_logging(sweep_dir, {j.dir for j in jobs}):
+    unlogged = failed_before_logging(sweep_dir, {j.dir for j in jobs})
+    for job_dir in unlogged:
         print(f"note: {job_dir} has a config but no TensorBoard logs (failed before training); left out", file=sys.stderr)
     for job in jobs:
         if not job.finished:
@@ -189,8 +190,9 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
         elif job not in done:
             print(f"note: {job.dir} has no {metric}; left out", file=sys.stderr)
     groups, swept, fixed = group_jobs(done)
-    # A value shared by the jobs shown is not "fixed" if the jobs left out had others.
-    fixed = {k: v for k, v in fixed.items() if len({j.overrides.get(k, "<default>") for j in jobs}) == 1}
+    # A value shared by the jobs shown is not "fixed" if the jobs left out (logged or not) had others.
+    every = [j.overrides for j in jobs] + [read_overrides(d)[0] for d in unlogged]
+    fixed = {k: v for k, v in fixed.items() if len({o.get(k, "<default>") for o in every}) == 1}
     groups.sort(key=lambda g: mean_std(g.values(metric))[0])
     tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})
     return groups, swept, fixed, tags

@@ -175,8 +175,9 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
 
 def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_job_varied(tmp_path, capsys):
     """Three jobs of a sweep over trainer.lr: one finished, one diverged (no hparams/* summary), one failed before its
-    logger started (a config, no event file). The table holds the first; the other two are named on stderr; and lr,
-    though the one job shown has a single value, is not reported as fixed."""
+    logger started (a config, no event file). The table holds the first; the other two are named on stderr; and lr
+    (varied by the diverged job) and latent_dim (by the job that failed before logging), though the one job shown has
+    a single value of each, are not reported as fixed."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         from summarize import summarize as summarize_dir
@@ -185,7 +186,8 @@ def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_jo
     for num, lr in enumerate(["0.001", "1e6", "0.01"]):
         job = tmp_path / f"{num}_trainer.lr-{lr}"
         (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- trainer.lr={lr}\n- model.latent_dim=16\n")
+        latent = 32 if num == 2 else 16
+        (job / ".hydra" / "overrides.yaml").write_text(f"- trainer.lr={lr}\n- model.latent_dim={latent}\n- trainer.seq_len=8\n")
         if num < 2:
             with Logger(job) as logger:
                 logger.log({"val/loss": 0.5, "train/loss": 0.4}, step=10)
@@ -193,7 +195,7 @@ def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_jo
                     logger.log_hparams({"seed": 0}, {"val/loss": 0.5}, step=10)
     groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
     err = capsys.readouterr().err
-    assert [len(g.jobs) for g in groups] == [1] and swept == [] and fixed == {"model.latent_dim": "16"}
+    assert [len(g.jobs) for g in groups] == [1] and swept == [] and fixed == {"trainer.seq_len": "8"}
     assert "1_trainer.lr-1e6 did not finish" in err and "2_trainer.lr-0.01 has a config but no TensorBoard logs" in err
 
 
