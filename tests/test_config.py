@@ -105,6 +105,8 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("model.head_layers=0", "model.head_layers", ">= 1"),
         ("model.reward_coef=abc", "model.reward_coef", "a finite number >= 0"),
         ("model.open_loop_steps=-1", "model.open_loop_steps", ">= 0"),
+        ("model.open_loop_steps=16", "model.open_loop_steps", "at most trainer.seq_len - 1 = 15"),
+        ("model.open_loop_steps=1 trainer.seq_len=1 trainer.prefill=100", "model.open_loop_steps", "= 0"),
         ("model=mlp_ensemble model.ensemble_size=0", "model.ensemble_size", ">= 1"),
         ("model=mlp_ensemble model.propagation=median", "model.propagation", "mean or members"),
         ("model=mlp_ensemble model.bootstrap=maybe", "model.bootstrap", "true or false"),

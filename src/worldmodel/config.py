@@ -102,6 +102,9 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     if mode not in COMPILE_MODES:
         raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
     _validate_model(cfg)
+    if cfg.model.get("open_loop_steps", 0) > seq_len - 1:  # an integer >= 0, checked just above
+        raise ConfigError("model.open_loop_steps", cfg.model.open_loop_steps, f"at most trainer.seq_len - 1 = "
+                          f"{seq_len - 1}: each training sequence's first step is observed, the rest may be imagined")  # fmt: skip
     for key in ("trainer.lr", "trainer.grad_clip"):
         _number(cfg, key, "a finite number > 0", lambda v: v > 0)
     device = resolve_device(t.device, here=here)
