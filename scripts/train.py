@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import Checkpointer, load_for_resume
+from worldmodel.checkpoint import Checkpointer, RunFinished, resume_payload
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_config
 from worldmodel.env import env_spec
@@ -33,7 +33,12 @@ def main(cfg: DictConfig) -> float:
         #    worldmodel.cli.PreflightChecks made these checks even earlier, before Hydra wrote into the run dir.)
         validate_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        resume_from = load_for_resume(run_dir, cfg) if cfg.trainer.resume else None
+        try:
+            resume_from = resume_payload(run_dir, cfg)  # None: a fresh start
+        except RunFinished as done:  # trainer.resume=auto, as a continued sweep passes to every job
+            print(f"{run_dir} has already made its {done.step} updates: nothing to do (val/loss "
+                  f"{done.metrics['val/loss']:.4g})")
+            return done.metrics["val/loss"]
         seed_everything(cfg.seed)
         device = resolve_device(cfg.trainer.device)
         storage = resolve_device(cfg.buffer.device, key="buffer.device", auto=device)  # where the replay ring lives
@@ -48,7 +53,7 @@ def main(cfg: DictConfig) -> float:
         buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed,
                              dataset=dataset)  # fmt: skip
         model = instantiate(cfg.model, **dims)
-        trainer = instantiate(cfg.trainer, device=device)
+        trainer = instantiate(cfg.trainer, device=device, resume=resume_from is not None)
 
         # 3. Rollout: random actions fill the training buffer; a separately seeded env gives held-out episodes.
         collector = make_collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)

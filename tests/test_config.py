@@ -95,6 +95,7 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("buffer.device=tpu", "buffer.device", "auto, cpu, cuda"),
         ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
         ("trainer.compile=maybe", "trainer.compile", "true or false"),
+        ("trainer.resume=maybe", "trainer.resume", "true, false or auto"),
         ("trainer.compile_mode=fastest", "trainer.compile_mode", "default, max-autotune-no-cudagraphs"),
         ("trainer.cuda_graph=1", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),
         ("trainer.cuda_graph=on", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),

@@ -12,6 +12,7 @@ import csv
 import math
 import re
 import statistics
+import shlex
 import shutil
 import subprocess
 import sys
@@ -411,7 +412,8 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
         assert (sweep / ".submitit" / job_id / f"{job_id}_0_result.pkl").is_file()
     job = jobs[0]
     assert "trainer.resume" in (job / ".hydra" / "overrides.yaml").read_text()  # added for submitit sweeps
-    assert hparams_of(job)["hparams"]["trainer.resume"] == "false"  # a first start trains from scratch
+    assert hparams_of(job)["hparams"]["trainer.resume"] == "auto"
+    assert "resumed from" not in (job / "train.log").read_text()  # a first start trains from scratch
 
     # SLURM requeues a preempted job by running its batch script again: submitit loads the job's pickle and runs the
     # same job in the same directory. Here the job "was killed" right after its checkpoint at update 10.
@@ -439,3 +441,38 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
     series = scalars(jobs[1])["val/loss"]
     assert [step for step, _ in series] == [0, 10, 20] and series[-1][1] == finals[1]
     assert len(list(jobs[1].glob("events.out.tfevents.*"))) == 2  # both attempts' files are kept, nothing deleted
+
+
+def test_a_stopped_local_sweep_continues_with_the_command_it_prints(tmp_path):
+    """Ctrl-C in job 0 of a local -m sweep ends the sweep (job 1 never starts). The command it prints, the sweep's
+    own with trainer.resume=auto, resumes job 0 from its checkpoint and runs job 1; run once more, it finds both
+    finished and changes no checkpoint."""
+    import signal
+    import time
+
+    from conftest import start_train
+    from worldmodel.checkpoint import step_checkpoints
+
+    sweep = tmp_path / "sweep"
+    longer = [o for o in SWEEP_TINY if not o.startswith("trainer.steps=")] + ["trainer.steps=1000"]
+    proc = start_train(["-m", "seed=0,1", *longer, f"hydra.sweep.dir={sweep}"])
+    deadline = time.monotonic() + 120
+    while not (sweep.is_dir() and any(step_checkpoints(job) for job in job_dirs(sweep))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Continue the sweep with:" in err and "Traceback" not in err, err
+    assert len(job_dirs(sweep)) == 1  # job 1 did not start
+    stopped_at = step_checkpoints(job_dirs(sweep)[0])[-1][0]
+    assert stopped_at < 1000
+    command = shlex.split(err.split("Continue the sweep with:")[1].strip())
+    assert command[:2] == ["python", str(REPO / "scripts" / "train.py")] and "trainer.resume=auto" in command
+    run_train(command[2:], env_vars=ONE_THREAD)
+    jobs = job_dirs(sweep)
+    assert [step_checkpoints(job)[-1][0] for job in jobs] == [1000, 1000]
+    assert f"step_{stopped_at:08d}.pt" in (jobs[0] / "train.log").read_text()  # resumed, not started over
+    saved = {p: p.read_bytes() for job in jobs for p in (job / "checkpoints").iterdir()}
+    again = run_train(command[2:], env_vars=ONE_THREAD)
+    assert again.stdout.count("nothing to do") == 2
+    assert {p: p.read_bytes() for job in jobs for p in (job / "checkpoints").iterdir()} == saved

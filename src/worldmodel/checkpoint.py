@@ -133,9 +133,31 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: 
     return payload
 
 
-def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> dict:
+class RunFinished(Exception):
+    """trainer.resume=auto found a run that has already made its trainer.steps updates: nothing is left to do."""
+
+    def __init__(self, path: Path, step: int, metrics: dict):
+        self.path, self.step, self.metrics = path, step, metrics
+        super().__init__(f"{path}: the run has already made {step} updates")
+
+
+def resume_payload(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> dict | None:
+    """What scripts/train.py continues from: None for a fresh start, else load_for_resume's payload.
+
+    trainer.resume=auto, for sweeps that are continued or requeued, resumes where `run_dir` holds a step checkpoint
+    and starts fresh where it does not (a job that never started, or stopped before its first checkpoint); a run
+    that has already made trainer.steps updates raises RunFinished."""
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        if not step_checkpoints(run_dir):
+            return None
+        return load_for_resume(run_dir, cfg, mmap=mmap, finished_ok=True)
+    return load_for_resume(run_dir, cfg, mmap=mmap) if resume else None
+
+
+def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False, finished_ok: bool = False) -> dict:
     """The newest checkpoint of `run_dir`, after checking that `cfg` continues the same experiment (mmap: see
-    read_checkpoint)."""
+    read_checkpoint). With finished_ok, a run with no updates left raises RunFinished instead of an error."""
     found = step_checkpoints(run_dir)
     if not found:
         raise WorldModelError(
@@ -160,6 +182,8 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) ->
             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume."
         )
     payload["path"] = str(path)
+    if finished_ok and payload["step"] >= cfg.trainer.steps:
+        raise RunFinished(path, payload["step"], payload["metrics"])
     check_steps_cover(payload, cfg.trainer.steps)
     return payload
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import last_checkpoint, load_for_resume, step_checkpoints
+from worldmodel.checkpoint import RunFinished, last_checkpoint, resume_payload, step_checkpoints
 from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.sweep import jobs_run_here, sweep_jobs
@@ -55,6 +55,17 @@ def user_errors(job: bool = True, callback: bool = False):
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
+        if job and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Ending the process ends the sweep: the jobs after this one never start. The sweep's own command line,
+            # with trainer.resume=auto, continues this job and runs the others.
+            skip = ("hydra.sweep.dir=", "trainer.resume=")
+            args = [a for a in sys.argv[1:] if not a.startswith(skip)]
+            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={HydraConfig.get().sweep.dir}",
+                                  "trainer.resume=auto"])  # fmt: skip
+            saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
+            print(f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
+                  f"later jobs did not start.\nContinue the sweep with:\n  {command}", file=sys.stderr)  # fmt: skip
+            sys.exit(128 + stop.signum)
         if stop.checkpoint is None:  # stopped during the prefill: nothing trained, nothing saved, nothing logged
             print(f"Stopped by signal {stop.signum} during the prefill, before the first update: there is nothing to "
                   "resume. Run the same command again to start over (its run directory, if you named it, takes the "
@@ -81,9 +92,11 @@ class PreflightChecks(Callback):
     made inside the task comes too late to leave an existing run's directory untouched. Here, in on_run_start, it
     refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true) or, without
     checkpoints, its TensorBoard logs (a run stopped before its first checkpoint), and a resume
-    whose config would change the experiment. For sweeps, on_multirun_start refuses a sweep directory that holds
-    earlier jobs' checkpoints and, for the basic sweeper, any job with a bad value, before the first job starts (its
-    values are checked again in the task, as are those of an Optuna trial, which are drawn as the trial starts).
+    whose config would change the experiment (trainer.resume=auto: a resume where checkpoints are, a fresh start
+    where none are). For sweeps, on_multirun_start refuses a sweep directory that holds earlier jobs' checkpoints
+    (unless trainer.resume=auto continues that sweep) and, for the basic sweeper, any job with a bad value, before the
+    first job starts (its values are checked again in the task, as are those of an Optuna trial, which are drawn as
+    the trial starts).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -95,16 +108,18 @@ class PreflightChecks(Callback):
         with user_errors(callback=True):
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
-            if task_cfg.trainer.resume:
-                # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
-                load_for_resume(run_dir, task_cfg, mmap=True)
+            auto = task_cfg.trainer.resume == "auto"
+            if task_cfg.trainer.resume and (not auto or step_checkpoints(run_dir)):
+                with contextlib.suppress(RunFinished):  # auto: train.py says so and exits
+                    # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
+                    resume_payload(run_dir, task_cfg, mmap=True)
             elif found:
                 raise WorldModelError(
                     f"hydra.run.dir={run_dir} already holds another run's checkpoints ({found[-1]}); nothing was "
                     "changed. Add trainer.resume=true to continue that run, or choose a new directory (drop the "
                     "hydra.run.dir override)."
                 )
-            elif logs:
+            elif logs and not auto:  # auto starts such a run over (train.py's Logger hides what it logged)
                 raise WorldModelError(
                     f"hydra.run.dir={run_dir} already holds another run's TensorBoard logs ({logs[-1].name}), and no "
                     "checkpoint to resume from; nothing was changed. Choose a new directory (drop the hydra.run.dir "
@@ -115,11 +130,11 @@ class PreflightChecks(Callback):
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
         with user_errors(job=False, callback=True):
-            if finished:
+            if finished and not continues_sweep(config):
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
-                    f"{finished[0]}. Choose a new sweep directory (drop the hydra.sweep.dir override); nothing was "
-                    "changed."
+                    f"{finished[0]}. Choose a new sweep directory (drop the hydra.sweep.dir override), or add "
+                    "trainer.resume=auto to continue that sweep; nothing was changed."
                 )
             check_sweep_jobs(config)
 
@@ -166,6 +181,13 @@ class FreshRunDir(Callback):
                     f"{', ...' if len(held) > 3 else ''}): this script writes its own .hydra/ and outputs there, over "
                     f"theirs. Nothing was changed. Choose a new directory (drop the {key} override)."
                 )
+
+
+def continues_sweep(config: DictConfig) -> bool:
+    """Whether a -m command line says trainer.resume=auto: each job then continues from its own checkpoints, starts
+    where it has none, and is left as it is when finished, so the sweep's directory may hold earlier jobs' files."""
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    return "trainer.resume=auto" in task
 
 
 def task_config(config: DictConfig) -> DictConfig:

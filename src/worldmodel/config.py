@@ -92,7 +92,10 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    for key in ("trainer.resume", "trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
+    if t.get("resume", False) not in (True, False, "auto"):
+        raise ConfigError("trainer.resume", t.resume, "true, false or auto (resume where the run directory holds a "
+                          "checkpoint, else start fresh: for continuing a sweep)")  # fmt: skip
+    for key in ("trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(key, value, "true or false")

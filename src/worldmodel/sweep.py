@@ -1,21 +1,17 @@
 """Sweeps: readable job directory names, submitit jobs that resume when requeued, every job's overrides before the
 first starts, and a pointer to the results.
 
-Two OmegaConf resolvers are registered when this module is imported:
-
-- `wm.job_dirname` names each job's directory (hydra.sweep.subdir in conf/config.yaml).
-- `wm.resume_if_checkpoints` is true when the running job's own directory already holds a step checkpoint.
-
-Hydra instantiates `SweepCallback` (hydra.callbacks.sweep in conf/config.yaml) in the process that starts a run or a
-sweep, and unpickles it in every process that runs jobs (joblib workers, submitit jobs), so this module, and with it
-the resolvers, is loaded wherever a job directory is named or a job starts.
+The OmegaConf resolver `wm.job_dirname`, which names each job's directory (hydra.sweep.subdir in conf/config.yaml),
+is registered when this module is imported. Hydra instantiates `SweepCallback` (hydra.callbacks.sweep in
+conf/config.yaml) in the process that starts a run or a sweep, and unpickles it in every process that runs jobs
+(joblib workers, submitit jobs), so this module, and with it the resolver, is loaded wherever a job directory is named.
 
 Requeue and resume: submitit requeues a SLURM job that is preempted or reaches its time limit, and the requeued job
 runs again with the same overrides in the same directory. For sweeps with a submitit launcher, SweepCallback gives
-every job the override `trainer.resume=${wm.resume_if_checkpoints:}`, which each job evaluates when it starts: false
-on a first start (train from scratch), true on a rerun that finds the job's own checkpoints (continue from the
-newest). Only a rerun can find any, since worldmodel.cli.PreflightChecks refuses a sweep directory that already holds
-checkpoints before any job starts. An explicit trainer.resume=... on the command line is left as it is.
+every job the override `trainer.resume=auto` (checkpoint.resume_payload): a first start trains from scratch, a rerun
+that finds the job's own checkpoints continues from the newest, and a finished job is left as it is. The same
+override continues a local sweep that was stopped (scripts print the command). An explicit trainer.resume=... on the
+command line is left as it is.
 """
 
 from __future__ import annotations
@@ -32,15 +28,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from worldmodel.checkpoint import step_checkpoints
-
 log = logging.getLogger(__name__)
 
 #: Longest job directory name before it is cut and given a hash suffix (file systems allow 255 bytes).
 MAX_DIRNAME = 160
 
 #: The override SweepCallback adds to the jobs of a submitit sweep.
-AUTO_RESUME = "trainer.resume=${wm.resume_if_checkpoints:}"
+AUTO_RESUME = "trainer.resume=auto"
 #: Launchers whose jobs run on the machine that starts the sweep (SLURM's run on the cluster's nodes).
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher", "RayLocalLauncher")
 
@@ -67,17 +61,6 @@ def job_dirname(num: Any, override_dirname: Any) -> str:
     return name
 
 
-def resume_if_checkpoints() -> bool:
-    """True when the running job's own directory (hydra.runtime.output_dir) already holds a step checkpoint; false
-    before Hydra has set that directory."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return False
-    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
-    return bool(output_dir) and bool(step_checkpoints(output_dir))
-
-
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     """Every job's overrides, in launch order, for a -m sweep run by Hydra's basic sweeper: the grid of the command
     line's overrides and hydra.sweeper.params, expanded as that sweeper expands it. None for other sweepers: Optuna's
@@ -102,9 +85,6 @@ def jobs_run_here(config: DictConfig) -> bool:
 
 
 OmegaConf.register_new_resolver("wm.job_dirname", job_dirname, replace=True)
-# Cached per config object: a job decides once, when it first reads trainer.resume, and its config keeps saying so
-# after it has written checkpoints of its own.
-OmegaConf.register_new_resolver("wm.resume_if_checkpoints", resume_if_checkpoints, replace=True, use_cache=True)
 
 
 class SweepCallback(Callback):
