@@ -183,7 +183,8 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
         )  # fmt: skip
     unlogged = failed_before_logging(sweep_dir, {j.dir for j in jobs})
     for job_dir in unlogged:
-        print(f"note: {job_dir} has a config but no TensorBoard logs (failed before training); left out", file=sys.stderr)
+        print(f"note: {job_dir} has a config but no TensorBoard logs (failed before training, or still in its "
+              "prefill); left out", file=sys.stderr)  # fmt: skip
     for job in jobs:
         if not job.finished:
             print(f"note: {job.dir} did not finish (diverged, failed or still running); left out", file=sys.stderr)

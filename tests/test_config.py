@@ -96,6 +96,7 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("trainer.precision=fp8", "trainer.precision", "fp32, bf16"),
         ("trainer.compile=maybe", "trainer.compile", "true or false"),
         ("trainer.resume=maybe", "trainer.resume", "true, false or auto"),
+        ("trainer.resume=1", "trainer.resume", "true, false or auto"),
         ("trainer.compile_mode=fastest", "trainer.compile_mode", "default, max-autotune-no-cudagraphs"),
         ("trainer.cuda_graph=1", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),
         ("trainer.cuda_graph=on", "trainer.cuda_graph", "auto (on with a CUDA device), true or false"),
@@ -193,6 +194,13 @@ def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_pat
     with pytest.raises(ConfigError, match="env.vectorization_mode=vector_entry_point.*Pendulum-v1 has no batched"):
         validate_config(cfg)
     validate_config(compose_config(["env=cartpole", "env.num_envs=2", "env.vectorization_mode=vector_entry_point"]))
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.config import validate_collect
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # collect.py makes one env: not its concern
+        validate_collect(compose(config_name="collect", overrides=[
+            f"out={tmp_path / 'd.npz'}", "env=pendulum", "env.num_envs=2", "env.vectorization_mode=vector_entry_point"]))
     with pytest.raises(ConfigError, match="`env.id=FrozenLake-v1`"):  # Discrete observations, built as SyncVectorEnv
         make_env("FrozenLake-v1", seed=0, num_envs=2)
     assert env_spec(make_env("Pendulum-v1", seed=0, num_envs=2)).id == "Pendulum-v1"

@@ -401,3 +401,19 @@ def test_vector_env_run_killed_and_resumed_is_bit_identical(tmp_path, env):
     run_train([*fast, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
     assert_same_run(whole, run_dir)
     assert scalars(whole)["data/env_steps"][-1][1] > 300 + 3 * 200  # prefill + ~3 env steps per update, all stored
+
+
+def test_a_checkpoint_cut_inside_its_archive_is_reported_not_crashed_on(tmp_path, monkeypatch):
+    """A zip whose table of contents is whole but whose pickle is cut can make torch raise a bare EOFError (no
+    message); the user still gets the one-paragraph error naming the file."""
+    from worldmodel.checkpoint import CheckpointUnreadable, read_checkpoint
+
+    path = tmp_path / "cut.pt"
+    torch.save({"format_version": 1}, path)
+
+    def cut_pickle(*args, **kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(torch, "load", cut_pickle)
+    with pytest.raises(CheckpointUnreadable, match="cut.pt is unreadable or truncated \\(EOFError: \\)"):
+        read_checkpoint(path)

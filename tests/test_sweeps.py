@@ -147,10 +147,16 @@ def test_submitit_sweeps_resume_requeued_jobs_and_slurm_preset_composes(launcher
     assert AUTO_RESUME not in OmegaConf.to_container(explicit.hydra.overrides.task)  # the user's own choice stands
 
 
-def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_path):
+def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_path, monkeypatch):
     """A run finished at update 10 (its hparams/* summary), then resumed for more updates and stopped at 30: its last
     val/* point is not the final one of any finished run, so summarize.py must not average it in; once the
     continued run finishes, it counts again."""
+    from tensorboard.summary.writer import event_file_writer
+
+    # Each attempt of a run is a process writing one event file, and TensorBoard reads a directory's files in name
+    # order. Here four writers share one process, named by a process-wide counter within one second: started at 0 for
+    # this test, it stays one digit, so name order is creation order (9 < 10 would not be, as strings).
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         from summarize import read_finals
@@ -476,3 +482,18 @@ def test_a_stopped_local_sweep_continues_with_the_command_it_prints(tmp_path):
     again = run_train(command[2:], env_vars=ONE_THREAD)
     assert again.stdout.count("nothing to do") == 2
     assert {p: p.read_bytes() for job in jobs for p in (job / "checkpoints").iterdir()} == saved
+
+
+@pytest.mark.parametrize("override", ["trainer.resume=auto", "trainer.resume='auto'", "++trainer.resume=auto"])
+def test_a_sweep_continues_with_trainer_resume_auto_however_written(override):
+    """PreflightChecks lets a sweep into a directory with earlier jobs' checkpoints when every job gets
+    trainer.resume=auto, whichever way the command line spells it."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from worldmodel.cli import continues_sweep
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for given, expected in ((override, True), ("trainer.resume=true", False), (None, False)):
+            cfg = compose("config", overrides=["seed=0", *([given] if given else [])], return_hydra_config=True)
+            assert continues_sweep(cfg) == expected, given

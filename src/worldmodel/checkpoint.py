@@ -127,7 +127,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: 
         payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointUnreadable(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0][:200]}).") from None  # fmt: skip
+                                   f"{(str(err).splitlines() or [''])[0][:200]}).") from None  # fmt: skip
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise WorldModelError(f"Checkpoint {path} was not written by this version of worldmodel.")
     return payload

@@ -23,6 +23,10 @@ from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.sweep import jobs_run_here, sweep_jobs
 
+#: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them
+#: in its own, joblib's workers inherit it. A submitit job's process is submitit's own, even on this machine.
+ARGV_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
+
 #: Set WORLDMODEL_DEBUG=1 to get the full traceback instead.
 DEBUG_ENV = "WORLDMODEL_DEBUG"
 
@@ -55,12 +59,16 @@ def user_errors(job: bool = True, callback: bool = False):
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        if job and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            # Ending the process ends the sweep: the jobs after this one never start. The sweep's own command line,
-            # with trainer.resume=auto, continues this job and runs the others.
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")) if hydra_cfg else ""
+        in_sweep = job and hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+        if in_sweep and launcher.rsplit(".", 1)[-1] in ARGV_LAUNCHERS:
+            # A local sweep runs in this process (or in workers given its command line), so ending the process ends
+            # the sweep: the jobs after this one never start. The sweep's own command line, with
+            # trainer.resume=auto, continues this job and runs the others. (A SLURM job's process is submitit's.)
             skip = ("hydra.sweep.dir=", "trainer.resume=")
-            args = [a for a in sys.argv[1:] if not a.startswith(skip)]
-            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={HydraConfig.get().sweep.dir}",
+            args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
+            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={hydra_cfg.sweep.dir}",
                                   "trainer.resume=auto"])  # fmt: skip
             saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
             print(f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
@@ -184,10 +192,10 @@ class FreshRunDir(Callback):
 
 
 def continues_sweep(config: DictConfig) -> bool:
-    """Whether a -m command line says trainer.resume=auto: each job then continues from its own checkpoints, starts
-    where it has none, and is left as it is when finished, so the sweep's directory may hold earlier jobs' files."""
-    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    return "trainer.resume=auto" in task
+    """Whether every job of a sweep gets trainer.resume=auto (from the command line, however written, or a preset):
+    each then continues from its own checkpoints, starts where it has none, and is left as it is when finished, so
+    the sweep's directory may hold earlier jobs' files. (A sweep's config holds its single-valued overrides.)"""
+    return OmegaConf.select(config, "trainer.resume", default=False) == "auto"
 
 
 def task_config(config: DictConfig) -> DictConfig:

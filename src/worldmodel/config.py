@@ -59,8 +59,6 @@ def validate_env(cfg: DictConfig) -> int:
     mode = cfg.env.get("vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
-    if envs > 1:
-        vectorization(cfg.env.id, mode)
     if cfg.env.get("max_episode_steps") is not None:
         _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
     return envs
@@ -73,6 +71,8 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _int(cfg, "seed", 0)
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
+    if envs > 1:  # here, not in validate_env: collect.py makes one env whatever env.num_envs says
+        vectorization(cfg.env.id, cfg.env.get("vectorization_mode"))
     _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
          "env's stream must hold one sequence)")  # fmt: skip
     resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device", here=here)
@@ -92,7 +92,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _int(cfg, "trainer.eval_horizon", 1)
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    if t.get("resume", False) not in (True, False, "auto"):
+    if not (isinstance(t.get("resume", False), bool) or t.resume == "auto"):
         raise ConfigError("trainer.resume", t.resume, "true, false or auto (resume where the run directory holds a "
                           "checkpoint, else start fresh: for continuing a sweep)")  # fmt: skip
     for key in ("trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
