@@ -106,7 +106,7 @@ def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
     acc = EventAccumulator(str(job_dir), size_guidance=guidance)
     acc.Reload()
-    tags = acc.Tags()["scalars"]
+    tags = [tag for tag in acc.Tags()["scalars"] if acc.Scalars(tag)]  # a tag whose points were all purged has none
     finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX)}
 
     def last_step(summaries: bool) -> int | None:

@@ -170,6 +170,11 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
     with Logger(tmp_path, purge_step=11) as logger:  # trainer.resume=true trainer.steps=40, stopped at 15
         logger.log({"train/loss": 0.2}, step=15)  # before its next evaluation: no new val/* point yet
     assert read_finals(tmp_path) == ({"val/loss": 0.25}, False)
+    with Logger(tmp_path, purge_step=16) as logger:  # resumed from 15, killed at 18 (no checkpoint after 15)
+        logger.log({"val/loss": 9.0, "perf/updates_per_s": 5.0}, step=18)  # a tag with no point before 16
+    with Logger(tmp_path, purge_step=16):  # resumed from 15 again and stopped before it logged anything: the killed
+        pass  # attempt's point at 18 is hidden already
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, False)
     with Logger(tmp_path, purge_step=16) as logger:  # resumed again, stopped at 30
         logger.log({"val/loss": 0.125}, step=20)
         logger.log({"val/loss": 0.0625, "train/loss": 0.1}, step=30)

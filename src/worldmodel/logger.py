@@ -42,14 +42,18 @@ class Logger:
     """`purge_step`: on resume, events a killed run wrote after its last checkpoint (steps >= purge_step) are hidden by
     TensorBoard, so resumed curves continue without duplicated or stale points.
 
-    The event file is created by the first thing logged, not before: a run stopped before it logged anything (during
-    its prefill) leaves no TensorBoard log in its directory, which may then take a new run (see cli.PreflightChecks).
-    `config`, the resolved config as YAML text, is written into it first, at step 0 (TensorBoard's Text tab).
+    A fresh run's event file is created by the first thing logged, not before: a run stopped before it logged anything
+    (during its prefill) leaves no TensorBoard log in its directory, which may then take a new run (see
+    cli.PreflightChecks). A resumed run's (purge_step > 0) is created at once: its purge marker hides the killed
+    run's stale points even if this attempt is stopped before it logs. `config`, the resolved config as YAML text, is
+    written into the file first, at step 0 (TensorBoard's Text tab).
     """
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None, config: str | None = None):
         self.log_dir, self.purge_step, self.config = Path(log_dir), purge_step, config
         self._writer: SummaryWriter | None = None
+        if purge_step:
+            self.writer.flush()
 
     @property
     def writer(self) -> SummaryWriter:
