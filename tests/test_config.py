@@ -206,6 +206,19 @@ def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_pat
     assert env_spec(make_env("Pendulum-v1", seed=0, num_envs=2)).id == "Pendulum-v1"
 
 
+def test_a_missing_dataset_is_refused_by_the_pre_run_checks_unless_the_run_resumes(tmp_path):
+    """Found before Hydra writes the run dir, when the file would be read; a resumed run does not read it, and a SLURM
+    sweep's jobs run where the file may be."""
+    from worldmodel.dataset import DatasetError
+
+    missing = f"buffer.dataset={tmp_path / 'gone.npz'}"
+    with pytest.raises(DatasetError, match="buffer.dataset=.*gone.npz does not exist"):
+        validate_config(compose_config([missing, "trainer.prefill=0"]))
+    for ok in (["trainer.resume=true"], ["trainer.resume=auto"]):
+        validate_config(compose_config([missing, "trainer.prefill=0", *ok]))
+    validate_config(compose_config([missing, "trainer.prefill=0"]), here=False)
+
+
 def test_a_dataset_too_large_for_the_buffer_names_the_capacity_given(tmp_path):
     """The capacity is split evenly over the streams (rounded down); the error must quote the user's value."""
     from worldmodel import RandomPolicy

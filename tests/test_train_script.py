@@ -92,6 +92,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     "bad, named",
     [
         (["env.id=FrozenLake-v1"], "env.id=FrozenLake-v1"),  # registered, but its observations are not a Box
+        # A wrong shape or size is found when the file is loaded; a missing file before Hydra writes the run dir.
         (["buffer.dataset=no/such/file.npz"], "no/such/file.npz does not exist"),
     ],
 )

@@ -81,6 +81,9 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _int(cfg, "trainer.batch_size", 1)
     if cfg.buffer.get("dataset"):
         _int(cfg, "trainer.prefill", 0)
+        # A file is there or not on this machine only; and a resumed run does not read it again (it may have moved).
+        if here and t.get("resume", False) is False:
+            require_dataset(cfg.buffer.dataset)
     else:
         _int(cfg, "trainer.prefill", envs * seq_len, f" (at least env.num_envs={envs} x trainer.seq_len={seq_len}, so "
              "the first update can sample)")  # fmt: skip
