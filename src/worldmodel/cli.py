@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel.checkpoint import RunFinished, last_checkpoint, resume_payload, step_checkpoints
 from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
-from worldmodel.sweep import jobs_run_here, sweep_jobs
+from worldmodel.sweep import jobs_run_here, launcher_class, sweep_jobs
 
 #: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them
 #: in its own, joblib's workers inherit it. A submitit job's process is submitit's own, even on this machine.
@@ -55,20 +55,18 @@ def user_errors(job: bool = True, callback: bool = False):
         if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
             raise
         print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        if job and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if job and _sweep_job() is not None:
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-        launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")) if hydra_cfg else ""
-        in_sweep = job and hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
-        if in_sweep and launcher.rsplit(".", 1)[-1] in ARGV_LAUNCHERS:
+        sweep = _sweep_job() if job else None
+        if sweep is not None and launcher_class(sweep) in ARGV_LAUNCHERS:
             # A local sweep runs in this process (or in workers given its command line), so ending the process ends
             # the sweep: the jobs after this one never start. The sweep's own command line, with
             # trainer.resume=auto, continues this job and runs the others. (A SLURM job's process is submitit's.)
             skip = ("hydra.sweep.dir=", "trainer.resume=")
             args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
-            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={hydra_cfg.sweep.dir}",
+            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={sweep.sweep.dir}",
                                   "trainer.resume=auto"])  # fmt: skip
             saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
             print(f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
@@ -83,6 +81,11 @@ def user_errors(job: bool = True, callback: bool = False):
         print(f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
               f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)  # fmt: skip
         sys.exit(128 + stop.signum)
+
+
+def _sweep_job() -> DictConfig | None:
+    """Hydra's own config (HydraConfig.get()) when this process runs a job of a -m sweep, else None."""
+    return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
 def resume_command(run_dir: Path | None) -> str:
@@ -110,14 +113,15 @@ class PreflightChecks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
         task_cfg = task_config(config)
-        found = [p for _, p in step_checkpoints(run_dir)] + [p for p in [last_checkpoint(run_dir)] if p.exists()]
+        steps = [p for _, p in step_checkpoints(run_dir)]
+        found = steps + [p for p in [last_checkpoint(run_dir)] if p.exists()]
         # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
             auto = task_cfg.trainer.resume == "auto"
-            if task_cfg.trainer.resume and (not auto or step_checkpoints(run_dir)):
+            if task_cfg.trainer.resume and (not auto or steps):
                 with contextlib.suppress(RunFinished):  # auto: train.py says so and exits
                     # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
                     resume_payload(run_dir, task_cfg, mmap=True)

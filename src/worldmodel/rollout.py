@@ -116,11 +116,15 @@ def env_and_policy_state(env, policy: Policy) -> dict:
     return {"env": env_blob, "policy": policy.state_dict() if hasattr(policy, "state_dict") else None}
 
 
-def load_env_and_policy(state: dict, policy: Policy):
-    """Restores the policy's RNG from an env_and_policy_state; returns the unpickled env, or None if none was saved."""
+def load_env_and_policy(state: dict, policy: Policy, run_seed: int) -> tuple[Any, int | None]:
+    """Restores the policy's RNG from a collector's state (env_and_policy_state and its own keys "seed" and
+    "total_steps"). Returns the unpickled env, or None if none was saved, and the seed of the env's next reset: the
+    saved one (None once the first reset is done), or for an env that replaces an unsaved one, fresh_env_seed."""
     if state["policy"] is not None:
         policy.load_state_dict(state["policy"])
-    return None if state["env"] is None else pickle.loads(state["env"])  # our own checkpoint, written by us
+    if state["env"] is not None:
+        return pickle.loads(state["env"]), state["seed"]  # our own checkpoint, written by us
+    return None, state["seed"] if state["seed"] is not None else fresh_env_seed(run_seed, state["total_steps"])
 
 
 def fresh_env_seed(run_seed: int, total_steps: int) -> int:
@@ -198,10 +202,8 @@ class Collector:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.total_steps, self._seed = state["total_steps"], state["seed"]
-        env = load_env_and_policy(state, self.policy)
-        if env is None and self._seed is None:
-            self._seed = fresh_env_seed(self._run_seed, self.total_steps)
+        self.total_steps = state["total_steps"]
+        env, self._seed = load_env_and_policy(state, self.policy, self._run_seed)
         if env is not None:
             self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)

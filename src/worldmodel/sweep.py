@@ -78,10 +78,14 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
+def launcher_class(hydra_node: DictConfig | None) -> str:
+    """The class name of the launcher in Hydra's own config node (a config's `hydra`, or HydraConfig.get())."""
+    return str(OmegaConf.select(hydra_node, "launcher._target_", default="")).rsplit(".", 1)[-1] if hydra_node else ""
+
+
 def jobs_run_here(config: DictConfig) -> bool:
     """Whether a sweep's jobs run on this machine, so that the devices they ask for must be this machine's."""
-    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
-    return launcher.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
+    return launcher_class(OmegaConf.select(config, "hydra")) in LOCAL_LAUNCHERS
 
 
 OmegaConf.register_new_resolver("wm.job_dirname", job_dirname, replace=True)

@@ -167,10 +167,10 @@ class Trainer:
         while left > 0 and stop.signum is None:
             collector.collect(min(left, PREFILL_BLOCK))
             left -= PREFILL_BLOCK
-        if self.prefill and stop.signum is None:
-            self._top_up(collector)
         if stop.signum is not None:
             raise RunInterrupted(stop.signum, 0, None)
+        if self.prefill:
+            self._top_up(collector)
         buffer = collector.buffer
         if not buffer.can_sample(self.seq_len):  # trainer.prefill=0 on a dataset (the validator allows it) too short
             raise ConfigError("trainer.prefill", self.prefill, f"a larger value, a buffer.dataset with longer episodes "

@@ -16,14 +16,7 @@ from gymnasium.vector import AutoresetMode
 
 from worldmodel.env import EnvSpec, env_spec
 from worldmodel.replay import ReplayBuffer
-from worldmodel.rollout import (
-    Collector,
-    CollectStats,
-    Policy,
-    env_and_policy_state,
-    fresh_env_seed,
-    load_env_and_policy,
-)
+from worldmodel.rollout import Collector, CollectStats, Policy, env_and_policy_state, load_env_and_policy
 
 
 class VectorCollector:
@@ -143,10 +136,8 @@ class VectorCollector:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.total_steps, self._seed, self._credit = state["total_steps"], state["seed"], state["credit"]
-        env = load_env_and_policy(state, self.policy)
-        if env is None and self._seed is None:
-            self._seed = fresh_env_seed(self._run_seed, self.total_steps)
+        self.total_steps, self._credit = state["total_steps"], state["credit"]
+        env, self._seed = load_env_and_policy(state, self.policy, self._run_seed)
         if env is not None:
             self.env = env
             self._obs = None if state["obs"] is None else np.asarray(state["obs"], dtype=np.float32)
