@@ -24,6 +24,7 @@ host storage and a CUDA model, batches are gathered into pinned memory and copie
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -47,6 +48,22 @@ def obs_storage_dtype(name: str) -> torch.dtype:
 
 
 FORMAT_VERSION = 2  # 2: per-stream sizes, rows saved in logical order
+
+
+def count(name: str, value, minimum: int = 1) -> int:
+    """`value` as an int >= minimum, or an error naming the argument: a float seq_len would otherwise be truncated
+    silently by the index arithmetic, and 0 would read as "not enough data"."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+class WrongFile(ValueError):
+    """A readable file that `ReplayBuffer.load` cannot restore."""
 
 
 @dataclass
@@ -137,7 +154,7 @@ class ReplayBuffer:
 
     def can_sample(self, seq_len: int) -> bool:
         """Whether some stream holds a window of seq_len transitions (what `sample` needs)."""
-        return int(self.ring.sizes.max()) >= int(seq_len) >= 1
+        return int(self.ring.sizes.max()) >= count("seq_len", seq_len)
 
     def newest_rows(self) -> np.ndarray:
         """Logical index of each non-empty stream's newest row (where that stream's data ends, maybe mid-episode)."""
@@ -151,15 +168,17 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, seq_len: int) -> Batch:
         """`batch_size` windows of `seq_len` consecutive transitions, uniformly over all windows stored."""
-        return self._gather(*self._draw(batch_size, seq_len), int(seq_len))
+        batch_size, seq_len = count("batch_size", batch_size, minimum=0), count("seq_len", seq_len)
+        return self._gather(*self._draw(batch_size, seq_len), seq_len)
 
     def draw(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """The windows `sample` would draw, from the same random draws, as the table rows they cover: int64
         [batch_size, seq_len] on the host (page-locked when the ring is on a GPU, so copying them there does not
         wait). `batch_at` gathers them. A graphed update (cuda_graph.py) records that gather, so per update only these
         indices are copied in, not the batch."""
+        batch_size, seq_len = count("batch_size", batch_size, minimum=0), count("seq_len", seq_len)
         stream, offset = self._draw(batch_size, seq_len)
-        rows = self.ring.physical_of(stream[:, None], offset[:, None] + np.arange(int(seq_len)))
+        rows = self.ring.physical_of(stream[:, None], offset[:, None] + np.arange(seq_len))
         rows = torch.from_numpy(rows)
         return rows.pin_memory() if self.device.type == "cuda" else rows
 
@@ -173,6 +192,7 @@ class ReplayBuffer:
     def sequences(self, seq_len: int, batch_size: int) -> Iterator[Batch]:
         """Every stored transition once, as consecutive non-overlapping windows per stream (each stream's tail shorter
         than seq_len is dropped). Deterministic, for validation."""
+        seq_len, batch_size = count("seq_len", seq_len), count("batch_size", batch_size)
         self._window_counts(seq_len)
         starts = np.concatenate([np.arange(0, n - seq_len + 1, seq_len) + begin for begin, n in self._stream_spans()])
         for chunk in np.array_split(starts, max(1, -(-len(starts) // batch_size))):
@@ -180,10 +200,11 @@ class ReplayBuffer:
 
     def gather(self, starts: np.ndarray, seq_len: int) -> Batch:
         """Windows of seq_len consecutive transitions starting at logical indices `starts`."""
-        stream, offset = self.ring.locate(np.asarray(starts, dtype=np.int64))
+        seq_len = count("seq_len", seq_len)
+        stream, offset = self.ring.locate(starts)  # refuses non-integer starts rather than truncating them
         if np.any(offset + seq_len > self.ring.sizes[stream]):
             raise IndexError(f"a window of {seq_len} rows from logical indices {starts} runs past its stream's newest")
-        return self._gather(stream, offset, int(seq_len))
+        return self._gather(stream, offset, seq_len)
 
     # ---- update / delete ----------------------------------------------------------------------------------------
     def update(self, index, **fields) -> None:
@@ -244,8 +265,14 @@ class ReplayBuffer:
             raise FileNotFoundError(f"replay buffer file {path} does not exist")
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "meta" not in data.files:  # a zip of arrays, but not ours: most likely an episode dataset
+                    raise WrongFile(f"replay buffer file {path} was not written by ReplayBuffer.save: it holds "
+                                    f"{sorted(data.files)}. An episode dataset (scripts/collect.py) is loaded with "
+                                    "ReplayBuffer(..., dataset=path), or buffer.dataset=path in a run.")  # fmt: skip
                 state = json.loads(str(data["meta"]))
                 state["columns"] = {k: data[k] for k in self.ring.columns}
+        except WrongFile:
+            raise
         except Exception as err:  # zip/npz/json errors all mean the same thing to the user
             raise ValueError(f"replay buffer file {path} is unreadable or truncated ({err})") from None
         self.load_state_dict(state, source=f"replay buffer file {path}")
@@ -275,12 +302,12 @@ class ReplayBuffer:
 
     def _window_counts(self, seq_len: int) -> np.ndarray:
         """Number of windows of seq_len that start in each stream; refuses when there are none at all."""
-        per_stream = np.maximum(self.ring.sizes - int(seq_len) + 1, 0)
-        if seq_len < 1 or per_stream.sum() < 1:
+        per_stream = np.maximum(self.ring.sizes - seq_len + 1, 0)
+        if per_stream.sum() < 1:
             longest = int(self.ring.sizes.max())
             raise NotEnoughDataError(
                 f"Cannot sample sequences of seq_len={seq_len}: the replay buffer's longest stream holds {longest} "
-                f"transitions and needs at least {max(int(seq_len), 1)} (collect {max(int(seq_len) - longest, 0)} more "
+                f"transitions and needs at least {seq_len} (collect {seq_len - longest} more "
                 "steps per env, e.g. raise trainer.prefill, or lower trainer.seq_len)."
             )
         return per_stream
@@ -289,7 +316,7 @@ class ReplayBuffer:
         """(stream, offset of the first row among that stream's rows) of `batch_size` windows drawn uniformly."""
         per_stream = self._window_counts(seq_len)
         ends = np.cumsum(per_stream)
-        draw = self.rng.integers(0, ends[-1], size=int(batch_size))
+        draw = self.rng.integers(0, ends[-1], size=batch_size)
         stream = np.searchsorted(ends, draw, side="right")
         return stream, draw - (ends - per_stream)[stream]
 

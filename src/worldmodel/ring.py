@@ -54,6 +54,18 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def host_array(value, dtype=None) -> np.ndarray:
+    """`value` (numpy, torch on any device, list or scalar) as a numpy array of `dtype` that torch can take: numpy has
+    no bfloat16 (converted through float32), and torch refuses negative strides (a reversed view, such as reward-to-go
+    computed as cumsum(r[::-1])[::-1]), which are copied."""
+    # Per-step writes call this for every column: the common cases are tested first (torch.Tensor's isinstance is slow).
+    if not isinstance(value, np.ndarray) and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.float() if value.dtype == torch.bfloat16 else value
+    array = np.asarray(value, dtype=dtype)
+    return array if array.flags.c_contiguous or min(array.strides, default=0) >= 0 else array.copy()
+
+
 class RingBuffer:
     def __init__(self, capacity: int, schema: Schema, streams: int = 1, device: str | torch.device = "cpu"):
         capacity, streams = int(capacity), int(streams)
@@ -109,17 +121,25 @@ class RingBuffer:
     # ---- writes -------------------------------------------------------------------------------------------------
     def append(self, stream: int = 0, **row) -> None:
         """Writes one row to `stream`, overwriting its oldest when full."""
-        self.extend(stream=stream, **{k: np.asarray(v)[None] for k, v in row.items()})
+        self._extend(stream, {k: host_array(v)[None] for k, v in row.items()}, "append")
 
     def extend(self, stream: int = 0, **rows) -> None:
         """Writes n consecutive rows (leading axis) to `stream` with one indexed write per column."""
+        self._extend(stream, rows, "extend")
+
+    def _extend(self, stream: int, rows: Mapping, what: str) -> None:
         self._check_names(rows, complete=True)
-        n = len(next(iter(rows.values())))
-        if any(len(v) != n for v in rows.values()):
-            raise ValueError(f"extend: columns have different lengths {[len(v) for v in rows.values()]}")
+        lengths = {name: len(v) if np.ndim(v) else None for name, v in rows.items()}
+        if None in lengths.values():
+            scalars = [name for name, n in lengths.items() if n is None]
+            raise ValueError(f"{what}: {scalars} are single values; extend takes rows along a leading axis (one row: "
+                             "append / ReplayBuffer.add); nothing was written")  # fmt: skip
+        n = next(iter(lengths.values()))
+        if any(length != n for length in lengths.values()):
+            raise ValueError(f"{what}: columns have different lengths {lengths}; nothing was written")
         if not 0 <= int(stream) < self.streams:
             raise IndexError(f"stream {stream} out of range for a ring of {self.streams} streams")
-        rows = self._as_columns(rows, (n,), "extend")
+        rows = self._as_columns(rows, (n,), what)
         seg, ptr = self.stream_capacity, int(self.ptrs[stream])
         skip = max(0, n - seg)  # rows that would be overwritten within this same call
         first = stream * seg + (ptr + skip) % seg
@@ -180,6 +200,8 @@ class RingBuffer:
     def locate(self, logical) -> tuple[np.ndarray, np.ndarray]:
         """Logical indices (negative counts from the newest) -> (stream, offset within that stream's rows)."""
         logical = np.asarray(logical)
+        if logical.size == 0:
+            logical = logical.astype(np.int64)  # an empty list is float64 to numpy
         if not np.issubdtype(logical.dtype, np.integer):
             raise TypeError(f"ring indices must be integers, got dtype {logical.dtype}")
         size = len(self)
@@ -231,7 +253,7 @@ class RingBuffer:
         out, wrong = {}, {}
         for name, value in values.items():
             want = (*leading, *self.schema[name][0])
-            array = np.asarray(value, dtype=self._host_dtypes[name])
+            array = host_array(value, self._host_dtypes[name])
             try:
                 ok = np.broadcast_shapes(array.shape, want) == want if broadcast else array.shape == want
             except ValueError:

@@ -1,0 +1,122 @@
+"""The replay buffer's Python API with the inputs a researcher's own code passes: reversed views, torch tensors of
+any dtype, empty index lists, and wrong arguments, which must be refused by name rather than misread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.errors import NotEnoughDataError
+from worldmodel.replay import ReplayBuffer
+
+
+def buffer(rows: int = 6, obs_dtype: str = "float32", streams: int = 1) -> ReplayBuffer:
+    buf = ReplayBuffer(16, obs_dim=3, action_dim=1, obs_dtype=obs_dtype, streams=streams)
+    for stream in range(streams):
+        buf.extend(
+            obs=np.arange(rows * 3, dtype=np.float32).reshape(rows, 3),
+            action=np.zeros((rows, 1), np.float32),
+            reward=np.arange(rows, dtype=np.float32),
+            next_obs=np.arange(3, rows * 3 + 3, dtype=np.float32).reshape(rows, 3),
+            terminated=np.zeros(rows, bool),
+            truncated=np.zeros(rows, bool),
+            stream=stream,
+        )
+    return buf
+
+
+@pytest.mark.parametrize("obs_dtype", ["float32", "float16", "bfloat16"])
+def test_reversed_views_are_written_as_numpy_reads_them(obs_dtype):
+    buf = buffer(4, obs_dtype)
+    reward = np.arange(4, dtype=np.float32)
+    to_go = np.cumsum(reward[::-1])[::-1]  # reward-to-go: a view with a negative stride
+    buf.update(slice(None), reward=to_go)
+    np.testing.assert_array_equal(buf[:]["reward"], [6, 6, 5, 3])
+    obs = np.arange(12, dtype=np.float32).reshape(4, 3)[::-1]
+    buf.extend(obs=obs, action=np.zeros((4, 1), np.float32)[::-1], reward=reward[::-1], next_obs=obs,
+               terminated=np.zeros(4, bool)[::-1], truncated=np.zeros(4, bool))  # fmt: skip
+    np.testing.assert_array_equal(buf[-4:]["obs"], obs)
+    np.testing.assert_array_equal(buf[-4:]["reward"], [3, 2, 1, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_torch_tensors_of_any_float_dtype_are_stored(dtype):
+    buf = ReplayBuffer(16, obs_dim=3, action_dim=1, obs_dtype="bfloat16")
+    obs = torch.arange(12, dtype=dtype).reshape(4, 3)  # small integers: exact in every dtype
+    buf.extend(obs=obs, action=torch.ones(4, 1, dtype=dtype), reward=torch.arange(4, dtype=dtype), next_obs=obs + 3,
+               terminated=torch.zeros(4, dtype=torch.bool), truncated=torch.zeros(4, dtype=torch.bool))  # fmt: skip
+    buf.add(obs=obs[0], action=torch.ones(1, dtype=dtype), reward=torch.tensor(7, dtype=dtype), next_obs=obs[1],
+            terminated=False, truncated=True)  # fmt: skip
+    buf.update([0, 1], reward=torch.tensor([5.0, 6.0], dtype=dtype))
+    rows = buf[:]
+    np.testing.assert_array_equal(rows["obs"], np.concatenate([obs.float().numpy(), obs[:1].float().numpy()]))
+    np.testing.assert_array_equal(rows["reward"], [5, 6, 2, 3, 7])
+    assert rows["truncated"].tolist() == [False] * 4 + [True]
+
+
+def test_an_empty_index_reads_and_updates_nothing():
+    buf = buffer()
+    assert {k: v.shape[0] for k, v in buf[[]].items()} == dict.fromkeys(buf[[]], 0)
+    before = buf[:]
+    buf.update([], reward=1.0)
+    for key, value in buf[:].items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda b: b.sample(4, 0), ValueError, "seq_len must be an integer >= 1, got 0"),
+        (lambda b: b.sample(4, 2.5), TypeError, "seq_len must be an integer >= 1, got 2.5"),
+        (lambda b: b.sample(-1, 2), ValueError, "batch_size must be an integer >= 0, got -1"),
+        (lambda b: b.draw(4, 0), ValueError, "seq_len must be an integer >= 1"),
+        (lambda b: b.can_sample(2.5), TypeError, "seq_len must be an integer"),
+        (lambda b: list(b.sequences(0, 4)), ValueError, "seq_len must be an integer >= 1"),
+        (lambda b: list(b.sequences(2, 0)), ValueError, "batch_size must be an integer >= 1, got 0"),
+        (lambda b: b.gather([0], -1), ValueError, "seq_len must be an integer >= 1, got -1"),
+        (lambda b: b.gather([0], 0), ValueError, "seq_len must be an integer >= 1, got 0"),
+        (lambda b: b.gather([1.7, 3.2], 2), TypeError, "ring indices must be integers"),
+    ],
+)
+def test_wrong_sizes_and_starts_are_refused_by_name(call, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(".", r"\.")):
+        call(buffer())
+
+
+def test_not_enough_data_is_per_stream_and_says_so():
+    buf = buffer(rows=3, streams=2)  # 6 rows, but no stream holds 4
+    assert len(buf) == 6 and not buf.can_sample(4)
+    with pytest.raises(NotEnoughDataError, match="longest stream holds 3 transitions and needs at least 4"):
+        buf.sample(1, 4)
+
+
+def test_numpy_integers_are_sizes_too():
+    batch = buffer().sample(np.int64(2), np.int32(3))
+    assert tuple(batch.obs.shape) == (2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"reward": 0.0}, r"\['reward'\] are single values; extend takes rows along a leading axis"),
+        ({"reward": np.zeros(2)}, r"columns have different lengths \{'obs': 3, 'action': 3, 'reward': 2,"),
+    ],
+)
+def test_malformed_extends_name_the_column_and_write_nothing(columns, message):
+    buf = buffer()
+    before = buf[:]
+    rows = dict(obs=np.zeros((3, 3)), action=np.zeros((3, 1)), reward=np.zeros(3), next_obs=np.zeros((3, 3)),
+                terminated=np.zeros(3, bool), truncated=np.zeros(3, bool))  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        buf.extend(**{**rows, **columns})
+    for key, value in buf[:].items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_loading_an_episode_dataset_as_a_saved_buffer_says_what_it_is(tmp_path):
+    path = tmp_path / "episodes.npz"
+    np.savez(path, obs=np.zeros((2, 3)), actions=np.zeros(1), rewards=np.zeros(1), terminated=np.zeros(1, bool),
+             truncated=np.zeros(1, bool), lengths=np.ones(1, np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"was not written by ReplayBuffer\.save.*dataset=path"):
+        buffer().load(path)
