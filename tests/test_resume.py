@@ -141,6 +141,17 @@ def test_resume_a_finished_run_for_more_updates(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
 
 
+@pytest.mark.parametrize("resume", ["true", "auto"])
+def test_a_finished_run_whose_step_files_were_deleted_resumes_from_last_pt(tmp_path, resume):
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    for _, path in step_checkpoints(run_dir):
+        path.unlink()  # last.pt, a hard link to the final step file, still holds the run's state
+    run_train([*RUN, "trainer.steps=120", f"hydra.run.dir={run_dir}", f"trainer.resume={resume}"])
+    assert [s for s, _ in scalars(run_dir)["val/loss"]] == [0, 40, 60, 80, 120]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
+
+
 @pytest.mark.parametrize(
     "change, named",
     [(["model.latent_dim=64"], "model.latent_dim"), (["env=pendulum"], "env.id"), (["seed=3"], "seed")],
@@ -189,7 +200,7 @@ def test_bad_steps_on_resume_are_refused_before_hydra_writes(tmp_path, steps, me
 def test_resume_errors_name_the_file(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
-    assert proc.returncode == 2 and "holds no step_*.pt checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "holds no step_*.pt or last.pt checkpoint" in proc.stderr
     assert not run_dir.exists()
 
     run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])

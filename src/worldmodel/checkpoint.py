@@ -49,6 +49,14 @@ def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a resume may read, oldest first: the step files, or last.pt alone where a finished run's step
+    files were deleted (last.pt is a hard link to its final one, so it holds the same state)."""
+    steps = [p for _, p in step_checkpoints(run_dir)]
+    last = last_checkpoint(run_dir)
+    return steps or ([last] if last.is_file() else [])
+
+
 def atomic_torch_save(payload: dict, path: Path) -> None:
     """Temporary file, fsync, rename: a kill at any instant leaves either the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +157,7 @@ def resume_payload(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> 
     that has already made trainer.steps updates raises RunFinished."""
     resume = cfg.trainer.resume
     if resume == "auto":
-        if not step_checkpoints(run_dir):
+        if not resume_candidates(run_dir):
             return None
         return load_for_resume(run_dir, cfg, mmap=mmap, finished_ok=True)
     return load_for_resume(run_dir, cfg, mmap=mmap) if resume else None
@@ -158,19 +166,20 @@ def resume_payload(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> 
 def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False, finished_ok: bool = False) -> dict:
     """The newest checkpoint of `run_dir`, after checking that `cfg` continues the same experiment (mmap: see
     read_checkpoint). With finished_ok, a run with no updates left raises RunFinished instead of an error."""
-    found = step_checkpoints(run_dir)
+    found = resume_candidates(run_dir)
     if not found:
         raise WorldModelError(
-            f"trainer.resume=true, but {Path(run_dir) / 'checkpoints'} holds no step_*.pt checkpoint to resume from. "
-            "Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a new one."
+            f"trainer.resume=true, but {Path(run_dir) / 'checkpoints'} holds no step_*.pt or last.pt checkpoint to "
+            "resume from. Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a "
+            "new one."
         )
-    path = found[-1][1]
+    path = found[-1]
     try:
         payload = read_checkpoint(path, mmap=mmap)
     except CheckpointUnreadable as err:
         if len(found) < 2:
             raise
-        raise CheckpointUnreadable(f"{err} The run's previous checkpoint is {found[-2][1]}: move {path.name} out of "
+        raise CheckpointUnreadable(f"{err} The run's previous checkpoint is {found[-2]}: move {path.name} out of "
                                    f"{path.parent} to resume from that one.") from None  # fmt: skip
     diffs = config_differences(payload["config"], OmegaConf.to_container(cfg, resolve=True))
     refused = {k: v for k, v in diffs.items() if k not in RESUMABLE_CHANGES}

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import RunFinished, last_checkpoint, resume_payload, step_checkpoints
+from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
 from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.sweep import jobs_run_here, launcher_class, sweep_jobs
@@ -113,15 +113,14 @@ class PreflightChecks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
         task_cfg = task_config(config)
-        steps = [p for _, p in step_checkpoints(run_dir)]
-        found = steps + [p for p in [last_checkpoint(run_dir)] if p.exists()]
+        found = resume_candidates(run_dir)
         # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
             auto = task_cfg.trainer.resume == "auto"
-            if task_cfg.trainer.resume and (not auto or steps):
+            if task_cfg.trainer.resume and (not auto or found):
                 with contextlib.suppress(RunFinished):  # auto: train.py says so and exits
                     # Only the saved config is checked here; train.py reads the tensors once, when it resumes.
                     resume_payload(run_dir, task_cfg, mmap=True)

@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import Checkpointer, check_steps_cover, step_checkpoints
+from worldmodel.checkpoint import Checkpointer, check_steps_cover, resume_candidates
 from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import ConfigError, RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
@@ -327,8 +327,8 @@ class Trainer:
     def _diverged(self, step: int, terms: str, checkpointer: Checkpointer | None) -> None:
         kept = "no checkpoint is written without trainer's checkpointer"
         if checkpointer is not None:
-            found = step_checkpoints(checkpointer.run_dir)
-            kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint had been written yet"
+            found = resume_candidates(checkpointer.run_dir)
+            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
         raise WorldModelError(
             f"Training diverged: {terms} became non-finite at update {step}; {kept}. Lower trainer.lr or "
             "trainer.grad_clip, or check the env's observations for NaN/inf."
