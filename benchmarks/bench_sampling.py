@@ -94,7 +94,17 @@ def rows(quick: bool = False, device: str = "cpu") -> Iterator[Row]:
         gbps = gathered / t_ours / 1e9
         notes = {"gathered": f"{gathered / 1e6:.2f} MB", "GB/s": f"{gbps:.1f}", "memcpy GB/s": f"{memcpy:.1f}",
                  "of memcpy": f"{gbps / memcpy:.0%}"}  # fmt: skip
-        yield Row("sampling", case, t_ours * 1e3, t_seed * 1e3, "seed np.stack", "ms", False, notes)
+        threads = torch.get_num_threads()
+        yield Row("sampling", case, t_ours * 1e3, t_seed * 1e3, "seed np.stack", "ms", False,
+                  {**notes, "torch threads": threads})  # fmt: skip
+        if threads > 1:  # np.stack copies on one thread, our gather on torch's: the same on one thread each
+            torch.set_num_threads(1)
+            try:
+                t_one = time_per_call(lambda: buffer.sample(BATCH, SEQ_LEN), calls, repeats)
+            finally:
+                torch.set_num_threads(threads)
+            yield Row("sampling", f"{case}, ours on 1 thread as np.stack", t_one * 1e3, t_seed * 1e3, "seed np.stack",
+                      "ms", False, {"GB/s": f"{gathered / t_one / 1e9:.1f}"})  # fmt: skip
         del buffer
         for cache in (False, True):  # as in training (rows written between samples), then on a static buffer
             rb = torchrl_sampler(capacity, obs_dim, cache_values=cache)

@@ -1,7 +1,8 @@
 """What every benchmark shares: a timer, the machine's memcpy bandwidth, a description of the machine, the table.
 
 A row always measures ours and its baseline in the same process, one right after the other, so the ratio holds
-for the machine it ran on even when absolute numbers move with load. Timings are the median of several repeats.
+for the machine it ran on even when absolute numbers move with load. Timings are the median of several repeats
+(collection: the best of a few, for both sides alike).
 """
 
 from __future__ import annotations

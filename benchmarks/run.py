@@ -2,11 +2,13 @@
 
     python benchmarks/run.py                 # all four rows on this machine (about 15 minutes on 2 CPU cores)
     python benchmarks/run.py --quick         # smaller sizes and fewer repeats (a few minutes)
-    python benchmarks/run.py --device cuda   # also the CUDA rows (sampling from a GPU-resident buffer, updates)
+    python benchmarks/run.py --device cuda   # also the CUDA rows (sampling from a GPU-resident buffer, updates);
+                                             # time to quality then runs on the GPU (--device cpu: on the CPU)
     python benchmarks/run.py --only sampling updates --json results.json
     python benchmarks/run.py --device cuda --device-only --only updates   # the CUDA rows of updates alone
 
-Each row is printed as soon as it is measured (a run stopped by a time limit keeps what it finished), then the table.
+Each row is printed as soon as it is measured (a run stopped by a time limit keeps what it finished), then the table
+(also when a benchmark fails: the rows measured before it are printed and saved, then the error is raised).
 
 TorchRL's SliceSampler joins the sampling row when torchrl is installed: pip install -e ".[bench]".
 Benchmarks are never tests: nothing here asserts a time.
@@ -39,6 +41,12 @@ def main(only: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", choices=BENCHES, default=only or list(BENCHES))
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
+    try:  # a wrong device is refused here, not after the CPU rows have run
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
 
     import bench_collection
     import bench_sampling
@@ -55,14 +63,16 @@ def main(only: list[str] | None = None) -> None:
         "time-to-quality": lambda: bench_time_to_quality.rows(args.quick, args.device),
     }
     rows = []
-    for name in args.only:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        for row in runners[name]():
-            print(table_line(row), flush=True)
-            rows.append(row)
-    print_table(rows)
-    if args.json:
-        write_json(rows, args.json)
+    try:
+        for name in args.only:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            for row in runners[name]():
+                print(table_line(row), flush=True)
+                rows.append(row)
+    finally:
+        print_table(rows)
+        if args.json:
+            write_json(rows, args.json)
 
 
 if __name__ == "__main__":
