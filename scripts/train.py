@@ -70,7 +70,7 @@ def main(cfg: DictConfig) -> float:
         # Hide what a killed run logged after its checkpoint; a fresh start hides everything an earlier attempt in this
         # directory logged (a requeued sweep job that was killed before its first checkpoint starts over here).
         purge_step = resume_from["loop"]["step"] + 1 if resume_from else 0
-        config_text = None if resume_from else OmegaConf.to_yaml(cfg, resolve=True)  # a resumed run logged it already
+        config_text = OmegaConf.to_yaml(cfg, resolve=True)  # a resumed run's replaces the earlier attempts'
         with Logger(run_dir, purge_step=purge_step, config=config_text) as logger:
             metrics = trainer.fit(collector, val_collector, model, logger, checkpointer, resume_from)
             logger.log_hparams(cfg, metrics, step=cfg.trainer.steps)  # HParams tab: flattened config, final metrics

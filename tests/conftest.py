@@ -80,3 +80,42 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def raw_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar point in the run dir's event files as written, in file order: unlike `scalars`, no purge marker
+    is applied, which is how TensorBoard's default (Rust) loader reads them."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    points: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    points.setdefault(value.tag, []).append((event.step, float(tensor_util.make_ndarray(value.tensor))))
+    return points
+
+
+def raw_tags(run_dir: Path) -> list[str]:
+    """Every summary tag in the run dir's event files as written (one entry per event, in file order)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [v.tag for p in sorted(run_dir.glob("events.out.tfevents.*")) for e in EventFileLoader(str(p)).Load()
+            for v in e.summary.value]  # fmt: skip
+
+
+def hparams_experiment(logdir: Path):
+    """What TensorBoard's HParams tab shows for `logdir` (a sweep or a run): its own backend's GetExperiment answer,
+    an api_pb2.Experiment with hparam_infos and metric_infos."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider))
+    return get_experiment.Handler(context.RequestContext(), backend, "", api_pb2.GetExperimentRequest()).run()

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import compose_config, run_train, scalars, start_train
+from conftest import compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
 from worldmodel import ReplayBuffer, env_spec, make_env
 from worldmodel.checkpoint import (
     Checkpointer,
@@ -56,11 +58,16 @@ def wait_for(path: Path, proc, timeout: float = 120.0) -> None:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Logged losses and final weights equal to the bit."""
+    """Logged losses and final weights equal to the bit. The event files themselves hold the same points, with no
+    stale ones from a killed attempt (TensorBoard's default loader ignores purge markers)."""
     sa, sb = scalars(a), scalars(b)
     for tag in sa:
         if tag.startswith(("train/", "val/", "data/")):
             assert sa[tag] == sb[tag], tag
+    ra, rb = raw_scalars(a), raw_scalars(b)
+    for tag in ra:
+        if tag.startswith(("train/", "val/", "data/")):
+            assert sorted(ra[tag]) == sorted(rb[tag]), tag
     assert_same_weights(torch.load(a / "checkpoints" / "last.pt", weights_only=True),
                         torch.load(b / "checkpoints" / "last.pt", weights_only=True))  # fmt: skip
 
@@ -139,6 +146,31 @@ def test_resume_a_finished_run_for_more_updates(tmp_path):
     val_steps = [s for s, _ in scalars(run_dir)["val/loss"]]
     assert val_steps == [0, 40, 60, 80, 120]  # continued, no duplicated step
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
+    # The config text and the HParams summary are the continued run's (trainer.steps=120), not the first finish's:
+    # TensorBoard shows the first it reads of each.
+    tags = raw_tags(run_dir)
+    assert tags.count("config/text_summary") == tags.count("_hparams_/session_start_info") == 1
+    assert [s for s, _ in raw_scalars(run_dir)["hparams/val/loss"]] == [120]
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "steps: 120" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    start = hp_metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(hp_metadata.PLUGIN_NAME)[hp_metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["trainer.steps"].number_value == 120
+
+
+def test_points_a_killed_run_logged_after_its_checkpoint_are_removed_from_the_files(tmp_path, uninterrupted):
+    """What a run killed after its checkpoint at 120 leaves, made exactly: the uninterrupted run with the later
+    checkpoints deleted, so its event file holds points up to 240 that the resumed run logs again."""
+    run_dir = tmp_path / "run"
+    run_train([*RUN, f"hydra.run.dir={run_dir}"])
+    for step, path in step_checkpoints(run_dir):
+        if step > 120:
+            path.unlink()
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
+    assert_same_run(uninterrupted, run_dir)
+    assert all(len({step for step, _ in points}) == len(points) for points in raw_scalars(run_dir).values())
 
 
 @pytest.mark.parametrize("resume", ["true", "auto"])

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import REPO, TINY, run_train, scalars, train_env
+from conftest import REPO, TINY, hparams_experiment, run_train, scalars, train_env
 from worldmodel.logger import Logger, flatten_config
 from worldmodel.sweep import job_dirname
 
@@ -62,13 +62,14 @@ def hparams_of(run_dir) -> dict:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     content = acc.PluginTagToContent(hp_metadata.PLUGIN_NAME)
-    assert set(content) == {hp_metadata.EXPERIMENT_TAG, hp_metadata.SESSION_START_INFO_TAG,
+    # No experiment summary: TensorBoard would take one job's as the whole sweep's (see Logger.log_hparams).
+    assert set(content) == {hp_metadata.SESSION_START_INFO_TAG,
                             hp_metadata.SESSION_END_INFO_TAG}, f"no hparams summary in {run_dir}"  # fmt: skip
     start = hp_metadata.parse_session_start_info_plugin_data(content[hp_metadata.SESSION_START_INFO_TAG])
-    experiment = hp_metadata.parse_experiment_plugin_data(content[hp_metadata.EXPERIMENT_TAG])
     end = hp_metadata.parse_session_end_info_plugin_data(content[hp_metadata.SESSION_END_INFO_TAG])
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
-    return {"hparams": values, "metrics": [m.name.tag for m in experiment.metric_infos], "status": end.status}
+    metrics = [m.name.tag for m in hparams_experiment(run_dir).metric_infos]
+    return {"hparams": values, "metrics": metrics, "status": end.status}
 
 
 def check_job(job, expect_name: str):
@@ -122,8 +123,20 @@ def test_log_hparams_writes_into_the_runs_own_event_file(tmp_path):
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
     hp = hparams_of(tmp_path)
     assert hp["hparams"] == {k: float(v) if isinstance(v, int | float) else v for k, v in flat.items()}
-    assert hp["metrics"] == ["hparams/val/loss", "hparams/val/obs"]
+    assert hp["metrics"] == ["hparams/val/loss", "hparams/val/obs", "val/loss"]  # every scalar tag
     assert scalars(tmp_path)["hparams/val/obs"] == [(10, 0.25)]
+
+
+def test_the_hparams_tab_shows_every_jobs_keys_and_metrics(tmp_path):
+    """Jobs of one sweep may differ in their config keys and loss terms (model=gru,rssm): the table holds all of them,
+    not the first job's alone."""
+    for name, config, metrics in [("0_model-gru", {"model": {"latent_dim": 32, "head_layers": 1}}, {"val/obs": 0.5}),
+                                  ("1_model-rssm", {"model": {"latent_dim": 32, "free_nats": 1.0}}, {"val/kl": 0.1})]:
+        with Logger(tmp_path / name) as logger:  # fmt: skip
+            logger.log_hparams(config, metrics, step=10)
+    experiment = hparams_experiment(tmp_path)
+    assert sorted(h.name for h in experiment.hparam_infos) == ["model.free_nats", "model.head_layers", "model.latent_dim"]
+    assert sorted(m.name.tag for m in experiment.metric_infos) == ["hparams/val/kl", "hparams/val/obs"]
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm", "submitit_local", "basic"])

@@ -4,16 +4,44 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 #: Prefix of the scalar tags that hold a run's final metrics for TensorBoard's HParams tab, e.g. hparams/val/loss.
 HPARAMS_PREFIX = "hparams/"
+#: Tags a run writes once, for the run as a whole: a resumed run writes them anew (its config may differ, e.g. in
+#: trainer.steps), so the earlier attempts' are dropped rather than shown next to the new ones.
+RUN_TAGS = ("config/", "_hparams_/", HPARAMS_PREFIX)
+
+
+def prune_events(log_dir: str | Path, before_step: int) -> None:
+    """Rewrites every event file in `log_dir` (not its subdirectories) without the events at step >= before_step and
+    without RUN_TAGS, each file through a temporary one that replaces it whole.
+
+    A resumed run's SummaryWriter(purge_step=...) also writes a marker that hides those steps, but only TensorBoard's
+    Python loader reads it; the default (Rust) loader shows the killed attempt's points next to the resumed run's.
+    Removing them from the files works with every reader. A record cut off by a kill is dropped too."""
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for record in RawEventFileLoader(str(path)).Load():
+                event = Event.FromString(record)
+                stale = event.step >= before_step or any(v.tag.startswith(RUN_TAGS) for v in event.summary.value)
+                if not (event.HasField("summary") and stale):  # the file's version record and markers are kept
+                    writer.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int | float | str]:
@@ -39,14 +67,16 @@ def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int
 
 
 class Logger:
-    """`purge_step`: on resume, events a killed run wrote after its last checkpoint (steps >= purge_step) are hidden by
-    TensorBoard, so resumed curves continue without duplicated or stale points.
+    """`purge_step`: events earlier attempts in this directory wrote at steps >= purge_step (what a killed run logged
+    after its last checkpoint; with 0, everything) are removed from their files (`prune_events`), and hidden by a
+    purge marker too, so resumed curves continue without duplicated or stale points.
 
     A fresh run's event file is created by the first thing logged, not before: a run stopped before it logged anything
     (during its prefill) leaves no TensorBoard log in its directory, which may then take a new run (see
     cli.PreflightChecks). A resumed run's (purge_step > 0) is created at once: its purge marker hides the killed
     run's stale points even if this attempt is stopped before it logs. `config`, the resolved config as YAML text, is
-    written into the file first, at step 0 (TensorBoard's Text tab).
+    written into the file first, at step 0 (TensorBoard's Text tab); a resumed run writes its own in place of the
+    earlier attempts'.
     """
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None, config: str | None = None):
@@ -58,6 +88,8 @@ class Logger:
     @property
     def writer(self) -> SummaryWriter:
         if self._writer is None:
+            if self.purge_step is not None:
+                prune_events(self.log_dir, self.purge_step)
             self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
             if self.config is not None:
                 # Indented four spaces so TensorBoard's markdown renderer shows it verbatim.
@@ -89,7 +121,11 @@ class Logger:
         hparams = flatten_config(flat_config)
         final = {f"{HPARAMS_PREFIX}{name}": float(v) for name, v in metrics.items()
                  if isinstance(v, numbers.Real) and math.isfinite(v)}  # fmt: skip
-        for summary in hparams_summaries(hparams, final):  # experiment, session start, session end
+        # Not the first of the three, the experiment summary: TensorBoard shows the first run's that it finds as the
+        # whole sweep's, so the keys and metrics of jobs that differ (model=gru,rssm) would be missing. Without it,
+        # TensorBoard builds the table from every job's session: the union of their keys, and their scalar tags.
+        _, session_start, session_end = hparams_summaries(hparams, final)
+        for summary in (session_start, session_end):
             self.writer.file_writer.add_summary(summary, step)
         for tag, value in final.items():
             self.writer.add_scalar(tag, value, global_step=step)
