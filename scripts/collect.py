@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_collect
-from worldmodel.dataset import collect_episodes, save_dataset
+from worldmodel.dataset import collect_episodes, non_finite, save_dataset
 from worldmodel.env import env_spec
+from worldmodel.errors import WorldModelError
 from worldmodel.rollout import POLICIES
 from worldmodel.runtime import DATASET_SEED_OFFSET
 
@@ -31,6 +32,8 @@ def main(cfg: DictConfig) -> None:
         extra = {"repeat_prob": prob} if cfg.policy == "sticky" else {}
         policy = POLICIES[cfg.policy](env.action_space, seed, **extra)
         episodes = collect_episodes(env, spec, policy, cfg.episodes, seed=seed)
+        if bad := non_finite(episodes):  # train.py and evaluate.py would refuse the file: nothing is written
+            raise WorldModelError(f"{spec.id} returned NaN/inf values ({bad}); {out} was not written.")
         save_dataset(out, episodes)
         lengths = episodes["lengths"]
         print(f"wrote {out}: {len(lengths)} episodes of {spec.id} ({cfg.policy} policy), "

@@ -117,5 +117,6 @@ def hparams_experiment(logdir: Path):
     mux.AddRunsFromDirectory(str(logdir))
     mux.Reload()
     provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
-    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider))
+    tb = base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider)
+    backend = backend_context.Context(tb)
     return get_experiment.Handler(context.RequestContext(), backend, "", api_pb2.GetExperimentRequest()).run()

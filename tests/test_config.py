@@ -104,6 +104,8 @@ def test_unknown_group_option_is_refused_by_hydra():
         # Checked before the device: torch.compile's own CUDA graphs cannot be recorded inside the update's graph.
         ("trainer.cuda_graph=true trainer.compile=true trainer.compile_mode=reduce-overhead trainer.device=cpu",
          "trainer.compile_mode", "default or max-autotune-no-cudagraphs"),
+        ("seed=4294967296", "seed", "an integer in 0 .. 2**32 - 1"),
+        ("env.kwargs=5", "env.kwargs", "a mapping of keyword arguments"),
         ("model.head_layers=0", "model.head_layers", ">= 1"),
         ("model.reward_coef=abc", "model.reward_coef", "a finite number >= 0"),
         ("model.open_loop_steps=-1", "model.open_loop_steps", ">= 0"),

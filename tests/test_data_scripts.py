@@ -96,3 +96,11 @@ def test_a_dataset_without_one_window_is_refused_before_anything_is_logged(tmp_p
     assert proc.returncode == 2 and "trainer.prefill=0" in proc.stderr and f"holds {stored} transitions" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(run_dir.glob("events.out.tfevents.*"))
     run_train([*args, "trainer.prefill=0", f"trainer.seq_len={stored}"])  # one window is enough, same directory
+
+
+def test_collect_refuses_an_env_that_returns_nan_and_writes_no_dataset(tmp_path):
+    data = tmp_path / "nan.npz"
+    proc = script("collect.py", ["env.id=nan_env:NanCartPole-v0", "+env.kwargs.nan_after=5", "episodes=3",
+                                 f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"])  # fmt: skip
+    assert proc.returncode == 2 and "NanCartPole-v0 returned NaN/inf values" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not data.exists()

@@ -140,6 +140,31 @@ def test_an_envs_own_type_error_is_not_blamed_on_env_kwargs():
             make_env("BuggyTypeError-v0", seed=0, kwargs=kwargs)
 
 
+class _NeedsBox2D(gym.Env):
+    def __init__(self):
+        raise gym.error.DependencyNotInstalled('Box2D is not installed, run `pip install "gymnasium[box2d]"`')
+
+
+class _ShiftedActions(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2, start=1)
+
+
+def test_an_env_whose_dependencies_are_missing_names_env_id():
+    gym.register(id="NeedsBox2D-v0", entry_point=_NeedsBox2D)
+    with pytest.raises(ConfigError) as err:
+        make_env("NeedsBox2D-v0", seed=0)
+    assert err.value.key == "env.id" and "dependencies are installed" in str(err.value) and "box2d" in str(err.value)
+
+
+def test_discrete_actions_that_do_not_start_at_0_are_refused():
+    """One-hot slots, datasets and policies count actions from 0: Discrete(2, start=1) would put action 2 out of
+    range, and start=-1 would silently store action -1 in the last slot."""
+    gym.register(id="ShiftedActions-v0", entry_point=_ShiftedActions)
+    with pytest.raises(ConfigError, match=r"env.id.*start at 0.*Discrete\(2, start=1\)"):
+        make_env("ShiftedActions-v0", seed=0)
+
+
 def test_an_unsaved_env_on_resume_closes_the_open_episode_as_a_truncation():
     """Resuming without the env (it could not be pickled) starts a fresh episode; the one in progress must end as a
     truncation in the buffer, so no sampled window runs from the old episode into the new one."""

@@ -172,3 +172,17 @@ def test_reported_horizons_always_include_the_last(horizon, reported):
     assert set(scalars) == expected | {"eval/terminated_accuracy"}
     assert scalars[f"eval/nmse_h{horizon}"] == pytest.approx(float(res.nmse[-1]))
     assert res.nmse[-1] > 0 and (horizon == 1 or res.nmse[-1] > res.nmse[0])  # the value of horizon H, not of 1
+
+
+def test_a_dimension_that_never_varies_is_left_out_of_nmse():
+    """obs = (t, 5.0): the second dimension is constant, its variance 0 up to rounding. A model off by 1e-6 there
+    would otherwise score an nmse in the millions; the score is the first dimension's, as in a buffer without it."""
+    both, first = ReplayBuffer(100, obs_dim=2, action_dim=1), ReplayBuffer(100, obs_dim=1, action_dim=1)
+    for t in range(40):
+        both.add([t, 5.0], [0.0], 0.0, [t + 1, 5.0], False, t == 39)
+        first.add([t], [0.0], 0.0, [t + 1], False, t == 39)
+    res = open_loop(Drift(step=[0.5, 1e-6]), both, context=3, horizon=4)
+    expected = open_loop(Drift(step=[0.5]), first, context=3, horizon=4)
+    assert 0 < res.nmse[0] < 1
+    np.testing.assert_allclose(res.nmse, expected.nmse, rtol=1e-12)
+    np.testing.assert_allclose(res.copy_last_nmse, expected.copy_last_nmse, rtol=1e-12)

@@ -10,6 +10,7 @@ from worldmodel import GRUWorldModel, ReplayBuffer
 from worldmodel import trainer as trainer_module
 from worldmodel.replay import Batch
 from worldmodel.trainer import Trainer
+from worldmodel.normalize import Normalizer
 
 
 def fitted_model(obs_dim=3, action_dim=2, **kw) -> WorldModel:
@@ -257,3 +258,19 @@ def test_open_loop_term_is_imagine_scored_up_to_the_first_reset(head_layers):
     for name in ("obs", "reward", "terminated"):
         torch.testing.assert_close(terms[name], closed[name])
     assert closed["open_loop"] == 0
+
+
+def test_a_dimension_constant_in_the_fitted_data_is_only_centered():
+    """Acrobot's reward is -1 until an episode terminates, and a prefill may hold no termination; a one-hot action the
+    prefill never took is always 0. Such dimensions get std 1: a later 0 reward is then a target of 1, where a small
+    floor made it 1000 (val/loss 500 for some Acrobot seeds). A varying dimension keeps its own scale, however small."""
+    norm = Normalizer(obs_dim=2, action_dim=3)
+    rng = np.random.default_rng(0)
+    obs = np.stack([rng.normal(0, 1e-6, 500), np.full(500, 7.0)], axis=1)
+    action = np.eye(3)[rng.integers(0, 2, 500)]  # action 2 never taken
+    norm.fit(obs, action, np.full(500, -1.0), obs + rng.normal(0, 1e-5, (500, 2)))
+    assert norm.reward_std.tolist() == [1.0] and norm.reward_mean.tolist() == [-1.0]
+    assert norm.normalize("reward", torch.tensor([[0.0]])).item() == 1.0
+    assert norm.action_std[2] == 1.0 and norm.action_std[0] == pytest.approx(0.5, abs=0.05)
+    assert norm.obs_std[1] == 1.0 and norm.obs_std[0] == pytest.approx(1e-6, rel=0.1)
+    assert norm.delta_std[0] == pytest.approx(1e-5, rel=0.1)

@@ -135,7 +135,8 @@ def test_the_hparams_tab_shows_every_jobs_keys_and_metrics(tmp_path):
         with Logger(tmp_path / name) as logger:  # fmt: skip
             logger.log_hparams(config, metrics, step=10)
     experiment = hparams_experiment(tmp_path)
-    assert sorted(h.name for h in experiment.hparam_infos) == ["model.free_nats", "model.head_layers", "model.latent_dim"]
+    keys = sorted(h.name for h in experiment.hparam_infos)
+    assert keys == ["model.free_nats", "model.head_layers", "model.latent_dim"]
     assert sorted(m.name.tag for m in experiment.metric_infos) == ["hparams/val/kl", "hparams/val/obs"]
 
 

@@ -194,3 +194,14 @@ def test_damaged_or_misnamed_checkpoints_get_errors_that_say_what_to_do(tmp_path
     out = tmp_path / "eval_empty"
     proc = run_script("evaluate.py", [f"checkpoint={newest}", "data=no.npz", f"hydra.run.dir={out}"])
     assert proc.returncode == 2 and "unreadable or truncated (0 bytes" in proc.stderr and not out.exists()
+
+
+def test_an_env_that_returns_nan_before_training_is_refused_and_nothing_is_trained(tmp_path):
+    """Observations NaN from the 51st env step, inside the prefill: refused with the counts, exit 2, before the first
+    evaluation (a NaN trajectory figure raised a matplotlib traceback here) and before any checkpoint or log."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "env.id=nan_env:NanCartPole-v0", "+env.kwargs.nan_after=50", f"hydra.run.dir={run_dir}"],
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the prefill data holds NaN/inf values (obs: " in proc.stderr and "The env returned them" in proc.stderr
+    assert not (run_dir / "checkpoints").exists() and not list(run_dir.glob("events.out.tfevents.*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -202,6 +203,24 @@ def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path):
     assert bool(norm.fitted)
     for name, values in data.items():
         mean = torch.as_tensor(values.mean(0), dtype=torch.float32)
-        std = torch.as_tensor(np.maximum(values.std(0), norm.min_std), dtype=torch.float32)
+        std = torch.as_tensor(np.where(values.std(0) > 1e-8, values.std(0), 1.0), dtype=torch.float32)
         torch.testing.assert_close(getattr(norm, f"{name}_mean"), mean, msg=f"{name}_mean")
         torch.testing.assert_close(getattr(norm, f"{name}_std"), std, msg=f"{name}_std")
+
+
+def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
+    """float16 storage turns observations beyond 65504 into inf; an env may return NaN itself. Either way nothing can
+    train on them, and the message says which setting, if any, is to blame."""
+    def one_row(buffer, obs, reward=0.0):
+        buffer.add(obs, [0.0], reward, obs, False, False)
+        return buffer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "overflow encountered in cast"
+        overflowed = one_row(ReplayBuffer(10, 2, 1, obs_dtype="float16"), [1e6, 0.0])
+    with pytest.raises(WorldModelError, match=r"prefill data holds NaN/inf values \(obs: 1, next_obs: 1\).*float16"):
+        trainer_module.require_finite(overflowed[:], overflowed, "the prefill data")
+    from_env = one_row(ReplayBuffer(10, 2, 1), [0.0, 0.0], reward=float("nan"))
+    with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them"):
+        trainer_module.require_finite(from_env[:], from_env, "the prefill data")
+    trainer_module.require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], from_env, "fine")  # float32 holds it

@@ -6,6 +6,7 @@ Hydra already refuses keys that are not in the config (a typo such as `trainer.s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,14 @@ def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, value, f"an integer >= {minimum}{why}")
+    return value
+
+
+def _seed(cfg: DictConfig, key: str) -> int:
+    """numpy seeds its global generator from 0 .. 2**32 - 1 only (np.random.seed)."""
+    value = _int(cfg, key, 0)
+    if value > 2**32 - 1:
+        raise ConfigError(key, value, "an integer in 0 .. 2**32 - 1 (4294967295)")
     return value
 
 
@@ -55,6 +64,10 @@ def _validate_model(cfg: DictConfig) -> None:
 def validate_env(cfg: DictConfig) -> int:
     """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
     check_env_id(cfg.env.id)
+    kwargs = cfg.env.get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigError("env.kwargs", kwargs, "a mapping of keyword arguments for the env's constructor, e.g. "
+                          "+env.kwargs.g=9.81 or 'env.kwargs={g: 9.81}'")  # fmt: skip
     envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
     mode = cfg.env.get("vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
@@ -68,7 +81,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     """Raises ConfigError for the first bad value. here=False: the run happens on another machine (a SLURM sweep's
     jobs), so the devices asked for are not checked against this one's."""
     t = cfg.trainer
-    _int(cfg, "seed", 0)
+    _seed(cfg, "seed")
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
     if envs > 1:  # here, not in validate_env: collect.py makes one env whatever env.num_envs says

@@ -125,15 +125,24 @@ def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "bu
     expect("lengths", lengths.shape == (n,) and np.issubdtype(lengths.dtype, np.integer), f"[{n}] integers")
     if n == 0 or lengths.min() < 1 or lengths.max() > t:
         raise DatasetError(f"Dataset {where}: key `lengths` must hold N >= 1 values in 1..{t} (the padded length).")
+    if bad := non_finite({**found, "obs": obs, "actions": actions}):
+        counts = "; ".join(f"key `{k}` holds {v} NaN/inf value(s)" for k, v in bad.items())
+        raise DatasetError(f"Dataset {where}: {counts} in valid steps.")
     valid = np.arange(t)[None, :] < lengths[:, None]  # [N, T]
-    valid_obs = np.arange(t + 1)[None, :] <= lengths[:, None]
-    for name, values, mask in (("obs", obs, valid_obs), ("actions", actions, valid), ("rewards", found["rewards"], valid)):
-        bad = ~np.isfinite(values[mask].astype(np.float64))
-        if bad.any():
-            raise DatasetError(f"Dataset {where}: key `{name}` holds {int(bad.sum())} NaN/inf value(s) in valid steps.")
     if discrete and (actions[valid].min() < 0 or actions[valid].max() >= action_dim):
         raise DatasetError(f"Dataset {where}: key `actions` holds indices outside 0..{action_dim - 1}.")
     return {**found, "actions": actions, "discrete": np.array(discrete)}
+
+
+def non_finite(episodes: dict[str, np.ndarray]) -> dict[str, int]:
+    """{key: number of NaN/inf values} of obs, actions and rewards in the valid steps of padded episodes, for the keys
+    that hold any."""
+    lengths, t = episodes["lengths"], episodes["rewards"].shape[1]
+    valid = np.arange(t)[None, :] < lengths[:, None]  # [N, T]
+    valid_obs = np.arange(t + 1)[None, :] <= lengths[:, None]
+    counts = {name: int((~np.isfinite(episodes[name][mask].astype(np.float64))).sum())
+              for name, mask in (("obs", valid_obs), ("actions", valid), ("rewards", valid))}  # fmt: skip
+    return {name: count for name, count in counts.items() if count}
 
 
 def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) -> None:

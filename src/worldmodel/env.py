@@ -75,6 +75,9 @@ def env_spec(env: gym.Env | gym.vector.VectorEnv) -> EnvSpec:
             "env.id", env_id, f"an env with Box (vector) observations; this one has {obs_space}"
         )
     if isinstance(act_space, gym.spaces.Discrete):
+        if int(act_space.start) != 0:  # one-hot slots, datasets and policies all count actions from 0
+            raise ConfigError("env.id", env_id, f"an env whose Discrete actions start at 0; this one has {act_space}: "
+                              "wrap it in a gymnasium.ActionWrapper that shifts them")  # fmt: skip
         return EnvSpec(env_id, int(np.prod(obs_space.shape)), int(act_space.n), discrete=True)
     if isinstance(act_space, gym.spaces.Box):
         return EnvSpec(env_id, int(np.prod(obs_space.shape)), int(np.prod(act_space.shape)), discrete=False)
@@ -106,6 +109,8 @@ def make_env(
     num_envs = int(num_envs)
     try:
         env = _make(id, kwargs, num_envs, vectorization_mode)
+    except gym.error.DependencyNotInstalled as err:
+        raise ConfigError("env.id", id, f"an env whose dependencies are installed: {err}") from None
     except TypeError as err:  # gymnasium passes env.kwargs to the env's constructor: one it does not take?
         if not any(f"keyword argument '{key}'" in str(err) for key in kwargs):
             raise

@@ -4,8 +4,9 @@ For every window of C + H - 1 consecutive transitions that stays inside one epis
 observations (with their actions) and imagines H steps with the true actions (see models/base.py). At horizon h:
     nmse(h) = mean over obs dims d of  MSE_d(h) / Var_d
 where Var_d is the variance of the true observations being predicted (all windows, all horizons), so 1.0 means "as
-bad as always predicting the mean" whatever the env's units. The copy-last baseline predicts the last observed
-observation at every horizon; every number comes with its baseline.
+bad as always predicting the mean" whatever the env's units. Dimensions that do not vary there are left out (their
+variance, 0 up to rounding, would turn any error into an astronomical ratio), unless none varies. The copy-last
+baseline predicts the last observed observation at every horizon; every number comes with its baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from worldmodel.models.base import WorldModel
+from worldmodel.normalize import constant
 from worldmodel.replay import ReplayBuffer
 
 
@@ -97,11 +99,14 @@ def open_loop(
     model.train(was_training)
     n = len(starts)
     mean = sums["target"] / (n * horizon)
-    var = (sums["target_sq"] / (n * horizon) - mean**2).clamp_min(1e-12)  # per obs dim
+    var = (sums["target_sq"] / (n * horizon) - mean**2).clamp_min(0)  # per obs dim
+    varies = ~constant(var.sqrt(), mean)
+    var = var.clamp_min(1e-12)
+    dims = varies if varies.any() else torch.ones_like(varies)
     return OpenLoopResult(
         context=context,
-        nmse=((sums["model"] / n) / var).mean(-1).cpu().numpy(),
-        copy_last_nmse=((sums["copy"] / n) / var).mean(-1).cpu().numpy(),
+        nmse=((sums["model"] / n) / var)[..., dims].mean(-1).cpu().numpy(),
+        copy_last_nmse=((sums["copy"] / n) / var)[..., dims].mean(-1).cpu().numpy(),
         reward_mse=(sums["reward"] / n).cpu().numpy(),
         terminated_accuracy=sums["correct"] / (n * horizon),
         windows=n,

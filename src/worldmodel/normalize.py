@@ -14,10 +14,14 @@ from torch import nn
 FIELDS = ("obs", "action", "delta", "reward")
 
 
+def constant(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Which dimensions did not vary: std below 1e-6 of the mean's magnitude (float32 rounding), or below 1e-8."""
+    return std <= torch.clamp_min(1e-6 * mean.abs(), 1e-8)
+
+
 class Normalizer(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, min_std: float = 1e-3):
+    def __init__(self, obs_dim: int, action_dim: int):
         super().__init__()
-        self.min_std = min_std
         dims = {"obs": obs_dim, "action": action_dim, "delta": obs_dim, "reward": 1}
         for name, dim in dims.items():
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
@@ -29,9 +33,13 @@ class Normalizer(nn.Module):
         data = {"obs": obs, "action": action, "delta": next_obs - obs, "reward": np.reshape(reward, (-1, 1))}
         for name, values in data.items():
             values = torch.as_tensor(np.asarray(values, dtype=np.float64))
-            # A constant dimension (CartPole's reward is always 1) gets the floor, not a division by zero.
-            getattr(self, f"{name}_mean").copy_(values.mean(0))
-            getattr(self, f"{name}_std").copy_(values.std(0, correction=0).clamp_min(self.min_std))
+            mean, std = values.mean(0), values.std(0, correction=0)
+            # A dimension that did not vary in the fitted data (CartPole's reward; Acrobot's, -1 until an episode
+            # terminates; a one-hot action the prefill never took) is only centered, std 1. A small floor instead
+            # (1e-3, once) makes any later value a huge target: one Acrobot termination in the held-out data gave
+            # val/loss 500 for some seeds. Small but varying dimensions keep their own scale, however small.
+            getattr(self, f"{name}_mean").copy_(mean)
+            getattr(self, f"{name}_std").copy_(torch.where(constant(std, mean), torch.ones_like(std), std))
         self.fitted.fill_(True)
 
     def normalize(self, name: str, x: torch.Tensor) -> torch.Tensor:
