@@ -8,7 +8,7 @@ Every directory under the sweep directory that holds TensorBoard event files is 
 configuration from `.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` (and in keys that do not change
 what a job computes: hydra.job.config.override_dirname.exclude_keys) form one configuration. The table goes to stdout,
 sorted by the main metric (lower is better), and is written to <sweep dir>/summary.csv; <sweep dir>/summary.png plots
-the main metric against the swept values (needs matplotlib, in the `sweep` extra).
+the main metric against the swept values.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
 def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     """Last value of every val/* scalar in the job's own event files (not its subdirectories), and whether the job
     finished: its hparams/* summary, written at the end of a run, is at least as late as every other point it logged
-    (a finished run continued for more updates and stopped again has an older summary)."""
+    (a resumed run drops its earlier summary; the step test also covers logs written before it did)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
@@ -277,11 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, png_path = args.sweep_dir / "summary.csv", args.sweep_dir / "summary.png"
     write_csv(csv_path, groups, swept, tags, args.metric)
     print(f"wrote {csv_path}")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print('note: summary.png needs matplotlib: pip install -e ".[sweep]"', file=sys.stderr)
-        return 0
     n_runs = sum(len(g.jobs) for g in groups)
     title = f"{args.sweep_dir.name}: final {args.metric}, mean ± std over seeds ({n_runs} runs)"
     write_plot(png_path, groups, swept, args.metric, title)

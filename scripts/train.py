@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> float:
         # 4. Loop: prefill, then alternate collecting and updating, logging to TensorBoard in the run's own dir and
         #    checkpointing the whole state (model, optimizer, buffer, env, RNGs) to <run dir>/checkpoints/.
         checkpointer = Checkpointer(run_dir, cfg, spec, keep=cfg.trainer.keep_checkpoints)
-        # Hide what a killed run logged after its checkpoint; a fresh start hides everything an earlier attempt in this
+        # Remove what a killed run logged after its checkpoint; a fresh start removes all an earlier attempt in this
         # directory logged (a requeued sweep job that was killed before its first checkpoint starts over here).
         purge_step = resume_from["loop"]["step"] + 1 if resume_from else 0
         config_text = OmegaConf.to_yaml(cfg, resolve=True)  # a resumed run's replaces the earlier attempts'

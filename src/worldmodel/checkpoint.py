@@ -1,7 +1,7 @@
 """Checkpoints: the whole training state, written atomically, so a run can stop at any moment and continue.
 
 Layout in a run directory:
-    checkpoints/step_00001000.pt   periodic (trainer.checkpoint_every), and on SIGTERM/SIGINT; the newest
+    checkpoints/step_00001000.pt   periodic (trainer.checkpoint_every), at the end, and on SIGTERM/SIGINT; the newest
                                    trainer.keep_checkpoints are kept
     checkpoints/last.pt            the final state of a finished run (a hard link to its last step file)
 
@@ -152,8 +152,8 @@ class RunFinished(Exception):
 def resume_payload(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> dict | None:
     """What scripts/train.py continues from: None for a fresh start, else load_for_resume's payload.
 
-    trainer.resume=auto, for sweeps that are continued or requeued, resumes where `run_dir` holds a step checkpoint
-    and starts fresh where it does not (a job that never started, or stopped before its first checkpoint); a run
+    trainer.resume=auto, for sweeps that are continued or requeued, resumes where `run_dir` holds a checkpoint
+    (step_*.pt, or last.pt alone) and starts fresh where it holds none (a job that never started, or stopped before its first checkpoint); a run
     that has already made trainer.steps updates raises RunFinished."""
     resume = cfg.trainer.resume
     if resume == "auto":

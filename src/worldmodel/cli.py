@@ -130,7 +130,7 @@ class PreflightChecks(Callback):
                     "changed. Add trainer.resume=true to continue that run, or choose a new directory (drop the "
                     "hydra.run.dir override)."
                 )
-            elif logs and not auto:  # auto starts such a run over (train.py's Logger hides what it logged)
+            elif logs and not auto:  # auto starts such a run over (train.py's Logger removes what it logged)
                 raise WorldModelError(
                     f"hydra.run.dir={run_dir} already holds another run's TensorBoard logs ({logs[-1].name}), and no "
                     "checkpoint to resume from; nothing was changed. Choose a new directory (drop the hydra.run.dir "

@@ -95,7 +95,8 @@ def make_env(
     num_envs: int = 1,
     vectorization_mode: str | None = None,
 ) -> gym.Env | gym.vector.VectorEnv:
-    """Builds `id` with its action space seeded, so random policies are reproducible.
+    """Builds `id` with env.action_space seeded, for code that samples it directly (RandomPolicy seeds a copy of its
+    own).
 
     With num_envs > 1 it builds a gymnasium vector env: by default the env's own batched implementation where it
     has one (`vector_entry_point`, e.g. CartPole steps all envs in one numpy call), else `sync` (one process);

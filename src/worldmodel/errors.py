@@ -14,7 +14,7 @@ class ConfigError(WorldModelError, ValueError):
 
 
 class NotEnoughDataError(WorldModelError, ValueError):
-    """Raised by ReplayBuffer.sample when fewer steps are stored than one sequence needs."""
+    """Raised by ReplayBuffer.sample, draw and sequences when no stream (one per env) holds one sequence."""
 
 
 class RunInterrupted(Exception):

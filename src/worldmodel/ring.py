@@ -88,7 +88,7 @@ class RingBuffer:
         # Allocated once and only ever written in place: a recorded CUDA graph's gather (cuda_graph.py) reads them by
         # address, and the columns below are views of them.
         self.tables = {dt: torch.zeros(self.capacity, w, dtype=dt, device=self.device) for dt, w in widths.items()}
-        self.columns = {name: self.unpack(name, self.tables) for name in self.schema}  # views into the tables
+        self.columns = {name: self.unpack(name, self.tables) for name in self.schema}
         self._packing = {dt: [name for name in self.schema if self.slots[name][0] == dt] for dt in self.tables}
         # On the host, numpy views of the same memory: a small slice write through numpy costs ~1 µs, through torch ~5.
         self._host = {name: col.numpy() for name, col in self.columns.items()
@@ -99,10 +99,6 @@ class RingBuffer:
     # ---- shape of the contents ---------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.sizes.sum())
-
-    @property
-    def size(self) -> int:
-        return len(self)
 
     @property
     def ptr(self) -> int:

@@ -1,4 +1,4 @@
-"""Seeding and device choice: the two things every entry point does before building anything."""
+"""Seeding, device choice, RNG state for checkpoints and stop signals: what every entry point needs first."""
 
 from __future__ import annotations
 

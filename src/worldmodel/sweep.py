@@ -69,7 +69,7 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     if sweeper != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
         return None
     # Unresolved, as the sweeper reads them: resolving `${...}` here would resolve it against this config, not the
-    # job's, and cache the value (a requeued job's trainer.resume, a ${now:} stamp) for every job copied from it.
+    # job's, and cache the value (a ${now:} stamp) for every job copied from it.
     params = OmegaConf.select(config, "hydra.sweeper.params")
     params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)

@@ -66,7 +66,7 @@ class Trainer:
         eval_figure: bool = True,
         checkpoint_every: int = 1000,
         keep_checkpoints: int = 3,
-        resume: bool = False,  # read by scripts/train.py, which loads the state to resume from
+        resume: bool | str = False,  # so that instantiate(cfg.trainer) takes trainer.resume; train.py acts on it
         device: str | torch.device = "cpu",
         progress: bool = True,
         compile: bool = False,
@@ -80,7 +80,6 @@ class Trainer:
         self.val_steps, self.eval_every, self.log_every = int(val_steps), int(eval_every), int(log_every)
         self.eval_context, self.eval_horizon, self.eval_figure = int(eval_context), int(eval_horizon), eval_figure
         self.checkpoint_every, self.keep_checkpoints = int(checkpoint_every), int(keep_checkpoints)
-        self.resume = bool(resume)
         self.device = torch.device(device)
         self.progress = progress
         self.compile, self.compile_mode, self.precision = bool(compile), str(compile_mode), str(precision)
@@ -254,7 +253,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: WorldModel, val_buffer: ReplayBuffer) -> dict[str, float]:
-        """val/*: mean loss terms over every held-out transition, in fixed windows so numbers compare across steps;
+        """val/*: mean loss terms over the held-out transitions in fixed windows of seq_len (a stream's shorter tail is
+        left out), so numbers compare across steps;
         eval/*: open-loop prediction error per horizon next to the copy-last baseline (see evaluation.py)."""
         model.eval()
         names = ("loss", *model.loss_terms)
@@ -364,7 +364,7 @@ class Trainer:
         }
 
     def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
-        check_steps_cover(payload, self.steps)  # scripts/train.py checked this before Hydra wrote; here for API use
+        check_steps_cover(payload, self.steps)  # cli.PreflightChecks and train.py checked it already; here for API use
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         collector.buffer.load_state_dict(payload["buffer"])

@@ -52,7 +52,7 @@ class GRUWorldModel(WorldModel):
         return torch.cat([self.encoder(obs_n), action_n], dim=-1)
 
     def _heads(self, h: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalized predictions from the recurrent state and the current input (works on [B, ...] or [B, T, ...])."""
+        """Normalized predictions from the recurrent state and the current input (any leading dims: [B, ...], [T, B, ...])."""
         heads = (self.next_obs_head, self.reward_head, self.terminated_head)
         if self.head_layers == 1:
             # Linear heads as one matmul per input: three heads would each send a gradient back into h and x, and
