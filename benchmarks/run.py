@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, how
 import torch  # noqa: E402
 
 from common import print_table, table_line, write_json  # noqa: E402
+from worldmodel.errors import ConfigError  # noqa: E402
+from worldmodel.runtime import resolve_device  # noqa: E402
 
 BENCHES = ("sampling", "collection", "updates", "time-to-quality")
 
@@ -42,11 +44,9 @@ def main(only: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     try:  # a wrong device is refused here, not after the CPU rows have run
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        parser.error(f"--device {args.device}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+        args.device = str(resolve_device(args.device, key="--device"))  # auto -> cuda or cpu
+    except ConfigError as err:
+        parser.error(str(err))
 
     import bench_collection
     import bench_sampling

@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> dict:
         model, payload = load_world_model(cfg.checkpoint, device)
         spec = payload["env_spec"]
         # The dataset goes through the same buffer as training data, so windows follow the same episode rules.
-        episodes = load_dataset(cfg.data, spec["obs_dim"], spec["action_dim"], key="data")
+        episodes = load_dataset(cfg.data, spec["obs_dim"], spec["action_dim"], key="data", discrete=spec["discrete"])
         buffer = ReplayBuffer(int(episodes["lengths"].sum()), spec["obs_dim"], spec["action_dim"], device=device)
         episodes_to_buffer(buffer, episodes)
         result = open_loop(model, buffer, cfg.context, cfg.horizon, max_windows=cfg.max_windows)

@@ -193,7 +193,8 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
     groups, swept, fixed = group_jobs(done)
     # A value shared by the jobs shown is not "fixed" if the jobs left out (logged or not) had others.
     every = [j.overrides for j in jobs] + [read_overrides(d)[0] for d in unlogged]
-    fixed = {k: v for k, v in fixed.items() if len({o.get(k, "<default>") for o in every}) == 1}
+    varied = [k for k in fixed if len({o.get(k, "<default>") for o in every}) > 1]
+    fixed, swept = {k: v for k, v in fixed.items() if k not in varied}, swept + varied  # shown as columns instead
     groups.sort(key=lambda g: mean_std(g.values(metric))[0])
     tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})
     return groups, swept, fixed, tags

@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float:
         # A resumed run's buffer comes whole from its checkpoint: its dataset file is not read again (it may have moved).
         dataset = None if resume_from else cfg.buffer.dataset
         buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed,
-                             dataset=dataset)  # fmt: skip
+                             dataset=dataset, discrete_actions=spec.discrete)  # fmt: skip
         model = instantiate(cfg.model, **dims)
         trainer = instantiate(cfg.trainer, device=device, resume=resume_from is not None)
 

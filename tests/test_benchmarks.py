@@ -468,9 +468,10 @@ def test_run_main_refuses_a_device_it_cannot_use(monkeypatch, capsys):
     import run
 
     monkeypatch.setattr(bench_collection, "rows", lambda *a, **k: pytest.fail("a benchmark ran"))
-    devices = ["nope"] + ([] if torch.cuda.is_available() else ["cuda"])
+    devices = ["nope", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    devices += [] if torch.backends.mps.is_available() else ["mps"]
     for device in devices:
         monkeypatch.setattr(sys, "argv", ["run.py", "--device", device, "--only", "collection"])
         with pytest.raises(SystemExit) as exit_info:
             run.main()
-        assert exit_info.value.code == 2 and f"--device {device}" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"--device={device}" in capsys.readouterr().err

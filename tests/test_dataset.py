@@ -171,3 +171,15 @@ def test_dataset_capacity_boundary(tmp_path, streams, fits, too_small, need):
             ReplayBuffer(capacity, 1, 1, dataset=path, streams=streams)
         message = str(err.value)
         assert f"buffer.capacity={capacity}" in message and f"at least {need}" in message and str(path) in message
+
+
+def test_a_dataset_of_the_other_kind_of_actions_is_refused(tmp_path):
+    """A Discrete env's action indices are integers; read for a Box env of the same width, index 0 passed as a 1-wide
+    action vector (and other indices failed as 'outside 0..0'). Given the env's kind, the mismatch is named."""
+    for env_id, discrete in (("CartPole-v1", True), ("Pendulum-v1", False)):
+        spec, data = record(env_id, 2)
+        path = tmp_path / f"{env_id}.npz"
+        np.savez(path, **data)
+        load_dataset(path, spec.obs_dim, spec.action_dim, discrete=discrete)  # its own kind
+        with pytest.raises(DatasetError, match=f"{'Box' if discrete else 'Discrete'} actions: it was recorded from"):
+            ReplayBuffer(1000, spec.obs_dim, spec.action_dim, dataset=path, discrete_actions=not discrete)

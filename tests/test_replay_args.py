@@ -38,6 +38,10 @@ def test_reversed_views_are_written_as_numpy_reads_them(obs_dtype):
                terminated=np.zeros(4, bool)[::-1], truncated=np.zeros(4, bool))  # fmt: skip
     np.testing.assert_array_equal(buf[-4:]["obs"], obs)
     np.testing.assert_array_equal(buf[-4:]["reward"], [3, 2, 1, 0])
+    one = np.cumsum(reward[:1][::-1])[::-1]  # a one-step episode's: numpy calls it contiguous, its stride is negative
+    buf.update([-1], reward=one)
+    buf.add(obs=obs[:1][::-1][0], action=[0.0], reward=one[0], next_obs=obs[0], terminated=False, truncated=False)
+    assert buf[-2:]["reward"].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from conftest import REPO, TINY, hparams_experiment, run_train, scalars, train_env
+from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger, flatten_config
 from worldmodel.sweep import job_dirname
 
@@ -127,6 +128,34 @@ def test_log_hparams_writes_into_the_runs_own_event_file(tmp_path):
     assert scalars(tmp_path)["hparams/val/obs"] == [(10, 0.25)]
 
 
+def test_pruning_leaves_no_file_tensorboard_would_read_twice(tmp_path, monkeypatch):
+    """A kill while a resumed run rewrites an event file leaves its temporary file behind: its name holds no
+    "tfevents" (TensorBoard reads any such file, and would show every point twice), and the next prune removes it.
+    A file with nothing to drop is not rewritten."""
+    from worldmodel import logger as logger_module
+
+    with Logger(tmp_path) as logger:
+        for step in range(0, 50, 10):
+            logger.log({"val/loss": float(step)}, step=step)
+    event_file = next(tmp_path.glob("events.out.tfevents.*"))
+    untouched = event_file.stat().st_mtime_ns
+    logger_module.prune_events(tmp_path, 100)
+    assert event_file.stat().st_mtime_ns == untouched
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logger_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger_module.prune_events(tmp_path, 21)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir() if "tfevents" in p.name] == [event_file.name]
+    (tmp_path / f".pruning-{event_file.name.removeprefix('events.out.tfevents.')}.tmp").write_bytes(b"left by a kill")
+    logger_module.prune_events(tmp_path, 21)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [event_file.name]
+    assert [step for step, _ in scalars(tmp_path)["val/loss"]] == [0, 10, 20]
+
+
 def test_the_hparams_tab_shows_every_jobs_keys_and_metrics(tmp_path):
     """Jobs of one sweep may differ in their config keys and loss terms (model=gru,rssm): the table holds all of them,
     not the first job's alone."""
@@ -203,7 +232,8 @@ def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_jo
     """Three jobs of a sweep over trainer.lr: one finished, one diverged (no hparams/* summary), one failed before its
     logger started (a config, no event file). The table holds the first; the other two are named on stderr; and lr
     (varied by the diverged job) and latent_dim (by the job that failed before logging), though the one job shown has
-    a single value of each, are not reported as fixed."""
+    a single value of each, are not reported as fixed but shown as columns (an Optuna study whose one trial with another
+batch size failed lost the key from both the table and the CSV)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         from summarize import summarize as summarize_dir
@@ -221,7 +251,8 @@ def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_jo
                     logger.log_hparams({"seed": 0}, {"val/loss": 0.5}, step=10)
     groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
     err = capsys.readouterr().err
-    assert [len(g.jobs) for g in groups] == [1] and swept == [] and fixed == {"trainer.seq_len": "8"}
+    assert [len(g.jobs) for g in groups] == [1] and fixed == {"trainer.seq_len": "8"}
+    assert sorted(swept) == ["model.latent_dim", "trainer.lr"]  # columns, so the shown job's values are in the table
     assert "1_trainer.lr-1e6 did not finish" in err and "2_trainer.lr-0.01 has a config but no TensorBoard logs" in err
 
 
@@ -511,3 +542,55 @@ def test_a_sweep_continues_with_trainer_resume_auto_however_written(override):
         for given, expected in ((override, True), ("trainer.resume=true", False), (None, False)):
             cfg = compose("config", overrides=["seed=0", *([given] if given else [])], return_hydra_config=True)
             assert continues_sweep(cfg) == expected, given
+
+
+def test_a_value_every_optuna_trial_shares_is_refused_before_the_first(tmp_path):
+    """Optuna draws each trial's values as it starts, so its jobs cannot be checked as a grid's are; but a bad value
+    outside the search space would fail every trial in turn. It is refused before any, and no directory is made. A
+    value that is only bad with some of the searched ones (prefill 20 is too small for seq_len 32) is left to them."""
+    need("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    proc = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.grad_clip=-1",
+                      *SWEEP_TINY, f"hydra.sweep.dir={sweep}"], check=False)  # fmt: skip
+    assert proc.returncode == 2 and "trainer.grad_clip" in proc.stderr and "No job was started" in proc.stderr
+    assert not sweep.exists()
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from worldmodel.cli import check_sweep_jobs
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna", "trainer.prefill=10"], return_hydra_config=True)
+        check_sweep_jobs(cfg)  # "at least ... trainer.seq_len=16": seq_len is searched, so this is left to the trials
+        cfg = compose("config", overrides=["hparams_search=optuna", "trainer.log_every=0"], return_hydra_config=True)
+        with pytest.raises(WorldModelError, match="trainer.log_every.*No job was started"):
+            check_sweep_jobs(cfg)
+
+
+def test_a_stopped_optuna_trial_with_saved_storage_offers_the_trial_alone(tmp_path):
+    """Rerun, a study kept in storage adds n_trials new trials (numbered from job 0 again, so a finished job would
+    count twice) and leaves the stopped one RUNNING: the sweep command with trainer.resume=auto is not offered; the
+    trial's own training is, as a single run that resumes it."""
+    import signal
+    import time
+
+    from conftest import start_train
+    from worldmodel.checkpoint import step_checkpoints
+
+    need("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    longer = [o for o in SWEEP_TINY if not o.startswith("trainer.steps=")] + ["trainer.steps=1000"]
+    proc = start_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *longer, f"hydra.sweep.dir={sweep}",
+                        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}"])  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (sweep.is_dir() and any(step_checkpoints(job) for job in job_dirs(sweep))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Continue the sweep with" not in err and "keeps the trial as RUNNING" in err, err
+    command = shlex.split(err.split("Continue this trial's training alone with:")[1].splitlines()[1])
+    [job] = job_dirs(sweep)
+    assert f"hydra.run.dir={job}" in command and "trainer.resume=true" in command and "-m" not in command
+    run_train(command[2:], env_vars=ONE_THREAD)
+    assert step_checkpoints(job)[-1][0] == 1000

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra.utils
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -60,7 +61,18 @@ def user_errors(job: bool = True, callback: bool = False):
         sys.exit(2)
     except RunInterrupted as stop:
         sweep = _sweep_job() if job else None
-        if sweep is not None and launcher_class(sweep) in ARGV_LAUNCHERS:
+        storage = OmegaConf.select(sweep, "sweeper.storage") if sweep is not None else None
+        if storage is not None and stop.checkpoint is not None:
+            # An Optuna study kept in storage: rerun, the sweeper reloads it and adds n_trials new trials (numbered
+            # from job 0 again, so finished jobs would be counted twice) and this trial stays RUNNING in it. So only
+            # this trial's training is offered, as a single run.
+            print(f"Stopped by signal {stop.signum} after update {stop.step} of this trial ({stop.checkpoint}); the "
+                  f"study in {storage} keeps the trial as RUNNING, and its later trials did not start. Continue this "
+                  f"trial's training alone with:\n  {resume_command(Path(stop.checkpoint).parent.parent)}\nA rerun of "
+                  "the sweep command adds hydra.sweeper.n_trials new trials to the study (give it another "
+                  "hydra.sweeper.sampler.seed and hydra.sweep.dir).", file=sys.stderr)  # fmt: skip
+            sys.exit(128 + stop.signum)
+        if sweep is not None and storage is None and launcher_class(sweep) in ARGV_LAUNCHERS:
             # A local sweep runs in this process (or in workers given its command line), so ending the process ends
             # the sweep: the jobs after this one never start. The sweep's own command line, with
             # trainer.resume=auto, continues this job and runs the others. (A SLURM job's process is submitit's.)
@@ -206,15 +218,34 @@ def task_config(config: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
 
 
+def _check_shared_values(config: DictConfig, here: bool) -> None:
+    """A sweeper that draws each job's values as the job starts (Optuna): the values every job shares are checked
+    before the first, since each job would fail on them in turn (20 failed trials, or SLURM jobs). An error that
+    involves a searched key is left to the trials: some of its values may be fine."""
+    searched = {str(k) for k in OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}}
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    with contextlib.suppress(HydraException):
+        searched |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    try:
+        validate_config(task_config(config), here=here)
+    except WorldModelError as err:
+        if getattr(err, "key", None) in searched or any(key in str(err) for key in searched):
+            return
+        raise WorldModelError(f"every job of this sweep shares this value: {err} No job was started.") from None
+
+
 def check_sweep_jobs(config: DictConfig) -> None:
     """Validates every job of a basic sweep, so that a bad value in the grid stops the sweep before its first job
     rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
     against this machine only when the jobs run here."""
     loader, here = GlobalHydra.instance().config_loader(), jobs_run_here(config)
     try:
-        jobs = sweep_jobs(config) or []
+        jobs = sweep_jobs(config)
     except HydraException:
         return  # a grid this sweeper cannot expand: it says so itself
+    if jobs is None:
+        _check_shared_values(config, here)
+        return
     for num, overrides in enumerate(jobs):
         try:
             job = loader.load_sweep_config(config, overrides)

@@ -83,8 +83,11 @@ def require_dataset(path: str | Path, key: str = "buffer.dataset") -> Path:
     return path
 
 
-def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset") -> dict[str, np.ndarray]:
-    """Reads and checks a dataset file against the env's dimensions; every problem names the file and the key."""
+def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset",
+                 discrete: bool | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Reads and checks a dataset file against the env's dimensions (and, given `discrete`, the kind of its actions:
+    action index 0 of a Discrete env would otherwise pass as a 1-wide Box action); every problem names the file and
+    the key."""
     path = require_dataset(path, key)
     where = f"{key}={path}"
     try:
@@ -107,6 +110,10 @@ def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "bu
     expect("obs", obs.ndim == 3 and obs.shape[1] >= 2, f"[N, T+1, {obs_dim}] floats")
     n, t = obs.shape[0], obs.shape[1] - 1
     expect("obs", obs.shape[2] == obs_dim, f"[N, T+1, {obs_dim}]: obs_dim {obs_dim} is the env's observation size")
+    if discrete is not None and discrete != np.issubdtype(actions.dtype, np.integer):
+        kinds = ("action vectors (a Box env's)", "integer action indices (a Discrete env's)")
+        raise DatasetError(f"Dataset {where} holds {kinds[not discrete]}, but this env has "
+                           f"{'Discrete' if discrete else 'Box'} actions: it was recorded from another env.")  # fmt: skip
     discrete = np.issubdtype(actions.dtype, np.integer)
     if discrete:
         ok = actions.shape in ((n, t), (n, t, 1))

@@ -24,24 +24,37 @@ RUN_TAGS = ("config/", "_hparams_/", HPARAMS_PREFIX)
 
 
 def prune_events(log_dir: str | Path, before_step: int) -> None:
-    """Rewrites every event file in `log_dir` (not its subdirectories) without the events at step >= before_step and
-    without RUN_TAGS, each file through a temporary one that replaces it whole.
+    """Rewrites every event file in `log_dir` (not its subdirectories) that holds events at step >= before_step or
+    RUN_TAGS, without them, each through a temporary file that replaces it whole.
 
     A resumed run's SummaryWriter(purge_step=...) also writes a marker that hides those steps, but only TensorBoard's
     Python loader reads it; the default (Rust) loader shows the killed attempt's points next to the resumed run's.
-    Removing them from the files works with every reader. A record cut off by a kill is dropped too."""
-    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for record in RawEventFileLoader(str(path)).Load():
-                event = Event.FromString(record)
-                stale = event.step >= before_step or any(v.tag.startswith(RUN_TAGS) for v in event.summary.value)
-                if not (event.HasField("summary") and stale):  # the file's version record and markers are kept
+    Removing them from the files works with every reader. The temporary file's name holds no "tfevents", which
+    TensorBoard would read as another event file if a kill left it behind (the next prune removes it)."""
+    log_dir = Path(log_dir)
+    for stale_tmp in log_dir.glob(".pruning-*.tmp"):
+        stale_tmp.unlink()
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())  # a record cut off by a kill is not returned
+        kept = []
+        for record in records:
+            event = Event.FromString(record)
+            stale = event.step >= before_step or any(v.tag.startswith(RUN_TAGS) for v in event.summary.value)
+            if not (event.HasField("summary") and stale):  # the file's version record and markers are kept
+                kept.append(record)
+        if len(kept) == len(records):
+            continue
+        tmp = log_dir / f".pruning-{path.name.removeprefix('events.out.tfevents.')}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
                     writer.write(record)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int | float | str]:

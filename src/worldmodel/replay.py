@@ -97,6 +97,7 @@ class ReplayBuffer:
         streams: int = 1,
         obs_dtype: str = "float32",
         batch_device: str | torch.device | None = None,
+        discrete_actions: bool | None = None,
     ):
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         batch_device = None if batch_device is None else torch.device(batch_device)
@@ -120,8 +121,8 @@ class ReplayBuffer:
         # Host storage feeding a CUDA model: gather into page-locked memory so the copy to the GPU is asynchronous.
         self._pin = self.device.type == "cpu" and self.batch_device.type == "cuda"
         self.rng = np.random.default_rng(seed)
-        if dataset:
-            self._load_dataset(dataset, int(capacity))
+        if dataset:  # discrete_actions: the env's kind of actions, checked against the dataset's
+            self._load_dataset(dataset, int(capacity), discrete_actions)
 
     # ---- create -------------------------------------------------------------------------------------------------
     def add(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:
@@ -287,10 +288,10 @@ class ReplayBuffer:
         sizes = self.ring.sizes
         return list(zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()))
 
-    def _load_dataset(self, path: str | Path, asked: int) -> None:
+    def _load_dataset(self, path: str | Path, asked: int, discrete: bool | None) -> None:
         from worldmodel.dataset import episodes_to_buffer, load_dataset  # dataset.py builds on this module
 
-        episodes = load_dataset(path, self.obs_dim, self.action_dim)
+        episodes = load_dataset(path, self.obs_dim, self.action_dim, discrete=discrete)
         # Episodes are dealt to the streams in turn, so each stream holds whole episodes.
         per_stream = [int(episodes["lengths"][k :: self.streams].sum()) for k in range(self.streams)]
         if max(per_stream) > self.ring.stream_capacity:

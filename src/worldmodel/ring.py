@@ -58,12 +58,14 @@ def host_array(value, dtype=None) -> np.ndarray:
     """`value` (numpy, torch on any device, list or scalar) as a numpy array of `dtype` that torch can take: numpy has
     no bfloat16 (converted through float32), and torch refuses negative strides (a reversed view, such as reward-to-go
     computed as cumsum(r[::-1])[::-1]), which are copied."""
-    # Per-step writes call this for every column: the common cases are tested first (torch.Tensor's isinstance is slow).
-    if not isinstance(value, np.ndarray) and isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.float() if value.dtype == torch.bfloat16 else value
-    array = np.asarray(value, dtype=dtype)
-    return array if array.flags.c_contiguous or min(array.strides, default=0) >= 0 else array.copy()
+    # Per-step writes call this for every column, so the common cases come first (torch.Tensor's isinstance is slow).
+    if type(value) is not np.ndarray:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = value.float() if value.dtype == torch.bfloat16 else value
+        return np.asarray(value, dtype=dtype)  # a new array, or a tensor's memory: no negative strides
+    array = value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    return array.copy() if min(array.strides, default=0) < 0 else array  # (a 1-row reversed view is "contiguous")
 
 
 class RingBuffer:
@@ -117,7 +119,9 @@ class RingBuffer:
     # ---- writes -------------------------------------------------------------------------------------------------
     def append(self, stream: int = 0, **row) -> None:
         """Writes one row to `stream`, overwriting its oldest when full."""
-        self._extend(stream, {k: host_array(v)[None] for k, v in row.items()}, "append")
+        # Only a leading axis here (a tensor keeps its own): _extend converts every column once.
+        self._extend(stream, {k: v[None] if hasattr(v, "ndim") else np.asarray(v)[None] for k, v in row.items()},
+                     "append")  # fmt: skip
 
     def extend(self, stream: int = 0, **rows) -> None:
         """Writes n consecutive rows (leading axis) to `stream` with one indexed write per column."""
@@ -125,11 +129,12 @@ class RingBuffer:
 
     def _extend(self, stream: int, rows: Mapping, what: str) -> None:
         self._check_names(rows, complete=True)
-        lengths = {name: len(v) if np.ndim(v) else None for name, v in rows.items()}
-        if None in lengths.values():
-            scalars = [name for name, n in lengths.items() if n is None]
+        try:
+            lengths = {name: len(v) for name, v in rows.items()}
+        except TypeError:  # len() of a number or a 0-d array
+            scalars = [name for name, v in rows.items() if not np.ndim(v)]
             raise ValueError(f"{what}: {scalars} are single values; extend takes rows along a leading axis (one row: "
-                             "append / ReplayBuffer.add); nothing was written")  # fmt: skip
+                             "append / ReplayBuffer.add); nothing was written") from None  # fmt: skip
         n = next(iter(lengths.values()))
         if any(length != n for length in lengths.values()):
             raise ValueError(f"{what}: columns have different lengths {lengths}; nothing was written")
