@@ -494,26 +494,35 @@ def test_submitit_local_sweep_and_a_requeued_job_resumes(tmp_path):
     assert len(list(jobs[1].glob("events.out.tfevents.*"))) == 2  # both attempts' files are kept, nothing deleted
 
 
-def test_a_stopped_local_sweep_continues_with_the_command_it_prints(tmp_path):
-    """Ctrl-C in job 0 of a local -m sweep ends the sweep (job 1 never starts). The command it prints, the sweep's
-    own with trainer.resume=auto, resumes job 0 from its checkpoint and runs job 1; run once more, it finds both
-    finished and changes no checkpoint."""
+def stopped_in_its_first_job(args: list[str], sweep) -> tuple[int, str]:
+    """Starts `train.py -m ARGS` (1000 updates a job), sends SIGINT once a job of `sweep` holds a checkpoint, and
+    returns the exit code and stderr."""
     import signal
     import time
 
     from conftest import start_train
     from worldmodel.checkpoint import step_checkpoints
 
-    sweep = tmp_path / "sweep"
     longer = [o for o in SWEEP_TINY if not o.startswith("trainer.steps=")] + ["trainer.steps=1000"]
-    proc = start_train(["-m", "seed=0,1", *longer, f"hydra.sweep.dir={sweep}"])
+    proc = start_train(["-m", *args, *longer, f"hydra.sweep.dir={sweep}"])
     deadline = time.monotonic() + 120
     while not (sweep.is_dir() and any(step_checkpoints(job) for job in job_dirs(sweep))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Continue the sweep with:" in err and "Traceback" not in err, err
+    return proc.returncode, err
+
+
+def test_a_stopped_local_sweep_continues_with_the_command_it_prints(tmp_path):
+    """Ctrl-C in job 0 of a local -m sweep ends the sweep (job 1 never starts). The command it prints, the sweep's
+    own with trainer.resume=auto, resumes job 0 from its checkpoint and runs job 1; run once more, it finds both
+    finished and changes no checkpoint."""
+    from worldmodel.checkpoint import step_checkpoints
+
+    sweep = tmp_path / "sweep"
+    returncode, err = stopped_in_its_first_job(["seed=0,1"], sweep)
+    assert returncode == 130 and "Continue the sweep with:" in err and "Traceback" not in err, err
     assert len(job_dirs(sweep)) == 1  # job 1 did not start
     stopped_at = step_checkpoints(job_dirs(sweep)[0])[-1][0]
     assert stopped_at < 1000
@@ -571,24 +580,13 @@ def test_a_stopped_optuna_trial_with_saved_storage_offers_the_trial_alone(tmp_pa
     """Rerun, a study kept in storage adds n_trials new trials (numbered from job 0 again, so a finished job would
     count twice) and leaves the stopped one RUNNING: the sweep command with trainer.resume=auto is not offered; the
     trial's own training is, as a single run that resumes it."""
-    import signal
-    import time
-
-    from conftest import start_train
     from worldmodel.checkpoint import step_checkpoints
 
     need("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "study"
-    longer = [o for o in SWEEP_TINY if not o.startswith("trainer.steps=")] + ["trainer.steps=1000"]
-    proc = start_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *longer, f"hydra.sweep.dir={sweep}",
-                        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}"])  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (sweep.is_dir() and any(step_checkpoints(job) for job in job_dirs(sweep))):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Continue the sweep with" not in err and "keeps the trial as RUNNING" in err, err
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'db'}"]
+    returncode, err = stopped_in_its_first_job(args, sweep)
+    assert returncode == 130 and "Continue the sweep with" not in err and "keeps the trial as RUNNING" in err, err
     command = shlex.split(err.split("Continue this trial's training alone with:")[1].splitlines()[1])
     [job] = job_dirs(sweep)
     assert f"hydra.run.dir={job}" in command and "trainer.resume=true" in command and "-m" not in command
