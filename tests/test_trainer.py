@@ -178,7 +178,9 @@ def test_validation_loss_weights_every_window_alike():
 
 def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path):
     """After the prefill, the model's normalizer holds the mean and std of the stored observations, actions, rewards
-    and observation deltas (next_obs - obs), as normalize.py documents."""
+    and observation deltas (next_obs - obs), as normalize.py documents. fit leaves the process's flush-to-zero setting
+    as it found it (left on, it broke hypothesis' float strategies in later tests of the same process)."""
+    torch.set_flush_denormal(False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny run: a second thread only contends for two shared cores
     try:
@@ -193,6 +195,7 @@ def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path):
                           eval_context=2, eval_horizon=3, eval_figure=False, progress=False)  # fmt: skip
         with Logger(tmp_path) as logger:
             trainer.fit(collector, val_collector, model, logger)
+        assert torch.tensor([1e-39]).mul(1.0).item() != 0.0  # subnormals survive: no flush to zero after fit
     finally:
         torch.set_num_threads(threads)
     rows = {k: v.astype(np.float64) for k, v in buffer[:].items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import threading
@@ -71,6 +72,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Subnormal floats flushed to zero inside the block, as it was before after it. Late in training many values
+    become subnormal, which CPUs process ~1.5x slower; flushing them left every loss bit-identical in our runs. The
+    setting is process-wide (it would change, say, hypothesis' float strategies in the same process), and torch has
+    no getter for it: whether a subnormal times one comes out 0 tells."""
+    was = bool(torch.tensor([1e-39]).mul(1.0).item() == 0.0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
 
 
 class StopSignals:

@@ -22,7 +22,7 @@ from worldmodel.logger import Logger
 from worldmodel.models import WorldModel
 from worldmodel.replay import ReplayBuffer
 from worldmodel.rollout import Collector
-from worldmodel.runtime import StopSignals, rng_state, set_rng_state
+from worldmodel.runtime import StopSignals, flush_denormals, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,11 @@ class Trainer:
 
         Returns the final metrics; `val/loss` is the run's objective (lower is better).
         """
-        # Late in training many values become subnormal floats, which CPUs process ~1.5x slower; flushing them to
-        # zero left every loss bit-identical in our runs.
-        torch.set_flush_denormal(True)
         self.terms = ("loss", *model.loss_terms)  # what train/* and val/* report, in this order
         buffer = collector.buffer
         # Watched from here, not only in the loop: a long prefill stopped by Ctrl-C or SLURM ends with a message
         # rather than a traceback (or, for SIGTERM, nothing at all).
-        with StopSignals() as stop:
+        with StopSignals() as stop, flush_denormals():
             val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
             model.to(self.device).train()
             optimizer, update, sample = self.build_update(model, buffer)
