@@ -205,3 +205,16 @@ def test_an_env_that_returns_nan_before_training_is_refused_and_nothing_is_train
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the prefill data holds NaN/inf values (obs: " in proc.stderr and "The env returned them" in proc.stderr
     assert not (run_dir / "checkpoints").exists() and not list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_an_env_option_whose_package_is_missing_is_a_one_paragraph_error(tmp_path):
+    """render_mode=human needs pygame, which gymnasium asks for only at the first reset, after make_env."""
+    try:
+        import pygame  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("pygame is installed: the env would open a window")
+    proc = run_train([*TINY, "+env.kwargs.render_mode=human", f"hydra.run.dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "The env needs a package that is not installed" in proc.stderr and "pygame" in proc.stderr

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import gymnasium as gym
 import hydra.utils
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -46,10 +47,13 @@ def user_errors(job: bool = True, callback: bool = False):
     warning and go on: there the traceback is printed and the script still exits."""
     try:
         yield
-    except (WorldModelError, InstantiationException) as err:
+    except (WorldModelError, InstantiationException, gym.error.DependencyNotInstalled) as err:
         # hydra.utils.instantiate wraps what a constructor raises (make_env's check of the env's spaces, a dataset
         # that does not fit) in its own exception: the user's mistake is the cause.
         mistake = err.__cause__ if isinstance(err, InstantiationException) else err
+        if isinstance(mistake, gym.error.DependencyNotInstalled):  # raised after make_env, e.g. at the first reset
+            mistake = WorldModelError(f"The env needs a package that is not installed ({mistake}). env.id and "
+                                      "env.kwargs decide what it needs (render_mode=human, say, needs pygame).")
         if os.environ.get(DEBUG_ENV) and callback and isinstance(mistake, WorldModelError):
             traceback.print_exc()
             sys.exit(2)
