@@ -222,8 +222,8 @@ def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "overflow encountered in cast"
         overflowed = one_row(ReplayBuffer(10, 2, 1, obs_dtype="float16"), [1e6, 0.0])
     with pytest.raises(WorldModelError, match=r"prefill data holds NaN/inf values \(obs: 1, next_obs: 1\).*float16"):
-        trainer_module.require_finite(overflowed[:], overflowed, "the prefill data")
+        trainer_module.require_finite(overflowed[:], overflowed.obs_dtype, "the prefill data")
     from_env = one_row(ReplayBuffer(10, 2, 1), [0.0, 0.0], reward=float("nan"))
     with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them"):
-        trainer_module.require_finite(from_env[:], from_env, "the prefill data")
-    trainer_module.require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], from_env, "fine")  # float32 holds it
+        trainer_module.require_finite(from_env[:], from_env.obs_dtype, "the prefill data")
+    trainer_module.require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it

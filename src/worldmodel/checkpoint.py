@@ -153,8 +153,8 @@ def resume_payload(run_dir: str | Path, cfg: DictConfig, mmap: bool = False) -> 
     """What scripts/train.py continues from: None for a fresh start, else load_for_resume's payload.
 
     trainer.resume=auto, for sweeps that are continued or requeued, resumes where `run_dir` holds a checkpoint
-    (step_*.pt, or last.pt alone) and starts fresh where it holds none (a job that never started, or stopped before its first checkpoint); a run
-    that has already made trainer.steps updates raises RunFinished."""
+    (step_*.pt, or last.pt alone) and starts fresh where it holds none (a job that never started, or stopped before
+    its first checkpoint); a run that has already made trainer.steps updates raises RunFinished."""
     resume = cfg.trainer.resume
     if resume == "auto":
         if not resume_candidates(run_dir):

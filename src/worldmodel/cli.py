@@ -64,39 +64,41 @@ def user_errors(job: bool = True, callback: bool = False):
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        sweep = _sweep_job() if job else None
-        storage = OmegaConf.select(sweep, "sweeper.storage") if sweep is not None else None
-        if storage is not None and stop.checkpoint is not None:
-            # An Optuna study kept in storage: rerun, the sweeper reloads it and adds n_trials new trials (numbered
-            # from job 0 again, so finished jobs would be counted twice) and this trial stays RUNNING in it. So only
-            # this trial's training is offered, as a single run.
-            print(f"Stopped by signal {stop.signum} after update {stop.step} of this trial ({stop.checkpoint}); the "
-                  f"study in {storage} keeps the trial as RUNNING, and its later trials did not start. Continue this "
-                  f"trial's training alone with:\n  {resume_command(Path(stop.checkpoint).parent.parent)}\nA rerun of "
-                  "the sweep command adds hydra.sweeper.n_trials new trials to the study (give it another "
-                  "hydra.sweeper.sampler.seed and hydra.sweep.dir).", file=sys.stderr)  # fmt: skip
-            sys.exit(128 + stop.signum)
-        if sweep is not None and storage is None and launcher_class(sweep) in ARGV_LAUNCHERS:
-            # A local sweep runs in this process (or in workers given its command line), so ending the process ends
-            # the sweep: the jobs after this one never start. The sweep's own command line, with
-            # trainer.resume=auto, continues this job and runs the others. (A SLURM job's process is submitit's.)
-            skip = ("hydra.sweep.dir=", "trainer.resume=")
-            args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
-            command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={sweep.sweep.dir}",
-                                  "trainer.resume=auto"])  # fmt: skip
-            saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
-            print(f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
-                  f"later jobs did not start.\nContinue the sweep with:\n  {command}", file=sys.stderr)  # fmt: skip
-            sys.exit(128 + stop.signum)
-        if stop.checkpoint is None:  # stopped during the prefill: nothing trained, nothing saved, nothing logged
-            print(f"Stopped by signal {stop.signum} during the prefill, before the first update: there is nothing to "
-                  "resume. Run the same command again to start over (its run directory, if you named it, takes the "
-                  "new run).", file=sys.stderr)  # fmt: skip
-            sys.exit(128 + stop.signum)
-        run_dir = Path(stop.checkpoint).parent.parent
-        print(f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
-              f"Resume with:\n  {resume_command(run_dir)}", file=sys.stderr)  # fmt: skip
+        print(_stopped_message(stop, _sweep_job() if job else None), file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None) -> str:
+    """What to do after a stop by SIGTERM/SIGINT: the command that continues the run, the sweep or the trial.
+    `sweep`: Hydra's own config when this is a job of a -m sweep."""
+    run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
+    storage = OmegaConf.select(sweep, "sweeper.storage") if sweep is not None else None
+    if storage is not None and run_dir is not None:
+        # An Optuna study kept in storage: rerun, the sweeper reloads it and adds n_trials new trials (numbered from
+        # job 0 again, so finished jobs would be counted twice) and this trial stays RUNNING in it. So only this
+        # trial's training is offered, as a single run.
+        return (f"Stopped by signal {stop.signum} after update {stop.step} of this trial ({stop.checkpoint}); the "
+                f"study in {storage} keeps the trial as RUNNING, and its later trials did not start. Continue this "
+                f"trial's training alone with:\n  {resume_command(run_dir)}\nA rerun of the sweep command adds "
+                "hydra.sweeper.n_trials new trials to the study (give it another hydra.sweeper.sampler.seed and "
+                "hydra.sweep.dir).")  # fmt: skip
+    if sweep is not None and storage is None and launcher_class(sweep) in ARGV_LAUNCHERS:
+        # A local sweep runs in this process (or in workers given its command line), so ending the process ends the
+        # sweep: the jobs after this one never start. The sweep's own command line, with trainer.resume=auto,
+        # continues this job and runs the others. (A SLURM job's process is submitit's.)
+        skip = ("hydra.sweep.dir=", "trainer.resume=")
+        args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
+        command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={sweep.sweep.dir}",
+                              "trainer.resume=auto"])  # fmt: skip
+        saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
+        return (f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
+                f"later jobs did not start.\nContinue the sweep with:\n  {command}")  # fmt: skip
+    if run_dir is None:  # stopped during the prefill: nothing trained, nothing saved, nothing logged
+        return (f"Stopped by signal {stop.signum} during the prefill, before the first update: there is nothing to "
+                "resume. Run the same command again to start over (its run directory, if you named it, takes the "
+                "new run).")  # fmt: skip
+    return (f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
+            f"Resume with:\n  {resume_command(run_dir)}")
 
 
 def _sweep_job() -> DictConfig | None:

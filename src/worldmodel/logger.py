@@ -48,14 +48,13 @@ def prune_events(log_dir: str | Path, before_step: int) -> None:
     for stale_tmp in log_dir.glob(".pruning-*.tmp"):
         stale_tmp.unlink()
     for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        records, kept = 0, []
-        for payload, framed in _framed_records(path.read_bytes()):
-            records += 1
+        data, kept = path.read_bytes(), []
+        for payload, framed in _framed_records(data):
             event = Event.FromString(payload)
             stale = event.step >= before_step or any(v.tag.startswith(RUN_TAGS) for v in event.summary.value)
             if not (event.HasField("summary") and stale):  # the file's version record and markers are kept
                 kept.append(framed)
-        if len(kept) == records and path.stat().st_size == sum(map(len, kept)):
+        if sum(map(len, kept)) == len(data):  # nothing dropped, and no record cut off at the end
             continue
         tmp = log_dir / f".pruning-{path.name.removeprefix('events.out.tfevents.')}.tmp"
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+
 def constant(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Which dimensions did not vary: std below 1e-6 of the mean's magnitude (float32 rounding), or below 1e-8."""
     return std <= torch.clamp_min(1e-6 * mean.abs(), 1e-8)

@@ -33,14 +33,14 @@ PREFILL_BLOCK = 10_000  # env steps the prefill collects between looks at the st
 WINDOW_ROWS = 1024  # rows of a log window's values allocated at first (doubled if more updates come between logs)
 
 
-def require_finite(rows: dict, buffer: ReplayBuffer, what: str) -> None:
+def require_finite(rows: dict, obs_dtype: str, what: str) -> None:
     """Refuses NaN/inf in collected rows before anything trains on them: a normalizer fitted on them, and every loss,
     would be NaN, found only as a divergence (or a traceback from the trajectory figure's axis limits)."""
     bad = {name: int((~np.isfinite(values)).sum()) for name, values in rows.items() if values.dtype.kind == "f"}
     bad = {name: count for name, count in bad.items() if count}
     if bad:
         cause = "The env returned them: check it, or wrap it to clip or replace them."
-        if buffer.obs_dtype == "float16" and set(bad) <= {"obs", "next_obs"}:
+        if obs_dtype == "float16" and set(bad) <= {"obs", "next_obs"}:
             cause = ("buffer.obs_dtype=float16 stores observations beyond +-65504 as inf: use float32 or bfloat16 "
                      "(unless the env itself returned them).")  # fmt: skip
         counts = ", ".join(f"{k}: {v}" for k, v in bad.items())
@@ -114,8 +114,9 @@ class Trainer:
                 self._prefill(collector, stop)
                 # Statistics from the prefill data, then frozen: see Normalizer.
                 stored = buffer[:]
-                require_finite(stored, buffer, "the prefill data")
-                require_finite(val_collector.buffer[:], buffer, "the held-out data (trainer.val_steps)")
+                require_finite(stored, buffer.obs_dtype, "the prefill data")
+                val_buffer = val_collector.buffer
+                require_finite(val_buffer[:], val_buffer.obs_dtype, "the held-out data (trainer.val_steps)")
                 model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
                 initial = self.evaluate(model, val_collector.buffer)
                 self._log_eval(logger, initial, model, val_collector.buffer, step=0)
