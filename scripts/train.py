@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float:
         buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed,
                              dataset=dataset, discrete_actions=spec.discrete)  # fmt: skip
         model = instantiate(cfg.model, **dims)
-        trainer = instantiate(cfg.trainer, device=device, resume=resume_from is not None)
+        trainer = instantiate(cfg.trainer, device=device)
 
         # 3. Rollout: random actions fill the training buffer; a separately seeded env gives held-out episodes.
         collector = make_collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)

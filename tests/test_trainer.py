@@ -1,4 +1,5 @@
-"""Trainer's log window: each update's loss terms kept on the device as a row, summed and checked at log time."""
+"""The trainer's log window (loss_window.py): each update's loss terms kept on the device as a row, summed and checked at
+log time; and the trainer's own checks."""
 
 from __future__ import annotations
 
@@ -11,108 +12,104 @@ import pytest
 import torch
 
 from worldmodel import GRUWorldModel, ReplayBuffer, env_spec, make_env
-from worldmodel import trainer as trainer_module
+from worldmodel import loss_window
 from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger
+from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.rollout import RandomPolicy
-from worldmodel.trainer import Trainer
+from worldmodel.trainer import Trainer, require_finite
 from worldmodel.vector import make_collector
 
 TERMS = ("loss", "obs", "reward")
-
-
-def window_trainer(log_every: int = 100) -> Trainer:
-    trainer = Trainer(steps=1000, prefill=0, batch_size=1, seq_len=1, lr=1e-3, log_every=log_every)
-    trainer.terms = TERMS  # set by fit from the model
-    return trainer
 
 
 def values(step: int) -> torch.Tensor:
     return torch.tensor([step, 0.5 * step, 1.0 / step])
 
 
-def accumulate(trainer: Trainer, state: dict, steps: range, bad: dict | None = None) -> None:
+def accumulate(window: LossWindow, steps: range, bad: dict | None = None) -> None:
     """Updates `steps`, with bad[step] = (term index, value) making one term of that update non-finite."""
     for step in steps:
         v = values(step)
         if bad and step in bad:
             v[bad[step][0]] = bad[step][1]
-        trainer._accumulate(state, step, v)
+        window.add(step, v)
 
 
 def test_the_window_means_are_those_of_its_updates_across_a_growing_buffer(monkeypatch):
-    monkeypatch.setattr(trainer_module, "WINDOW_ROWS", 4)  # 11 updates between logs: the rows double twice
-    trainer = window_trainer()
-    state = trainer._fresh_loop_state({})
-    accumulate(trainer, state, range(1, 12))
-    assert len(state["window_values"]) == 16
-    means = trainer._flush_window(state, None)
+    monkeypatch.setattr(loss_window, "ROWS", 4)  # 11 updates between logs: the rows double twice
+    window = LossWindow(TERMS, torch.device("cpu"), log_every=100)
+    accumulate(window, range(1, 12))
+    assert len(window.values) == 16
+    means = window.flush()
     expected = torch.stack([values(s) for s in range(1, 12)]).mean(0).tolist()
     assert list(means) == [f"train/{t}" for t in TERMS]
     assert list(means.values()) == pytest.approx(expected, rel=1e-6)
-    accumulate(trainer, state, range(12, 14))  # the next window starts empty
-    assert trainer._flush_window(state, None)["train/loss"] == pytest.approx(12.5)
+    accumulate(window, range(12, 14))  # the next window starts empty
+    assert window.flush()["train/loss"] == pytest.approx(12.5)
 
 
 @pytest.mark.parametrize("log_every", [3, 100])
 def test_a_divergence_is_reported_at_its_first_update_and_term(log_every):
     """The first non-finite update of the window and, of its terms, those that were non-finite then; later bad
     updates and terms do not change the report."""
-    trainer = window_trainer(log_every)
-    state = trainer._fresh_loop_state({})
-    accumulate(trainer, state, range(20, 26))
-    trainer._flush_window(state, None)  # a finite window: logged and cleared
+    window = LossWindow(TERMS, torch.device("cpu"), log_every)
+    accumulate(window, range(20, 26))
+    window.flush()  # a finite window: logged and cleared
     bad = {29: (2, math.nan), 30: (1, math.inf), 31: (2, -math.inf)}
-    accumulate(trainer, state, range(26, 33), bad)
-    with pytest.raises(WorldModelError, match=r"train/reward became non-finite at update 29;"):
-        trainer._check_finite(state, None)
-    state = trainer._fresh_loop_state({})
-    accumulate(trainer, state, range(1, 5), {3: (1, math.nan)})
-    state["window_values"][2, 0] = math.inf  # two terms bad at the same, first, update
-    with pytest.raises(WorldModelError, match=r"train/loss, train/obs became non-finite at update 3;"):
-        trainer._check_finite(state, None)
+    accumulate(window, range(26, 33), bad)
+    with pytest.raises(Diverged, match=r"train/reward became non-finite at update 29$"):
+        window.check_finite()
+    window = LossWindow(TERMS, torch.device("cpu"), log_every)
+    accumulate(window, range(1, 5), {3: (1, math.nan)})
+    window.values[2, 0] = math.inf  # two terms bad at the same, first, update
+    with pytest.raises(Diverged, match=r"train/loss, train/obs became non-finite at update 3$"):
+        window.check_finite()
+
+
+def restored(saved: dict, step: int) -> LossWindow:
+    window = LossWindow(TERMS, torch.device("cpu"), log_every=100)
+    window.load_state_dict(saved, step)
+    return window
 
 
 def test_a_checkpointed_window_resumes_with_the_same_rows():
     """A checkpoint mid-window saves its rows, so the resumed window sums the same rows in the same order (runs
     resume bit-identical: tests/test_resume.py); a checkpoint from before the rows were saved carries their sum."""
-    trainer = window_trainer()
-    state = trainer._fresh_loop_state({})
-    accumulate(trainer, state, range(1, 8))
-    state["step"] = 7
-    saved = trainer._loop_state_dict(state)
-    accumulate(trainer, state, range(8, 11))
-    expected = trainer._flush_window(state, None)
+    window = LossWindow(TERMS, torch.device("cpu"), log_every=100)
+    accumulate(window, range(1, 8))
+    saved = window.state_dict()
+    accumulate(window, range(8, 11))
+    expected = window.flush()
 
-    resumed = trainer._restore_loop(saved, {})
-    assert resumed["window_start"] == 1 and resumed["window_rows"] == resumed["window_updates"] == 7
-    accumulate(trainer, resumed, range(8, 11))
-    assert trainer._flush_window(resumed, None) == expected  # to the bit
+    resumed = restored(saved, step=7)
+    assert resumed.start == 1 and resumed.rows == resumed.updates == 7
+    accumulate(resumed, range(8, 11))
+    assert resumed.flush() == expected  # to the bit
 
     old = {"step": 7, "window_updates": 7, "window_sums": saved["window_values"].sum(0),
            "first_nonfinite": torch.full((3,), -1)}  # fmt: skip
-    resumed = trainer._restore_loop(old, {})
-    accumulate(trainer, resumed, range(8, 11), {9: (0, math.nan)})
-    with pytest.raises(WorldModelError, match="train/loss became non-finite at update 9;"):
-        trainer._check_finite(resumed, None)
-    resumed = trainer._restore_loop(old, {})
-    accumulate(trainer, resumed, range(8, 11))
-    got = trainer._flush_window(resumed, None)
+    resumed = restored(old, step=7)
+    accumulate(resumed, range(8, 11), {9: (0, math.nan)})
+    with pytest.raises(Diverged, match="train/loss became non-finite at update 9$"):
+        resumed.check_finite()
+    resumed = restored(old, step=7)
+    accumulate(resumed, range(8, 11))
+    got = resumed.flush()
     assert list(got.values()) == pytest.approx(list(expected.values()), rel=1e-6)
 
 
 def test_a_window_restored_from_an_old_checkpoint_counts_once():
     """The sums an old checkpoint carried belong to the window it was saved in: the next log window means its own
     updates only."""
-    trainer = window_trainer()
     old = {"step": 7, "window_updates": 7, "window_sums": torch.stack([values(s) for s in range(1, 8)]).sum(0)}
-    resumed = trainer._restore_loop(old, {})
-    accumulate(trainer, resumed, range(8, 11))
-    first = trainer._flush_window(resumed, None)
+    resumed = restored(old, step=7)
+    accumulate(resumed, range(8, 11))
+    first = resumed.flush()
     expected = torch.stack([values(s) for s in range(1, 11)]).mean(0).tolist()
     assert list(first.values()) == pytest.approx(expected, rel=1e-6)
-    accumulate(trainer, resumed, range(11, 14))
-    second = trainer._flush_window(resumed, None)
+    accumulate(resumed, range(11, 14))
+    second = resumed.flush()
     expected = torch.stack([values(s) for s in range(11, 14)]).mean(0).tolist()
     assert list(second.values()) == pytest.approx(expected, rel=1e-6)
 
@@ -222,8 +219,8 @@ def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "overflow encountered in cast"
         overflowed = one_row(ReplayBuffer(10, 2, 1, obs_dtype="float16"), [1e6, 0.0])
     with pytest.raises(WorldModelError, match=r"prefill data holds NaN/inf values \(obs: 1, next_obs: 1\).*float16"):
-        trainer_module.require_finite(overflowed[:], overflowed.obs_dtype, "the prefill data")
+        require_finite(overflowed[:], overflowed.obs_dtype, "the prefill data")
     from_env = one_row(ReplayBuffer(10, 2, 1), [0.0, 0.0], reward=float("nan"))
     with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them"):
-        trainer_module.require_finite(from_env[:], from_env.obs_dtype, "the prefill data")
-    trainer_module.require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it
+        require_finite(from_env[:], from_env.obs_dtype, "the prefill data")
+    require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import ConfigError, RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
 from worldmodel.logger import Logger
+from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.models import WorldModel
 from worldmodel.replay import ReplayBuffer
 from worldmodel.rollout import Collector
@@ -30,7 +32,6 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]  # they record CUDA graphs of their own: not inside trainer.cuda_graph's
 PREFILL_BLOCK = 10_000  # env steps the prefill collects between looks at the stop flag (well under a second here)
-WINDOW_ROWS = 1024  # rows of a log window's values allocated at first (doubled if more updates come between logs)
 
 
 def require_finite(rows: dict, obs_dtype: str, what: str) -> None:
@@ -66,7 +67,7 @@ class Trainer:
         eval_figure: bool = True,
         checkpoint_every: int = 1000,
         keep_checkpoints: int = 3,
-        resume: bool | str = False,  # so that instantiate(cfg.trainer) takes trainer.resume; train.py acts on it
+        resume: bool | str = False,  # trainer.resume, which instantiate(cfg.trainer) passes: train.py acts on it
         device: str | torch.device = "cpu",
         progress: bool = True,
         compile: bool = False,
@@ -102,76 +103,93 @@ class Trainer:
 
         Returns the final metrics; `val/loss` is the run's objective (lower is better).
         """
-        self.terms = ("loss", *model.loss_terms)  # what train/* and val/* report, in this order
-        buffer = collector.buffer
         # Watched from here, not only in the loop: a long prefill stopped by Ctrl-C or SLURM ends with a message
         # rather than a traceback (or, for SIGTERM, nothing at all).
         with StopSignals() as stop, flush_denormals():
-            val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
-            model.to(self.device).train()
-            optimizer, update, sample = self.build_update(model, buffer)
-            if resume_from is None:
-                self._prefill(collector, stop)
-                # Statistics from the prefill data, then frozen: see Normalizer.
-                stored = buffer[:]
-                require_finite(stored, buffer.obs_dtype, "the prefill data")
-                val_buffer = val_collector.buffer
-                require_finite(val_buffer[:], val_buffer.obs_dtype, "the held-out data (trainer.val_steps)")
-                model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
-                initial = self.evaluate(model, val_collector.buffer)
-                self._log_eval(logger, initial, model, val_collector.buffer, step=0)
-                state = self._fresh_loop_state({"val/loss_initial": initial["val/loss"], **initial})
-            else:
-                state = self._restore(resume_from, collector, model, optimizer)
-                log.info("resumed from %s at update %d", resume_from["path"], state["step"])
-            # A signal from here on is acted on after the next update, which checkpoints.
-            timer = {"updates": 0, "env_steps": 0, "update_s": 0.0, "collect_s": 0.0}
-            bar = tqdm(total=self.steps, initial=state["step"], desc="train", dynamic_ncols=True,
-                       disable=None if self.progress else True)  # fmt: skip
-            for step in range(state["step"] + 1, self.steps + 1):
-                t0 = time.perf_counter()
-                timer["env_steps"] += collector.collect(self.env_steps_per_update).steps
-                t1 = time.perf_counter()
-                values = update(sample(self.batch_size, self.seq_len))
-                timer["update_s"] += time.perf_counter() - t1
-                timer["collect_s"] += t1 - t0
-                timer["updates"] += 1
-                self._accumulate(state, step, values)
-                bar.update(1)
+            try:
+                return self._run(collector, val_collector, model, logger, checkpointer, resume_from, stop)
+            except Diverged as diverged:
+                kept = "no checkpoint is written without trainer's checkpointer"
+                if checkpointer is not None:
+                    found = resume_candidates(checkpointer.run_dir)
+                    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
+                raise WorldModelError(f"{diverged}; {kept}. Lower trainer.lr or trainer.grad_clip, or check the env's "
+                                      "observations for NaN/inf.") from None  # fmt: skip
 
-                if step % self.log_every == 0 or step == self.steps:
-                    t2 = time.perf_counter()
-                    scalars = self._flush_window(state, checkpointer)
-                    # On a GPU, update() only queues kernels; reading the losses back waits for those still queued.
-                    timer["update_s"] += time.perf_counter() - t2
-                    scalars["perf/updates_per_s"] = timer["updates"] / max(timer["update_s"], 1e-9)
-                    if timer["env_steps"]:
-                        scalars["perf/env_steps_per_s"] = timer["env_steps"] / max(timer["collect_s"], 1e-9)
-                    scalars["data/buffer_size"] = len(buffer)
-                    scalars["data/env_steps"] = collector.total_steps
-                    logger.log(scalars, step)
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.4g}")
-                    timer = dict.fromkeys(timer, 0)
-                if step % self.eval_every == 0 or step == self.steps:
-                    val = self.evaluate(model, val_collector.buffer)
-                    bad = [k for k, v in val.items() if not math.isfinite(v)]
-                    if bad:
-                        self._check_finite(state, checkpointer)  # an update of the window may have diverged first
-                        self._diverged(step, ", ".join(bad), checkpointer)
-                    self._log_eval(logger, val, model, val_collector.buffer, step)
-                    log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
-                    state["metrics"].update(val)
-                state["step"] = step
-                final = step == self.steps
-                if checkpointer is not None and (final or stop.signum is not None or step % self.checkpoint_every == 0):
-                    self._check_finite(state, checkpointer)  # never checkpoint a diverged model over a good one
-                    self._check_weights(model, step, checkpointer)
-                    path = checkpointer.save(self._state_dict(state, collector, model, optimizer), step, final)
-                if stop.signum is not None and not final:  # stopped at the last update: the run is finished anyway
-                    bar.close()
-                    raise RunInterrupted(stop.signum, step, path if checkpointer is not None else None)
-            bar.close()
-        return state["metrics"]
+    def _run(self, collector: Collector, val_collector: Collector, model: WorldModel, logger: Logger,
+             checkpointer: Checkpointer | None, resume_from: dict | None, stop: StopSignals) -> dict:  # fmt: skip
+        val_collector.collect(self.val_steps)  # a pure function of its seed: collected again on resume, not saved
+        val_buffer = val_collector.buffer
+        model.to(self.device).train()
+        optimizer, update, sample = self.build_update(model, collector.buffer)
+        if resume_from is None:
+            loop = self._start(collector, val_buffer, model, logger, stop)
+        else:
+            loop = self._restore(resume_from, collector, model, optimizer)
+            log.info("resumed from %s at update %d", resume_from["path"], loop.step)
+        # A signal from here on is acted on after the next update, which checkpoints.
+        timer = Throughput()
+        bar = tqdm(total=self.steps, initial=loop.step, desc="train", dynamic_ncols=True,
+                   disable=None if self.progress else True)  # fmt: skip
+        for step in range(loop.step + 1, self.steps + 1):
+            t0 = time.perf_counter()
+            env_steps = collector.collect(self.env_steps_per_update).steps
+            t1 = time.perf_counter()
+            # sample gives a Batch, or only its rows where a CUDA graph gathers the batch itself (build_update).
+            loop.window.add(step, update(sample(self.batch_size, self.seq_len)))
+            timer.add(env_steps, collect_s=t1 - t0, update_s=time.perf_counter() - t1)
+            bar.update(1)
+            final = step == self.steps
+            if step % self.log_every == 0 or final:
+                scalars = self._log_train(logger, loop, timer, collector, step)
+                bar.set_postfix(loss=f"{scalars['train/loss']:.4g}")
+            if step % self.eval_every == 0 or final:
+                self._validate(logger, loop, model, val_buffer, step)
+            loop.step = step
+            path = None
+            if checkpointer is not None and (final or stop.signum is not None or step % self.checkpoint_every == 0):
+                loop.window.check_finite()  # never checkpoint a diverged model over a good one
+                self._check_weights(model, step)
+                path = checkpointer.save(self._state_dict(loop, collector, model, optimizer), step, final)
+            if stop.signum is not None and not final:  # stopped at the last update: the run is finished anyway
+                bar.close()
+                raise RunInterrupted(stop.signum, step, path)
+        bar.close()
+        return loop.metrics
+
+    def _start(self, collector: Collector, val_buffer: ReplayBuffer, model: WorldModel, logger: Logger,
+               stop: StopSignals) -> Loop:  # fmt: skip
+        """A fresh run: the prefill, the normalizer fitted on it (then frozen: see Normalizer), and the validation
+        at update 0."""
+        self._prefill(collector, stop)
+        buffer = collector.buffer
+        stored = buffer[:]
+        require_finite(stored, buffer.obs_dtype, "the prefill data")
+        require_finite(val_buffer[:], val_buffer.obs_dtype, "the held-out data (trainer.val_steps)")
+        model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+        initial = self.evaluate(model, val_buffer)
+        self._log_eval(logger, initial, model, val_buffer, step=0)
+        return self._loop(model, metrics={"val/loss_initial": initial["val/loss"], **initial})
+
+    def _log_train(self, logger: Logger, loop: Loop, timer: Throughput, collector: Collector, step: int) -> dict:
+        t0 = time.perf_counter()
+        scalars = loop.window.flush()
+        # On a GPU, update() only queues kernels; reading the losses back waits for those still queued.
+        timer.update_s += time.perf_counter() - t0
+        scalars.update(timer.read(), **{"data/buffer_size": len(collector.buffer),
+                                        "data/env_steps": collector.total_steps})  # fmt: skip
+        logger.log(scalars, step)
+        return scalars
+
+    def _validate(self, logger: Logger, loop: Loop, model: WorldModel, val_buffer: ReplayBuffer, step: int) -> None:
+        val = self.evaluate(model, val_buffer)
+        bad = [k for k, v in val.items() if not math.isfinite(v)]
+        if bad:
+            loop.window.check_finite()  # an update of the window may have diverged first
+            raise Diverged(step, ", ".join(bad))
+        self._log_eval(logger, val, model, val_buffer, step)
+        log.info("step %d/%d  val/loss %.4g", step, self.steps, val["val/loss"])
+        loop.metrics.update(val)
 
     def _prefill(self, collector: Collector, stop: StopSignals) -> None:
         """Collects `prefill` env steps in blocks, so a stop signal is noticed within one block; stopped, there is
@@ -280,114 +298,72 @@ class Trainer:
                     self._plot = TrajectoryPlot(model.obs_dim, self.eval_context, self.eval_horizon)
                 logger.log_image("eval/trajectory", self._plot.image(*window), step)
 
-    # ---- the loop's own state: small, explicit, checkpointed ----------------------------------------------------
-    def _fresh_loop_state(self, metrics: dict) -> dict:
-        return {
-            "step": 0,
-            "metrics": metrics,
-            # The window between two logs: each update's [loss, *terms] is copied into a row here, on the device. One
-            # copy per update (one launch on a GPU, and no host sync); the rows are summed and checked at log time and
-            # before each checkpoint, which is also when they are read back.
-            "window_values": torch.empty(min(self.log_every, WINDOW_ROWS), len(self.terms), device=self.device),
-            "window_rows": 0,  # rows filled: updates window_start, window_start + 1, ...
-            "window_start": 0,
-            "window_updates": 0,  # the window's updates: its rows, and those window_sums carries
-            # Sums of the window's updates that have no row: a checkpoint written before window_values existed.
-            "window_sums": torch.zeros(len(self.terms), device=self.device),
-        }
+    def _loop(self, model: WorldModel, metrics: dict) -> Loop:
+        window = LossWindow(("loss", *model.loss_terms), self.device, self.log_every)
+        return Loop(step=0, metrics=metrics, window=window)
 
-    def _accumulate(self, state: dict, step: int, values: torch.Tensor) -> None:
-        rows = state["window_rows"]
-        if rows == 0:
-            state["window_start"] = step
-        if rows == len(state["window_values"]):  # more updates between logs than rows: twice the rows
-            state["window_values"] = torch.cat([state["window_values"], torch.empty_like(state["window_values"])])
-        state["window_values"][rows] = values
-        state["window_rows"] = rows + 1
-        state["window_updates"] += 1
-
-    def _window(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """On the device: the window's sums per term, and per term the first update whose value was not finite (-1
-        for none), so a divergence is reported at the exact update and term where it began."""
-        rows = state["window_values"][: state["window_rows"]]
-        sums = state["window_sums"] + rows.sum(0)
-        if not len(rows):
-            return sums, torch.full(sums.shape, -1, dtype=torch.long, device=sums.device)
-        steps = torch.arange(state["window_start"], state["window_start"] + len(rows), device=rows.device)
-        bad = ~torch.isfinite(rows)
-        first = torch.where(bad, steps[:, None], torch.iinfo(torch.long).max).amin(0)
-        return sums, torch.where(bad.any(0), first, -1)
-
-    def _flush_window(self, state: dict, checkpointer: Checkpointer | None) -> dict[str, float]:
-        sums = self._check_finite(state, checkpointer)
-        means = (sums / state["window_updates"]).tolist()
-        state["window_rows"] = state["window_updates"] = 0
-        state["window_sums"].zero_()
-        return {f"train/{name}": v for name, v in zip(self.terms, means)}
-
-    def _check_finite(self, state: dict, checkpointer: Checkpointer | None) -> torch.Tensor:
-        """Raises if an update of the window had a non-finite loss term; returns the window's sums."""
-        sums, first = self._window(state)
-        bad = [(s, name) for s, name in zip(first.tolist(), self.terms) if s >= 0]
-        if bad:
-            step = min(s for s, _ in bad)
-            self._diverged(step, ", ".join(f"train/{n}" for s, n in bad if s == step), checkpointer)
-        return sums
-
-    def _check_weights(self, model: WorldModel, step: int, checkpointer: Checkpointer | None) -> None:
+    def _check_weights(self, model: WorldModel, step: int) -> None:
         """The losses of update S are computed before update S changes the weights, so finite losses do not prove
         finite weights: checked here, once per checkpoint (one read-back)."""
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-            self._diverged(step, "the model's weights", checkpointer)
+            raise Diverged(step, "the model's weights")
 
-    def _diverged(self, step: int, terms: str, checkpointer: Checkpointer | None) -> None:
-        kept = "no checkpoint is written without trainer's checkpointer"
-        if checkpointer is not None:
-            found = resume_candidates(checkpointer.run_dir)
-            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
-        raise WorldModelError(
-            f"Training diverged: {terms} became non-finite at update {step}; {kept}. Lower trainer.lr or "
-            "trainer.grad_clip, or check the env's observations for NaN/inf."
-        )
-
-    def _state_dict(self, state: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
+    def _state_dict(self, loop: Loop, collector: Collector, model: WorldModel, optimizer) -> dict:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "buffer": collector.buffer.state_dict(),
             "collector": collector.state_dict(),
             "rng": rng_state(),
-            "metrics": state["metrics"],
-            "loop": self._loop_state_dict(state),
+            "metrics": loop.metrics,
+            "loop": {"step": loop.step, **loop.window.state_dict()},
         }
 
-    def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> dict:
+    def _restore(self, payload: dict, collector: Collector, model: WorldModel, optimizer) -> Loop:
         check_steps_cover(payload, self.steps)  # cli.PreflightChecks and train.py checked it already; here for API use
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         collector.buffer.load_state_dict(payload["buffer"])
         collector.load_state_dict(payload["collector"])
         set_rng_state(payload["rng"])
-        return self._restore_loop(payload["loop"], dict(payload["metrics"]))
+        loop = self._loop(model, dict(payload["metrics"]))
+        loop.step = payload["loop"]["step"]
+        loop.window.load_state_dict(payload["loop"], loop.step)
+        return loop
 
-    def _restore_loop(self, loop: dict, metrics: dict) -> dict:
-        state = self._fresh_loop_state(metrics)
-        state.update({k: loop[k] for k in ("step", "window_updates")})
-        state["window_sums"] = loop["window_sums"].to(self.device)
-        # Checkpoints from before window_values carry their window in window_sums alone. (A checkpoint never holds a
-        # non-finite value: _check_finite runs before every save.)
-        rows = loop.get("window_values", state["window_values"][:0]).to(self.device)
-        state["window_values"] = torch.cat([rows, torch.empty_like(state["window_values"])])
-        state["window_rows"], state["window_start"] = len(rows), state["step"] - len(rows) + 1
-        return state
 
-    def _loop_state_dict(self, state: dict) -> dict:
-        return {
-            **{k: state[k] for k in ("step", "window_sums", "window_updates")},
-            # The rows themselves, so a resumed run sums the same rows in the same order as one that never stopped.
-            "window_values": state["window_values"][: state["window_rows"]].clone(),
-        }
+@dataclass
+class Loop:
+    """What the loop carries from one update to the next, all of it checkpointed."""
 
+    step: int  # updates made
+    metrics: dict  # the latest val/* and eval/* (and val/loss_initial): what fit returns
+    window: LossWindow  # train/* since the last log
+
+
+@dataclass
+class Throughput:
+    """perf/*: updates and env steps per second of their own time (not logging's or evaluation's) since the last log."""
+
+    updates: int = 0
+    env_steps: int = 0
+    update_s: float = 0.0
+    collect_s: float = 0.0
+
+    def add(self, env_steps: int, collect_s: float, update_s: float) -> None:
+        self.updates += 1
+        self.env_steps += env_steps
+        self.collect_s += collect_s
+        self.update_s += update_s
+
+    def read(self) -> dict[str, float]:
+        """The rates since the last read; counting starts again from zero."""
+        scalars = {"perf/updates_per_s": self.updates / max(self.update_s, 1e-9)}
+        if self.env_steps:
+            scalars["perf/env_steps_per_s"] = self.env_steps / max(self.collect_s, 1e-9)
+        self.updates = self.env_steps = 0
+        self.update_s = self.collect_s = 0.0
+        return scalars
 
 def _stored_on(buffer: ReplayBuffer, device: torch.device) -> bool:
     """Whether `buffer`'s ring is on `device` ("cuda" means the current CUDA device, as for the model's .to)."""
