@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from worldmodel.normalize import Normalizer
 
@@ -63,3 +64,37 @@ class WorldModel(nn.Module, ABC):
         self, context_obs: torch.Tensor, actions: torch.Tensor, first: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Open-loop rollout in env units: {"obs": [B, H, D], "reward": [B, H], "terminated_prob": [B, H]}."""
+
+    @abstractmethod
+    def predict(
+        self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced one-step predictions in env units for obs [B, T, D], action [B, T, A]: {"next_obs":
+        [B, T, D], "reward": [B, T], "terminated_prob": [B, T]}. `first` [B, T] marks the rows where an episode
+        starts; None: each sequence is one episode."""
+
+    # ---- for models whose heads predict the normalized change in observation, the reward and the termination ----
+    def _transition_terms(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        """The loss terms of those heads' output `out` for a Batch, in normalized units."""
+        norm = self.normalizer
+        return {
+            "obs": F.mse_loss(out["delta"], norm.normalize("delta", batch.next_obs - batch.obs)),
+            "reward": F.mse_loss(out["reward"], norm.normalize("reward", batch.reward.unsqueeze(-1)).squeeze(-1)),
+            "terminated": F.binary_cross_entropy_with_logits(out["terminated_logit"], batch.terminated.float()),
+        }
+
+    def _in_env_units(self, obs: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Those heads' output for the step after `obs` as predict returns it."""
+        norm = self.normalizer
+        return {
+            "next_obs": obs + norm.denormalize("delta", out["delta"]),
+            "reward": norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1),
+            "terminated_prob": torch.sigmoid(out["terminated_logit"]),
+        }
+
+
+def one_episode_each(obs: torch.Tensor) -> torch.Tensor:
+    """`first` [B, T] for sequences obs [B, T, D] that each start an episode at row 0 and stay in it."""
+    first = torch.zeros(obs.shape[:-1], dtype=torch.bool, device=obs.device)
+    first[..., 0] = True
+    return first

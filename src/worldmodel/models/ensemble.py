@@ -164,7 +164,8 @@ class EnsembleWorldModel(WorldModel):
 
     @torch.no_grad()
     def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor | None = None) -> dict:
-        """One-step ensemble-mean predictions in env units for obs [..., D], action [..., A] (`first` is ignored)."""
+        """Ensemble means, for any leading dims obs [..., D], action [..., A]: each step is predicted from its own obs
+        alone, so `first` changes nothing."""
         lead = obs.shape[:-1]
         next_obs, reward, term = self._step(
             obs.reshape(-1, self.obs_dim), self.normalizer.normalize("action", action).reshape(-1, self.action_dim)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodel.models.base import WorldModel, mlp
+from worldmodel.models.base import WorldModel, mlp, one_episode_each
 from worldmodel.models.layers import gru_sequence
 
 
@@ -92,14 +92,8 @@ class GRUWorldModel(WorldModel):
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over every step of a Batch. Each step's target is its own next_obs, never the next row's obs."""
         self.check_fitted()
-        norm = self.normalizer
         out, states, x = self._teacher_forced(batch.obs, batch.action, batch.first)
-        terms = {
-            "obs": F.mse_loss(out["delta"], norm.normalize("delta", batch.next_obs - batch.obs)),
-            "reward": F.mse_loss(out["reward"], norm.normalize("reward", batch.reward.unsqueeze(-1)).squeeze(-1)),
-            "terminated": F.binary_cross_entropy_with_logits(out["terminated_logit"], batch.terminated.float()),
-            "open_loop": self._open_loop_loss(batch, out, states),
-        }
+        terms = {**self._transition_terms(out, batch), "open_loop": self._open_loop_loss(batch, out, states)}
         total = (
             terms["obs"]
             + self.reward_coef * terms["reward"]
@@ -114,7 +108,7 @@ class GRUWorldModel(WorldModel):
         The same as imagine(obs[:, :c], action, first[:, :c]) with c = T - k, but the observed part reuses the
         teacher-forced pass (`out`, `states`: rows [0, c) saw exactly those inputs), so only the k imagined steps
         cost extra. A step is scored only while the imagined stretch stays inside one episode: once a `first` flag
-        appears, the true observation there is a reset that no rollout could predict.
+        appears, the true observation there is a reset that no imagined step could predict.
         """
         k, T = self.open_loop_steps, batch.obs.shape[1]
         if k <= 0 or T < 2:
@@ -122,10 +116,10 @@ class GRUWorldModel(WorldModel):
         k = min(k, T - 1)
         c = T - k  # rows [0, c) are observed, rows [c, T) imagined
         step = {key: value[:, c - 1] for key, value in out.items()}
-        pred = self._rollout(states[:, c - 1], step, batch.obs[:, c - 1], batch.action[:, c:])["obs"]
+        pred = self._imagine_steps(states[:, c - 1], step, batch.obs[:, c - 1], batch.action[:, c:])["obs"]
         pred = self.normalizer.normalize("obs", pred)
         target = self.normalizer.normalize("obs", batch.next_obs[:, c - 1 :])
-        # Horizon 1 predicts next_obs[c-1], which the rollout reaches without any imagined input; it is the
+        # Horizon 1 predicts next_obs[c-1], which needs no imagined input: it is the
         # teacher-forced loss again, so it is skipped here and horizons 2..k+1 are scored.
         pred, target = pred[:, 1:], target[:, 1:]
         inside = (torch.cumsum(batch.first[:, c:].long(), dim=1) == 0).unsqueeze(-1).to(pred.dtype)
@@ -148,12 +142,12 @@ class GRUWorldModel(WorldModel):
         first[:, 0] = True
         x = self._encode(norm.normalize("obs", context_obs), norm.normalize("action", actions[:, :C]))
         _, h = self._recur(x, first)
-        result = self._rollout(h, self._heads(h, x[:, -1]), context_obs[:, -1], actions[:, C:])
+        result = self._imagine_steps(h, self._heads(h, x[:, -1]), context_obs[:, -1], actions[:, C:])
         if units == "normalized":
             result["obs"] = norm.normalize("obs", result["obs"])
         return result
 
-    def _rollout(
+    def _imagine_steps(
         self, h: torch.Tensor, out: dict[str, torch.Tensor], current: torch.Tensor, actions: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """From state h and its heads' output `out` (the prediction for the step after obs `current`), imagines
@@ -173,12 +167,6 @@ class GRUWorldModel(WorldModel):
         return {"obs": obs, "reward": torch.stack(rewards, dim=1), "terminated_prob": torch.stack(terms, dim=1)}
 
     @torch.no_grad()
-    def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher-forced one-step predictions in the env's own units: next_obs, reward, terminated_prob."""
-        out = self(obs, action, first)
-        norm = self.normalizer
-        return {
-            "next_obs": obs + norm.denormalize("delta", out["delta"]),
-            "reward": norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1),
-            "terminated_prob": torch.sigmoid(out["terminated_logit"]),
-        }
+    def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor | None = None) -> dict:
+        out = self(obs, action, one_episode_each(obs) if first is None else first)
+        return self._in_env_units(obs, out)

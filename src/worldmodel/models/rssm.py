@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodel.models.base import WorldModel, mlp
+from worldmodel.models.base import WorldModel, mlp, one_episode_each
 
 
 def gaussian_kl(mean_q, std_q, mean_p, std_p) -> torch.Tensor:
@@ -120,9 +120,7 @@ class RSSMWorldModel(WorldModel):
             1.0 - self.kl_balance
         ) * gaussian_kl(qm, qs, pm.detach(), ps.detach())
         terms = {
-            "obs": F.mse_loss(out["delta"], norm.normalize("delta", batch.next_obs - batch.obs)),
-            "reward": F.mse_loss(out["reward"], norm.normalize("reward", batch.reward.unsqueeze(-1)).squeeze(-1)),
-            "terminated": F.binary_cross_entropy_with_logits(out["terminated_logit"], batch.terminated.float()),
+            **self._transition_terms(out, batch),
             "recon": F.mse_loss(out["recon"], norm.normalize("obs", batch.obs)),
             "kl": kl.clamp_min(self.free_nats).mean(),
         }
@@ -163,13 +161,9 @@ class RSSMWorldModel(WorldModel):
         return {"obs": stack(preds), "reward": stack(rewards), "terminated_prob": stack(terms)}
 
     @torch.no_grad()
-    def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher-forced one-step predictions in env units (latents at their means): next_obs, reward, terminated."""
+    def predict(self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor | None = None) -> dict:
+        """(The latents at their means.)"""
         norm = self.normalizer
+        first = one_episode_each(obs) if first is None else first
         h_next = self._filter(norm.normalize("obs", obs), norm.normalize("action", action), first, sample=False)[3]
-        out = self._heads(h_next)
-        return {
-            "next_obs": obs + norm.denormalize("delta", out["delta"]),
-            "reward": norm.denormalize("reward", out["reward"].unsqueeze(-1)).squeeze(-1),
-            "terminated_prob": torch.sigmoid(out["terminated_logit"]),
-        }
+        return self._in_env_units(obs, self._heads(h_next))
