@@ -109,7 +109,7 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
 
 def test_collecting_sampling_and_updating_never_make_the_host_wait_for_the_gpu():
     """The host must run ahead of the GPU: write the next step and sample the next batch while the update in flight
-    still runs (a copy from pageable memory would wait for it: ring.to_device stages through pinned memory)."""
+    still runs (a copy from pageable memory would wait for it: transfer.to_device stages through pinned memory)."""
     buffer = linear_system_buffer(600, seed=0)
     gpu = on_the_gpu(buffer)
     update = trainer_update(fitted("gru", obs_dim=3, action_dim=1).train(), DEVICE)

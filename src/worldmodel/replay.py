@@ -16,6 +16,10 @@ Sampling contract (each point is a bug of the seed notebook):
 * sampling is index arithmetic plus one gather per storage dtype (each window is a contiguous block of the table, so
   the gather copies whole blocks), returning torch tensors of shape [batch, seq_len, ...] on `batch_device`.
 
+Three kinds of row index appear below. The public API speaks in *logical* indices (0 = oldest stored row, streams
+one after another; see ring.py). Internally a window is also a (stream, offset within the stream) pair, and `draw` /
+`batch_at` pass *physical* table rows, which is what a CUDA graph replays (cuda_graph.py).
+
 Storage lives on `device` (`buffer.device=cuda` keeps it next to the model, so a batch never crosses the bus); with
 host storage and a CUDA model, batches are gathered into pinned memory and copied without blocking.
 `obs_dtype=float16` halves the memory of observations (the bulk of a buffer); batches are always float32.
@@ -34,7 +38,8 @@ import numpy as np
 import torch
 
 from worldmodel.errors import ConfigError, NotEnoughDataError
-from worldmodel.ring import RingBuffer, copy_into, to_device
+from worldmodel.ring import RingBuffer
+from worldmodel.transfer import copy_into, to_device
 from worldmodel.runtime import resolve_device
 
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -194,7 +199,7 @@ class ReplayBuffer:
         """Every stored transition once, as consecutive non-overlapping windows per stream (each stream's tail shorter
         than seq_len is dropped). Deterministic, for validation."""
         seq_len, batch_size = count("seq_len", seq_len), count("batch_size", batch_size)
-        self._window_counts(seq_len)
+        self._window_counts(seq_len)  # raises NotEnoughDataError when no stream holds one window
         starts = np.concatenate([np.arange(0, n - seq_len + 1, seq_len) + begin for begin, n in self._stream_spans()])
         for chunk in np.array_split(starts, max(1, -(-len(starts) // batch_size))):
             yield self.gather(chunk, seq_len)
