@@ -354,7 +354,7 @@ def test_the_grid_check_leaves_no_resolved_value_behind_for_the_jobs():
     need("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    from worldmodel.cli import check_sweep_jobs
+    from worldmodel.sweep import check_sweep_jobs
     from worldmodel.sweep import AUTO_RESUME, SweepCallback
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -373,7 +373,7 @@ def test_jobs_on_a_cluster_may_ask_for_devices_this_machine_lacks():
     need("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    from worldmodel.cli import task_config
+    from worldmodel.sweep import task_config
     from worldmodel.config import validate_config
     from worldmodel.errors import ConfigError
     from worldmodel.sweep import jobs_run_here
@@ -545,7 +545,7 @@ def test_a_sweep_continues_with_trainer_resume_auto_however_written(override):
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
-    from worldmodel.cli import continues_sweep
+    from worldmodel.sweep import continues_sweep
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for given, expected in ((override, True), ("trainer.resume=true", False), (None, False)):
@@ -566,7 +566,7 @@ def test_a_value_every_optuna_trial_shares_is_refused_before_the_first(tmp_path)
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
-    from worldmodel.cli import check_sweep_jobs
+    from worldmodel.sweep import check_sweep_jobs
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=optuna", "trainer.prefill=10"], return_hydra_config=True)

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import gymnasium as gym
 import hydra.utils
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
 from worldmodel.config import validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
-from worldmodel.sweep import jobs_run_here, launcher_class, sweep_jobs
+from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
 #: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them
 #: in its own, joblib's workers inherit it. A submitit job's process is submitit's own, even on this machine.
@@ -210,55 +208,3 @@ class FreshRunDir(Callback):
                     f"{', ...' if len(held) > 3 else ''}): this script writes its own .hydra/ and outputs there, over "
                     f"theirs. Nothing was changed. Choose a new directory (drop the {key} override)."
                 )
-
-
-def continues_sweep(config: DictConfig) -> bool:
-    """Whether every job of a sweep gets trainer.resume=auto (from the command line, however written, or a preset):
-    each then continues from its own checkpoints, starts where it has none, and is left as it is when finished, so
-    the sweep's directory may hold earlier jobs' files. (A sweep's config holds its single-valued overrides.)"""
-    return OmegaConf.select(config, "trainer.resume", default=False) == "auto"
-
-
-def task_config(config: DictConfig) -> DictConfig:
-    """A callback's config without its `hydra` node: what the task (scripts/train.py) receives."""
-    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-
-
-def _check_shared_values(config: DictConfig, here: bool) -> None:
-    """A sweeper that draws each job's values as the job starts (Optuna): the values every job shares are checked
-    before the first, since each job would fail on them in turn (20 failed trials, or SLURM jobs). An error that
-    involves a searched key is left to the trials: some of its values may be fine."""
-    searched = {str(k) for k in OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}}
-    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    with contextlib.suppress(HydraException):
-        searched |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
-    try:
-        validate_config(task_config(config), here=here)
-    except WorldModelError as err:
-        if getattr(err, "key", None) in searched or any(key in str(err) for key in searched):
-            return
-        raise WorldModelError(f"every job of this sweep shares this value: {err} No job was started.") from None
-
-
-def check_sweep_jobs(config: DictConfig) -> None:
-    """Validates every job of a basic sweep, so that a bad value in the grid stops the sweep before its first job
-    rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
-    against this machine only when the jobs run here."""
-    loader, here = GlobalHydra.instance().config_loader(), jobs_run_here(config)
-    try:
-        jobs = sweep_jobs(config)
-    except HydraException:
-        return  # a grid this sweeper cannot expand: it says so itself
-    if jobs is None:
-        _check_shared_values(config, here)
-        return
-    for num, overrides in enumerate(jobs):
-        try:
-            job = loader.load_sweep_config(config, overrides)
-            validate_config(task_config(job), here=here)
-        except WorldModelError as err:
-            raise WorldModelError(f"sweep job {num} ({' '.join(overrides) or 'no overrides'}): {err} No job was "
-                                  "started.") from None  # fmt: skip
-        except Exception:  # noqa: BLE001  a job that does not compose or resolve reports that itself when it starts
-            # (Hydra would turn the exception into a warning here and drop the check of every later job)
-            continue

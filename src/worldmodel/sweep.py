@@ -1,5 +1,5 @@
-"""Sweeps: readable job directory names, submitit jobs that resume when requeued, every job's overrides before the
-first starts, and a pointer to the results.
+"""Sweeps: readable job directory names, submitit jobs that resume when requeued, every job's values checked before
+the first starts, and a pointer to the results.
 
 The OmegaConf resolver `wm.job_dirname`, which names each job's directory (hydra.sweep.subdir in conf/config.yaml),
 is registered when this module is imported. Hydra instantiates `SweepCallback` (hydra.callbacks.sweep in
@@ -16,6 +16,7 @@ command line is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -25,8 +26,12 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from worldmodel.config import validate_config
+from worldmodel.errors import WorldModelError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,58 @@ def launcher_class(hydra_node: DictConfig | None) -> str:
 def jobs_run_here(config: DictConfig) -> bool:
     """Whether a sweep's jobs run on this machine, so that the devices they ask for must be this machine's."""
     return launcher_class(OmegaConf.select(config, "hydra")) in LOCAL_LAUNCHERS
+
+
+def continues_sweep(config: DictConfig) -> bool:
+    """Whether every job of a sweep gets trainer.resume=auto (from the command line, however written, or a preset):
+    each then continues from its own checkpoints, starts where it has none, and is left as it is when finished, so
+    the sweep's directory may hold earlier jobs' files. (A sweep's config holds its single-valued overrides.)"""
+    return OmegaConf.select(config, "trainer.resume", default=False) == "auto"
+
+
+def task_config(config: DictConfig) -> DictConfig:
+    """A callback's config without its `hydra` node: what the task (scripts/train.py) receives."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+
+
+def _check_shared_values(config: DictConfig, here: bool) -> None:
+    """A sweeper that draws each job's values as the job starts (Optuna): the values every job shares are checked
+    before the first, since each job would fail on them in turn (20 failed trials, or SLURM jobs). An error that
+    involves a searched key is left to the trials: some of its values may be fine."""
+    searched = {str(k) for k in OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}}
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    with contextlib.suppress(HydraException):
+        searched |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    try:
+        validate_config(task_config(config), here=here)
+    except WorldModelError as err:
+        if getattr(err, "key", None) in searched or any(key in str(err) for key in searched):
+            return
+        raise WorldModelError(f"every job of this sweep shares this value: {err} No job was started.") from None
+
+
+def check_sweep_jobs(config: DictConfig) -> None:
+    """Validates every job of a basic sweep, so that a bad value in the grid stops the sweep before its first job
+    rather than failing its own job after the ones before it have run (hours, on a cluster). Devices are checked
+    against this machine only when the jobs run here."""
+    loader, here = GlobalHydra.instance().config_loader(), jobs_run_here(config)
+    try:
+        jobs = sweep_jobs(config)
+    except HydraException:
+        return  # a grid this sweeper cannot expand: it says so itself
+    if jobs is None:
+        _check_shared_values(config, here)
+        return
+    for num, overrides in enumerate(jobs):
+        try:
+            job = loader.load_sweep_config(config, overrides)
+            validate_config(task_config(job), here=here)
+        except WorldModelError as err:
+            raise WorldModelError(f"sweep job {num} ({' '.join(overrides) or 'no overrides'}): {err} No job was "
+                                  "started.") from None  # fmt: skip
+        except Exception:  # noqa: BLE001  a job that does not compose or resolve reports that itself when it starts
+            # (Hydra would turn the exception into a warning here and drop the check of every later job)
+            continue
 
 
 OmegaConf.register_new_resolver("wm.job_dirname", job_dirname, replace=True)
