@@ -122,6 +122,18 @@ def test_unknown_group_option_is_refused_by_hydra():
         # 8 envs x seq_len 16: each env's stream must hold a sequence, and the prefill must fill every stream.
         ("env.num_envs=8 buffer.capacity=100", "buffer.capacity", "env.num_envs=8"),
         ("env.num_envs=8 trainer.prefill=100", "trainer.prefill", "env.num_envs=8"),
+        # Keys added with + to a node built from its _target_, which would refuse them with a traceback.
+        ("+trainer.stepz=5", "trainer.stepz", "a key that worldmodel.trainer.Trainer takes (did you mean trainer.steps?)"),
+        ("+model.latnt_dim=5", "model.latnt_dim", "(did you mean model.latent_dim?)"),
+        ("+buffer.foo=1", "buffer.foo", "a key that worldmodel.replay.ReplayBuffer takes: capacity, dataset, device, "
+         "obs_dtype."),
+        ("+env.foo=1", "env.foo", "worldmodel.env.make_env takes: id, kwargs, max_episode_steps, num_envs"),
+        ("buffer.dataset=123", "buffer.dataset", "an .npz episode dataset (scripts/collect.py): a path"),
+        ("buffer.dataset=''", "buffer.dataset", "a path"),
+        ("trainer.eval_horizon=500 trainer.val_steps=200", "trainer.eval_horizon",
+         "at most trainer.val_steps - trainer.eval_context + 1 = 196"),
+        ("trainer.steps='20'", "trainer.steps", "an integer >= 1, not the string '20'"),
+        ("trainer.compile='false'", "trainer.compile", "true or false, not the string 'false'"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):

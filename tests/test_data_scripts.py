@@ -74,6 +74,17 @@ def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(t
     assert not np.allclose(np.load(data)["obs"][0, 0], first)
 
 
+def test_paths_that_are_not_paths_or_cannot_be_written_are_refused_before_collecting(tmp_path):
+    """Once a traceback from Path(None), or from writing the file after every episode was collected."""
+    (tmp_path / "afile").write_text("")
+    for out in ("null", "0", "''", f"{tmp_path / 'afile' / 'x.npz'}"):
+        proc = script("collect.py", ["episodes=1", f"out={out}", f"hydra.run.dir={tmp_path / 'c'}"])
+        assert proc.returncode == 2 and "`out=" in proc.stderr and "Traceback" not in proc.stderr, (out, proc.stderr)
+        assert not (tmp_path / "c").exists()
+    proc = script("evaluate.py", ["checkpoint=null", f"data={tmp_path / 'd.npz'}", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert proc.returncode == 2 and "`checkpoint=None`" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_train_refuses_the_directory_of_a_collect_run(tmp_path):
     """collect.py's and evaluate.py's directories hold no checkpoint or TensorBoard log, but their .hydra/ records how
     they were run: a training run aimed there must not replace it."""

@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY, images, run_script, run_train, scalars
 from worldmodel.checkpoint import load_world_model
+from worldmodel.cli import user_errors
 
 EXPECTED_TAGS = {
     "train/loss", "train/obs", "train/reward", "train/terminated",
@@ -111,6 +112,32 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and "already holds another run" in proc.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # checkpoint, events, .hydra/config.yaml and train.log all untouched
+
+
+def test_a_value_that_cannot_be_read_is_refused_and_a_finished_run_keeps_its_files(tmp_path):
+    """A key removed with ~, left ???, or an interpolation that does not resolve raises OmegaConf's own errors in the
+    pre-run checks. Hydra turns an exception there into a warning and goes on to write .hydra/, so these once
+    replaced a finished run's saved config (and then failed with a traceback)."""
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for bad in ("~trainer.steps", "trainer.steps=???", "trainer.steps=${oc.env:WM_NO_SUCH_VARIABLE}"):
+        proc = run_train([*TINY, bad, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+        assert proc.returncode == 2 and "no usable value at `trainer.steps`" in proc.stderr, (bad, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    proc = run_train([*TINY, f"hydra.run.dir={run_dir / 'checkpoints' / 'last.pt'}"], check=False)
+    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_any_error_in_a_pre_run_check_ends_the_script(capsys):
+    """The safety net under the checks: whatever a check raises, the script stops before Hydra writes the run dir."""
+    with pytest.raises(SystemExit) as stop, user_errors(callback=True):
+        raise RuntimeError("a check's own bug")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: a check's own bug" in err and "nothing was written" in err
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_never_written_into(tmp_path):

@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
 from worldmodel.config import validate_config
@@ -42,20 +43,18 @@ def user_errors(job: bool = True, callback: bool = False):
     a -m sweep (`job`: not a sweep-wide callback) it raises JobFailed instead: sys.exit would end the whole sweep,
     while a failed job lets the launcher run the others (a diverged Optuna trial is then a failed trial). With
     WORLDMODEL_DEBUG set the error is raised with its traceback, except in a `callback`, where Hydra would make it a
-    warning and go on: there the traceback is printed and the script still exits."""
+    warning and go on: there the traceback is printed and the script still exits. For the same reason, in a
+    `callback` any other exception also ends the script (with its traceback), before Hydra writes the run dir."""
     try:
         yield
-    except (WorldModelError, InstantiationException, gym.error.DependencyNotInstalled) as err:
-        # hydra.utils.instantiate wraps what a constructor raises (make_env's check of the env's spaces, a dataset
-        # that does not fit) in its own exception: the user's mistake is the cause.
-        mistake = err.__cause__ if isinstance(err, InstantiationException) else err
-        if isinstance(mistake, gym.error.DependencyNotInstalled):  # raised after make_env, e.g. at the first reset
-            mistake = WorldModelError(f"The env needs a package that is not installed ({mistake}). env.id and "
-                                      "env.kwargs decide what it needs (render_mode=human, say, needs pygame).")
+    except (WorldModelError, InstantiationException, gym.error.DependencyNotInstalled, OmegaConfBaseException) as err:
+        mistake = _as_user_error(err)
         if os.environ.get(DEBUG_ENV) and callback and isinstance(mistake, WorldModelError):
             traceback.print_exc()
             sys.exit(2)
         if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
+            if callback:
+                _exit_from_callback()
             raise
         print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         if job and _sweep_job() is not None:
@@ -64,6 +63,34 @@ def user_errors(job: bool = True, callback: bool = False):
     except RunInterrupted as stop:
         print(_stopped_message(stop, _sweep_job() if job else None), file=sys.stderr)
         sys.exit(128 + stop.signum)
+    except Exception:
+        if not callback:
+            raise
+        _exit_from_callback()
+
+
+def _as_user_error(err: Exception) -> Exception:
+    """The user's mistake behind `err`, as a WorldModelError where it is one."""
+    # hydra.utils.instantiate wraps what a constructor raises (make_env's check of the env's spaces, a dataset that
+    # does not fit) in its own exception: the user's mistake is the cause.
+    mistake = err.__cause__ if isinstance(err, InstantiationException) else err
+    if isinstance(mistake, gym.error.DependencyNotInstalled):  # raised after make_env, e.g. at the first reset
+        return WorldModelError(f"The env needs a package that is not installed ({mistake}). env.id and env.kwargs "
+                               "decide what it needs (render_mode=human, say, needs pygame).")  # fmt: skip
+    if isinstance(mistake, OmegaConfBaseException):  # a ??? left unset, a broken ${...}, a key removed with ~
+        key = getattr(mistake, "full_key", None) or "?"
+        return WorldModelError(f"The config has no usable value at `{key}`: {str(mistake).splitlines()[0]}. Give it "
+                               f"one on the command line ({key}=...), or drop the override that removed or broke it; "
+                               "nothing was run.")  # fmt: skip
+    return mistake
+
+
+def _exit_from_callback() -> None:
+    """An unexpected error in a check made before the run: Hydra would print it as a warning and go on to write the
+    run directory, over what may be another run's saved config."""
+    traceback.print_exc()
+    print("error: the checks made before the run failed on the error above; nothing was written.", file=sys.stderr)
+    sys.exit(2)
 
 
 def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None) -> str:
@@ -133,6 +160,7 @@ class PreflightChecks(Callback):
         # A run stopped before its first checkpoint left only its logs: a new run there would add its curves to them.
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
+            _refuse_file(run_dir, "hydra.run.dir")
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
             auto = task_cfg.trainer.resume == "auto"
@@ -157,6 +185,7 @@ class PreflightChecks(Callback):
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
         with user_errors(job=False, callback=True):
+            _refuse_file(sweep_dir, "hydra.sweep.dir")
             if finished and not continues_sweep(config):
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
@@ -164,6 +193,12 @@ class PreflightChecks(Callback):
                     "trainer.resume=auto to continue that sweep; nothing was changed."
                 )
             check_sweep_jobs(config)
+
+
+def _refuse_file(run_dir: Path, key: str) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WorldModelError(f"{key}={run_dir} is a file, not a directory; nothing was changed. Choose a new directory "
+                              f"(drop the {key} override).")  # fmt: skip
 
 
 def _refuse_other_scripts_dir(run_dir: Path, job_name: str) -> None:
@@ -202,6 +237,7 @@ class FreshRunDir(Callback):
     def _refuse_used(run_dir: Path, key: str) -> None:
         held = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
         with user_errors(job=False, callback=True):
+            _refuse_file(run_dir, key)
             if held:
                 raise WorldModelError(
                     f"{key}={run_dir} already holds files ({', '.join(p.name for p in held[:3])}"

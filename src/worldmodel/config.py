@@ -1,14 +1,19 @@
 """validate_config: every value a run depends on is checked before the first env step or tensor allocation.
 
-Hydra already refuses keys that are not in the config (a typo such as `trainer.stpes=5`); this checks the values.
+Hydra already refuses keys that are not in the config (a typo such as `trainer.stpes=5`); this checks the values, and
+the keys added with `+` to a node that is built from its `_target_` (which would not take them).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.checkpoint import require_checkpoint
@@ -21,12 +26,18 @@ from worldmodel.runtime import resolve_device
 from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
 
 
+def _not_a_string(value) -> str:
+    """What to add to a message when a number or a bool arrived as a string (quoted on the command line, or read with
+    ${oc.env:...}, which gives strings), since the value itself then prints as the number would."""
+    return f", not the string '{value}'" if isinstance(value, str) else ""
+
+
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
     value = cfg
     for part in key.split("."):
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(key, value, f"an integer >= {minimum}{why}")
+        raise ConfigError(key, value, f"an integer >= {minimum}{why}{_not_a_string(value)}")
     return value
 
 
@@ -41,7 +52,37 @@ def _seed(cfg: DictConfig, key: str) -> int:
 def _number(cfg: DictConfig, key: str, valid: str, ok=lambda v: True) -> None:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
-        raise ConfigError(key, value, valid)
+        raise ConfigError(key, value, valid + _not_a_string(value))
+
+
+def _path(cfg: DictConfig, key: str, what: str) -> str:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, value, f"{what}: a path")
+    return value
+
+
+#: Arguments the scripts pass to the _target_s themselves, from the env and the run (not config keys).
+SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions")
+
+
+def _known_keys(cfg: DictConfig, group: str) -> None:
+    """A key added with `+` to a node built from its `_target_` would reach the constructor, which refuses it with a
+    traceback after the run directory is made (or, were it to take **kwargs, ignore it)."""
+    node = cfg.get(group)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if target is None:
+        return
+    parameters = inspect.signature(hydra.utils.get_method(target)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key in node:
+        if key != "_target_" and key not in parameters:
+            known = sorted(k for k in parameters if k in node or k not in SCRIPT_ARGUMENTS)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {group}.{close[0]}?)" if close else ""
+            given = OmegaConf.to_container(node, resolve=False)[key]
+            raise ConfigError(f"{group}.{key}", given, f"a key that {target} takes{hint}: {', '.join(known)}")
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -63,6 +104,7 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def validate_env(cfg: DictConfig) -> int:
     """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
+    _known_keys(cfg, "env")
     check_env_id(cfg.env.id)
     kwargs = cfg.env.get("kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -81,6 +123,8 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     """Raises ConfigError for the first bad value. here=False: the run happens on another machine (a SLURM sweep's
     jobs), so the devices asked for are not checked against this one's."""
     t = cfg.trainer
+    for group in ("buffer", "model", "trainer"):
+        _known_keys(cfg, group)
     _seed(cfg, "seed")
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
@@ -92,7 +136,8 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     obs_storage_dtype(cfg.buffer.get("obs_dtype", "float32"))
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
-    if cfg.buffer.get("dataset"):
+    if cfg.buffer.get("dataset") is not None:
+        _path(cfg, "buffer.dataset", "null (collect with the env) or an .npz episode dataset (scripts/collect.py)")
         _int(cfg, "trainer.prefill", 0)
         # A file is there or not on this machine only; and a resumed run does not read it again (it may have moved).
         if here and t.get("resume", False) is False:
@@ -104,8 +149,11 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _int(cfg, "trainer.val_steps", seq_len, f" (at least trainer.seq_len={seq_len}: one validation sequence)")
     _int(cfg, "trainer.eval_every", 1)
     _int(cfg, "trainer.log_every", 1)
-    _int(cfg, "trainer.eval_context", 1)
-    _int(cfg, "trainer.eval_horizon", 1)
+    context, horizon = _int(cfg, "trainer.eval_context", 1), _int(cfg, "trainer.eval_horizon", 1)
+    if context + horizon - 1 > t.val_steps:  # then no held-out episode could ever hold an evaluation window
+        raise ConfigError("trainer.eval_horizon", horizon, f"at most trainer.val_steps - trainer.eval_context + 1 = "
+                          f"{t.val_steps - context + 1}: an evaluation window is eval_context + eval_horizon - 1 "
+                          f"held-out steps of one episode (or raise trainer.val_steps)")  # fmt: skip
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
     if not (isinstance(t.get("resume", False), bool) or t.resume == "auto"):
@@ -114,7 +162,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     for key in ("trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
-            raise ConfigError(key, value, "true or false")
+            raise ConfigError(key, value, f"true or false{_not_a_string(value)}")
     if t.get("precision", "fp32") not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     mode = t.get("compile_mode", "default")
@@ -143,13 +191,18 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
 def _required(cfg: DictConfig, key: str, what: str) -> str:
     if OmegaConf.is_missing(cfg, key):
         raise ConfigError(key, "???", f"{what}, given on the command line ({key}=...)")
-    return str(cfg[key])
+    return _path(cfg, key, what)
 
 
 def validate_collect(cfg: DictConfig) -> None:
     """scripts/collect.py's values (conf/collect.yaml), checked before Hydra writes its run directory."""
-    if Path(_required(cfg, "out", "the .npz file to write")).exists():
+    out = Path(_required(cfg, "out", "the .npz file to write"))
+    if out.exists():
         raise WorldModelError(f"out={cfg.out} already exists; datasets are never overwritten. Choose another path.")
+    # Checked now, not after the episodes are collected: save_dataset creates the missing directories from here.
+    nearest = next(p for p in out.absolute().parents if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError("out", cfg.out, f"a path this user can write: {nearest} is not a writable directory")
     for key, minimum in (("episodes", 1), ("seed", 0)):
         _int(cfg, key, minimum)
     if cfg.policy not in POLICIES:
