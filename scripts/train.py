@@ -16,11 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import Checkpointer, RunFinished, resume_payload
+from worldmodel.checkpoint import Checkpointer, RunFinished, finish_checkpoints, resume_payload
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_config
 from worldmodel.env import env_spec
-from worldmodel.logger import Logger
+from worldmodel.logger import Logger, has_hparams
 from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 from worldmodel.vector import make_collector
@@ -36,6 +36,11 @@ def main(cfg: DictConfig) -> float:
         try:
             resume_from = resume_payload(run_dir, cfg)  # None: a fresh start
         except RunFinished as done:  # trainer.resume=auto, as a continued sweep passes to every job
+            if done.step == cfg.trainer.steps:  # a kill after the final checkpoint may have left the rest undone
+                finish_checkpoints(run_dir, done.path, cfg.trainer.keep_checkpoints)
+                if not has_hparams(run_dir):
+                    with Logger(run_dir, purge_step=done.step + 1, config=OmegaConf.to_yaml(cfg, resolve=True)) as logger:
+                        logger.log_hparams(cfg, done.metrics, step=done.step)
             print(f"{run_dir} has already made its {done.step} updates: nothing to do (val/loss "
                   f"{done.metrics['val/loss']:.4g})")
             return done.metrics["val/loss"]

@@ -26,7 +26,7 @@ from worldmodel.checkpoint import (
 )
 from worldmodel.env import EnvSpec
 from worldmodel.errors import WorldModelError
-from worldmodel.logger import Logger
+from worldmodel.logger import Logger, has_hparams, prune_events
 from worldmodel.models import EnsembleWorldModel, RSSMWorldModel
 from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import seed_everything
@@ -171,6 +171,40 @@ def test_points_a_killed_run_logged_after_its_checkpoint_are_removed_from_the_fi
     run_train([*RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
     assert_same_run(uninterrupted, run_dir)
     assert all(len({step for step, _ in points}) == len(points) for points in raw_scalars(run_dir).values())
+
+
+def test_a_run_killed_after_its_final_checkpoint_is_finished_by_auto(tmp_path):
+    """A SIGKILL between the final step file and the end of the run leaves no last.pt, one step file too many and no
+    HParams summary; auto then found 'nothing to do' for ever, and evaluate.py and summarize.py saw no finished run."""
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.steps=120", "trainer.keep_checkpoints=1", f"hydra.run.dir={run_dir}"]
+    run_train(args)
+    finished = raw_scalars(run_dir)["hparams/val/loss"]
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "last.pt").unlink()
+    (checkpoints / "step_00000060.pt").write_bytes((checkpoints / "step_00000120.pt").read_bytes())  # not yet pruned
+    prune_events(run_dir, before_step=10**9)  # drops the config text and the HParams summary, as if never written
+    assert not has_hparams(run_dir)
+
+    proc = run_train([*args, "trainer.resume=auto"])
+    assert "nothing to do" in proc.stdout
+    assert [p.name for _, p in step_checkpoints(run_dir)] == ["step_00000120.pt"]
+    assert (checkpoints / "last.pt").samefile(checkpoints / "step_00000120.pt")
+    assert raw_scalars(run_dir)["hparams/val/loss"] == finished
+    assert raw_tags(run_dir).count("config/text_summary") == 1
+    before = files(run_dir)
+    run_train([*args, "trainer.resume=auto"])
+    assert files(run_dir) == before  # finished now: a second auto changes nothing
+
+
+def test_a_checkpoint_left_half_written_by_a_kill_is_removed(tmp_path):
+    """Saved off the checkpoint_every schedule (on SIGTERM), its temporary name is never written again."""
+    run_dir = tmp_path / "run"
+    run_train([*RUN, "trainer.steps=60", f"hydra.run.dir={run_dir}"])
+    stale = run_dir / "checkpoints" / ".step_00000061.pt.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    run_train([*RUN, "trainer.steps=120", f"hydra.run.dir={run_dir}", "trainer.resume=true"])
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("resume", ["true", "auto"])

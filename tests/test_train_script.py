@@ -149,6 +149,11 @@ def test_a_run_stopped_before_its_first_checkpoint_is_never_written_into(tmp_pat
     proc = run_train([*TINY, "trainer.steps=20", "seed=5", f"hydra.run.dir={run_dir}"], check=False)
     assert proc.returncode == 2 and "TensorBoard logs" in proc.stderr and "no checkpoint" in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # Both refusals name the one command that works there: auto starts that run over in its directory.
+    assert "add trainer.resume=auto to start that run over" in proc.stderr
+    proc = run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
+    assert proc.returncode == 2 and "give trainer.resume=auto, which starts it over" in proc.stderr
+    run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
 
 
 def test_a_finished_sweep_is_never_overwritten(tmp_path):

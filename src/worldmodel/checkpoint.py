@@ -78,20 +78,25 @@ class Checkpointer:
         self.run_dir, self.keep = Path(run_dir), int(keep)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.env_spec = vars(env_spec)
+        _remove_stale_tmp(self.run_dir)
 
     def save(self, state: dict, step: int, final: bool = False) -> Path:
         payload = {"format_version": FORMAT_VERSION, "step": step, "config": self.config, "env_spec": self.env_spec}
         path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
         atomic_torch_save({**payload, **state}, path)
         if final:
-            self._link_last(path)
-        for _, old in step_checkpoints(self.run_dir)[: -self.keep]:
-            if old != path:
-                old.unlink(missing_ok=True)
+            finish_checkpoints(self.run_dir, path, self.keep)
+        else:
+            _prune(self.run_dir, self.keep, path)
         return path
 
-    def _link_last(self, path: Path) -> None:
-        last = last_checkpoint(self.run_dir)
+
+def finish_checkpoints(run_dir: Path, path: Path, keep: int) -> None:
+    """last.pt for a finished run's final step file `path`, and only the newest `keep` step files. Nothing changes
+    where that is done already, so a run killed in between is finished by its next trainer.resume=auto."""
+    _remove_stale_tmp(run_dir)
+    last = last_checkpoint(run_dir)
+    if not (last.is_file() and os.path.samefile(last, path)):
         tmp = last.with_name(".last.pt.tmp")
         tmp.unlink(missing_ok=True)
         try:
@@ -99,6 +104,20 @@ class Checkpointer:
         except OSError:
             atomic_torch_save(torch.load(path, weights_only=True), tmp)
         os.replace(tmp, last)
+    _prune(run_dir, keep, path)
+
+
+def _remove_stale_tmp(run_dir: Path) -> None:
+    """What a kill in the middle of a save left: a whole checkpoint's size, under a name no later save may reuse (a
+    checkpoint made on SIGTERM is at an update off the trainer.checkpoint_every schedule)."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".*.pt.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _prune(run_dir: Path, keep: int, path: Path) -> None:
+    for _, old in step_checkpoints(run_dir)[:-keep]:
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
 class CheckpointUnreadable(WorldModelError):
@@ -170,8 +189,9 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False, fi
     if not found:
         raise WorldModelError(
             f"trainer.resume=true, but {Path(run_dir) / 'checkpoints'} holds no step_*.pt or last.pt checkpoint to "
-            "resume from. Point hydra.run.dir at the directory of an earlier run, or drop trainer.resume to start a "
-            "new one."
+            "resume from. Point hydra.run.dir at the directory of an earlier run; or, for a run stopped before its "
+            "first checkpoint, give trainer.resume=auto, which starts it over in that directory (dropping what it "
+            "logged)."
         )
     path = found[-1]
     try:

@@ -178,7 +178,7 @@ class PreflightChecks(Callback):
                 raise WorldModelError(
                     f"hydra.run.dir={run_dir} already holds another run's TensorBoard logs ({logs[-1].name}), and no "
                     "checkpoint to resume from; nothing was changed. Choose a new directory (drop the hydra.run.dir "
-                    "override), or delete that one if its run is not needed."
+                    "override), or add trainer.resume=auto to start that run over there (what it logged is dropped)."
                 )
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

@@ -67,6 +67,15 @@ def prune_events(log_dir: str | Path, before_step: int) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def has_hparams(log_dir: str | Path) -> bool:
+    """Whether an event file in `log_dir` holds a run's HParams summary, the last thing a finished run writes."""
+    for path in Path(log_dir).glob("events.out.tfevents.*"):
+        for payload, _ in _framed_records(path.read_bytes()):
+            if any(v.tag.startswith(HPARAMS_PREFIX) for v in Event.FromString(payload).summary.value):
+                return True
+    return False
+
+
 def flatten_config(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, int | float | str]:
     """Every leaf of a (resolved) config as {dotted key: value}, values that TensorBoard's HParams tab can show.
 
