@@ -65,13 +65,14 @@ class WorldModel(nn.Module, ABC):
     ) -> dict[str, torch.Tensor]:
         """Open-loop rollout in env units: {"obs": [B, H, D], "reward": [B, H], "terminated_prob": [B, H]}."""
 
-    @abstractmethod
     def predict(
         self, obs: torch.Tensor, action: torch.Tensor, first: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced one-step predictions in env units for obs [B, T, D], action [B, T, A]: {"next_obs":
         [B, T, D], "reward": [B, T], "terminated_prob": [B, T]}. `first` [B, T] marks the rows where an episode
-        starts; None: each sequence is one episode."""
+        starts; None: each sequence is one episode. For using a trained model (README, "Load a trained model back");
+        training and evaluation need only loss and imagine, so a new model may leave it out."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict")
 
     # ---- for models whose heads predict the normalized change in observation, the reward and the termination ----
     def _transition_terms(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
