@@ -64,8 +64,10 @@ def main(cfg: DictConfig) -> float:
         collector = make_collector(env, buffer, RandomPolicy(env.action_space, cfg.seed), seed=cfg.seed, spec=spec)
         val_seed = cfg.seed + VAL_SEED_OFFSET
         val_env = instantiate(cfg.env, seed=val_seed, num_envs=1)
+        # Held-out data in full precision whatever buffer.obs_dtype stores: targets rounded to bfloat16 would
+        # penalise the metric itself (val_steps rows: the memory saved would be nothing).
         val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=storage,
-                                 batch_device=device, seed=val_seed, dataset=None)  # fmt: skip
+                                 batch_device=device, seed=val_seed, dataset=None, obs_dtype="float32")  # fmt: skip
         val_policy = RandomPolicy(val_env.action_space, val_seed)
         val_collector = make_collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
 
