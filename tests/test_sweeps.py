@@ -42,10 +42,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SWEEP_TINY = [o for o in TINY if o.split("=")[0] not in SHORTER] + [f"{k}={v}" for k, v in SHORTER.items()]
 
 #: Keys that job directory names leave out (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys).
-UNNAMED = {"hparams_search", "trainer.resume", "trainer.device", "trainer.progress", "trainer.log_every",
-           "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints"}  # fmt: skip
+UNNAMED = {"hparams_search", "trainer.resume", "trainer.steps", "trainer.device", "trainer.progress",
+           "trainer.log_every", "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints"}  # fmt: skip
 
-#: The part of every job's directory name that SWEEP_TINY contributes, e.g. "trainer.prefill-300_trainer.steps-40_...".
+#: The part of every job's directory name that SWEEP_TINY contributes, e.g. "trainer.batch_size-8_trainer.prefill-200_...".
 TINY_NAME = "_".join(sorted(o.replace("=", "-") for o in SWEEP_TINY if o.split("=")[0] not in UNNAMED))
 
 
@@ -277,7 +277,7 @@ def test_grid_sweep_names_jobs_logs_hparams_and_summarizes(tmp_path):
     assert len(jobs) == 4
     finals, key_sets = {}, set()
     for num, (dim, seed) in enumerate([(8, 0), (8, 1), (16, 0), (16, 1)]):
-        # 0_model.latent_dim-8_seed-0_trainer.batch_size-8_trainer.prefill-200_trainer.seq_len-8_trainer.steps-20_...
+        # 0_model.latent_dim-8_seed-0_trainer.batch_size-8_trainer.prefill-200_trainer.seq_len-8_trainer.val_steps-100
         hp, final = check_job(jobs[num], f"{num}_model.latent_dim-{dim}_seed-{seed}_{TINY_NAME}")
         assert hp["hparams"]["model.latent_dim"] == dim and hp["hparams"]["seed"] == seed
         key_sets.add(frozenset(hp["hparams"]))
@@ -536,6 +536,21 @@ def test_a_stopped_local_sweep_continues_with_the_command_it_prints(tmp_path):
     again = run_train(command[2:], env_vars=ONE_THREAD)
     assert again.stdout.count("nothing to do") == 2
     assert {p: p.read_bytes() for job in jobs for p in (job / "checkpoints").iterdir()} == saved
+
+
+def test_a_finished_sweep_continued_with_more_updates_trains_its_own_jobs_on(tmp_path):
+    """trainer.steps is left out of job directory names, so the sweep's command with a larger trainer.steps and
+    trainer.resume=auto finds each job's directory and continues it; it once started new jobs from scratch."""
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "seed=0,1", *SWEEP_TINY, f"hydra.sweep.dir={sweep}"], env_vars=ONE_THREAD)
+    names = [job.name for job in job_dirs(sweep)]
+    longer = [o for o in SWEEP_TINY if not o.startswith("trainer.steps=")] + ["trainer.steps=40"]
+    run_train(["-m", "seed=0,1", *longer, f"hydra.sweep.dir={sweep}", "trainer.resume=auto"], env_vars=ONE_THREAD)
+    jobs = job_dirs(sweep)
+    assert [job.name for job in jobs] == names
+    for job in jobs:
+        assert [s for s, _ in scalars(job)["val/loss"]] == [0, 10, 20, 30, 40]  # trained on from update 20
+        assert "resumed from" in (job / "train.log").read_text()
 
 
 @pytest.mark.parametrize("override", ["trainer.resume=auto", "trainer.resume='auto'", "++trainer.resume=auto"])

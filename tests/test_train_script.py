@@ -181,7 +181,7 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
     run_train(["-m", "seed=0,1", *TINY, "trainer.steps=40", f"hydra.sweep.dir={sweep}"])
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [j.name for j in jobs] == [f"{n}_seed-{n}_trainer.prefill-400_trainer.steps-40_trainer.val_steps-200" for n in (0, 1)]
+    assert [j.name for j in jobs] == [f"{n}_seed-{n}_trainer.prefill-400_trainer.val_steps-200" for n in (0, 1)]
     finals = []
     for job in jobs:
         assert (job / "checkpoints" / "last.pt").is_file()
