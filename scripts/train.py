@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float:
             if done.step == cfg.trainer.steps:  # a kill after the final checkpoint may have left the rest undone
                 finish_checkpoints(run_dir, done.path, cfg.trainer.keep_checkpoints)
                 if not has_hparams(run_dir):
-                    with Logger(run_dir, purge_step=done.step + 1, config=OmegaConf.to_yaml(cfg, resolve=True)) as logger:
+                    with Logger(run_dir, done.step + 1, OmegaConf.to_yaml(cfg, resolve=True)) as logger:
                         logger.log_hparams(cfg, done.metrics, step=done.step)
             print(f"{run_dir} has already made its {done.step} updates: nothing to do (val/loss "
                   f"{done.metrics['val/loss']:.4g})")

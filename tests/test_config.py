@@ -7,6 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from conftest import CONF, compose_config
 from worldmodel import ConfigError, ReplayBuffer, WorldModel, env_spec, make_env
@@ -174,6 +175,20 @@ def test_cuda_graph_auto_is_on_wherever_it_can_be(device, compile_args, graphed)
                       **compile_args)  # fmt: skip
     assert trainer.cuda_graph is graphed
     validate_config(compose_config(["trainer.device=cpu", "trainer.cuda_graph=auto"]))
+
+
+def test_instantiate_keys_and_interpolations_pass_the_key_check():
+    """_convert_, _recursive_... are hydra.utils.instantiate's own keys, not the constructor's."""
+    validate_config(compose_config(["+model._convert_=all", "+buffer._recursive_=false", "+env._convert_=object"]))
+
+
+def test_a_value_that_cannot_be_resolved_names_its_key():
+    """Every key is read so that OmegaConf's error carries the full key (DictConfig.get's does not)."""
+    for key in ("buffer.obs_dtype", "buffer.dataset", "buffer.device", "trainer.precision", "trainer.compile_mode",
+                "trainer.resume", "trainer.cuda_graph", "env.kwargs", "env.vectorization_mode"):  # fmt: skip
+        with pytest.raises(OmegaConfBaseException) as err:
+            validate_config(compose_config([f"{key}=${{oc.env:WM_NO_SUCH_VARIABLE}}"]))
+        assert err.value.full_key == key
 
 
 def test_misspelled_env_id_gets_a_suggestion():

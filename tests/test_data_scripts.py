@@ -85,6 +85,16 @@ def test_paths_that_are_not_paths_or_cannot_be_written_are_refused_before_collec
     assert proc.returncode == 2 and "`checkpoint=None`" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_paths_may_use_hydra_interpolations(tmp_path):
+    """The pre-run checks resolve ${hydra:...} as the task does (they once ran before Hydra set its config, and
+    refused every such value)."""
+    assert script("collect.py", ["episodes=3", f"out={tmp_path}/${{hydra:job.name}}.npz",
+                                 f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0  # fmt: skip
+    (tmp_path / "collect.npz").rename(tmp_path / "train.npz")
+    run_train([*TINY, "trainer.steps=10", f"buffer.dataset={tmp_path}/${{hydra:job.name}}.npz",
+               f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+
+
 def test_train_refuses_the_directory_of_a_collect_run(tmp_path):
     """collect.py's and evaluate.py's directories hold no checkpoint or TensorBoard log, but their .hydra/ records how
     they were run: a training run aimed there must not replace it."""

@@ -16,10 +16,12 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from conftest import compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
 from worldmodel import ReplayBuffer, env_spec, make_env
+from worldmodel import checkpoint as checkpoint_module
 from worldmodel.checkpoint import (
     Checkpointer,
     atomic_torch_save,
     config_differences,
+    finish_checkpoints,
     load_for_resume,
     read_checkpoint,
     step_checkpoints,
@@ -195,6 +197,28 @@ def test_a_run_killed_after_its_final_checkpoint_is_finished_by_auto(tmp_path):
     before = files(run_dir)
     run_train([*args, "trainer.resume=auto"])
     assert files(run_dir) == before  # finished now: a second auto changes nothing
+
+
+def test_finishing_on_a_file_system_without_hard_links_copies_once(tmp_path, monkeypatch):
+    """last.pt is then a copy: finishing again (every trainer.resume=auto of a finished job) must not rewrite it, and
+    its temporary file must be one that the next run's clean-up finds."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for step in (20, 40):
+        (checkpoints / f"step_{step:08d}.pt").write_bytes(bytes([step]) * 1000)
+    final = checkpoints / "step_00000040.pt"
+
+    def no_links(*args):
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(checkpoint_module.os, "link", no_links)
+    finish_checkpoints(tmp_path, final, keep=1)
+    last = checkpoints / "last.pt"
+    assert last.read_bytes() == final.read_bytes() and not last.samefile(final)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step_00000040.pt"]
+    made = last.stat().st_ino, last.stat().st_mtime_ns
+    finish_checkpoints(tmp_path, final, keep=1)
+    assert (last.stat().st_ino, last.stat().st_mtime_ns) == made
 
 
 def test_a_checkpoint_left_half_written_by_a_kill_is_removed(tmp_path):

@@ -138,8 +138,10 @@ def test_a_value_that_cannot_be_read_is_refused_and_a_finished_run_keeps_its_fil
         assert proc.returncode == 2 and "no usable value at `trainer.steps`" in proc.stderr, (bad, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    proc = run_train([*TINY, f"hydra.run.dir={run_dir / 'checkpoints' / 'last.pt'}"], check=False)
-    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    for inside_a_file in (run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt" / "sub"):
+        proc = run_train([*TINY, f"hydra.run.dir={inside_a_file}"], check=False)
+        assert proc.returncode == 2 and "last.pt is a file, not a directory" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 

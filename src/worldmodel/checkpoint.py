@@ -11,10 +11,12 @@ RNG), global RNGs, the trainer's counters and the resolved config. `load_world_m
 
 from __future__ import annotations
 
+import filecmp
 import importlib
 import inspect
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -96,13 +98,16 @@ def finish_checkpoints(run_dir: Path, path: Path, keep: int) -> None:
     where that is done already, so a run killed in between is finished by its next trainer.resume=auto."""
     _remove_stale_tmp(run_dir)
     last = last_checkpoint(run_dir)
-    if not (last.is_file() and os.path.samefile(last, path)):
+    # A copy (where the file system has no hard links) is compared by content: its inode is its own.
+    if not (last.is_file() and (os.path.samefile(last, path) or filecmp.cmp(last, path, shallow=False))):
         tmp = last.with_name(".last.pt.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(path, tmp)  # no second copy on disk; pruning step files later leaves last.pt intact
         except OSError:
-            atomic_torch_save(torch.load(path, weights_only=True), tmp)
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, last)
     _prune(run_dir, keep, path)
 

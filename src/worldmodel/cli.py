@@ -78,10 +78,10 @@ def _as_user_error(err: Exception) -> Exception:
         return WorldModelError(f"The env needs a package that is not installed ({mistake}). env.id and env.kwargs "
                                "decide what it needs (render_mode=human, say, needs pygame).")  # fmt: skip
     if isinstance(mistake, OmegaConfBaseException):  # a ??? left unset, a broken ${...}, a key removed with ~
-        key = getattr(mistake, "full_key", None) or "?"
-        return WorldModelError(f"The config has no usable value at `{key}`: {str(mistake).splitlines()[0]}. Give it "
-                               f"one on the command line ({key}=...), or drop the override that removed or broke it; "
-                               "nothing was run.")  # fmt: skip
+        key = getattr(mistake, "full_key", None)
+        where, give = (f" at `{key}`", f" on the command line ({key}=...)") if key else ("", "")
+        return WorldModelError(f"The config has no usable value{where}: {str(mistake).splitlines()[0]}. Give it one"
+                               f"{give}, or drop the override that removed or broke it; nothing was run.")  # fmt: skip
     return mistake
 
 
@@ -154,6 +154,7 @@ class PreflightChecks(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # as Hydra does for the task: the checks may resolve ${hydra:...}
         run_dir = Path(OmegaConf.select(config, "hydra.run.dir"))
         task_cfg = task_config(config)
         found = resume_candidates(run_dir)
@@ -196,9 +197,11 @@ class PreflightChecks(Callback):
 
 
 def _refuse_file(run_dir: Path, key: str) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise WorldModelError(f"{key}={run_dir} is a file, not a directory; nothing was changed. Choose a new directory "
-                              f"(drop the {key} override).")  # fmt: skip
+    """A run directory that is, or would be made inside, a file (Hydra's makedirs would fail with a traceback)."""
+    nearest = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    if not nearest.is_dir():
+        raise WorldModelError(f"{key}={run_dir}: {nearest} is a file, not a directory; nothing was changed. Choose a "
+                              f"new directory (drop the {key} override).")  # fmt: skip
 
 
 def _refuse_other_scripts_dir(run_dir: Path, job_name: str) -> None:
@@ -225,6 +228,7 @@ class FreshRunDir(Callback):
         self.check = hydra.utils.get_method(check) if check else None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # as Hydra does for the task: the checks may resolve ${hydra:...}
         self._refuse_used(Path(OmegaConf.select(config, "hydra.run.dir")), "hydra.run.dir")
         if self.check is not None:
             with user_errors(callback=True):

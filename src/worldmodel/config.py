@@ -77,7 +77,8 @@ def _known_keys(cfg: DictConfig, group: str) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     for key in node:
-        if key != "_target_" and key not in parameters:
+        if not (str(key).startswith("_") and str(key).endswith("_")) and key not in parameters:  # _convert_ etc.
+            # are instantiate's own
             known = sorted(k for k in parameters if k in node or k not in SCRIPT_ARGUMENTS)
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {group}.{close[0]}?)" if close else ""
@@ -106,15 +107,15 @@ def validate_env(cfg: DictConfig) -> int:
     """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
     _known_keys(cfg, "env")
     check_env_id(cfg.env.id)
-    kwargs = cfg.env.get("kwargs")
+    kwargs = OmegaConf.select(cfg, "env.kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError("env.kwargs", kwargs, "a mapping of keyword arguments for the env's constructor, e.g. "
                           "+env.kwargs.g=9.81 or 'env.kwargs={g: 9.81}'")  # fmt: skip
     envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
-    mode = cfg.env.get("vectorization_mode")
+    mode = OmegaConf.select(cfg, "env.vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
-    if cfg.env.get("max_episode_steps") is not None:
+    if OmegaConf.select(cfg, "env.max_episode_steps") is not None:
         _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
     return envs
 
@@ -129,18 +130,18 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
     if envs > 1:  # here, not in validate_env: collect.py makes one env whatever env.num_envs says
-        vectorization(cfg.env.id, cfg.env.get("vectorization_mode"))
+        vectorization(cfg.env.id, OmegaConf.select(cfg, "env.vectorization_mode"))
     _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
          "env's stream must hold one sequence)")  # fmt: skip
-    resolve_device(cfg.buffer.get("device", "auto"), key="buffer.device", here=here)
-    obs_storage_dtype(cfg.buffer.get("obs_dtype", "float32"))
+    resolve_device(OmegaConf.select(cfg, "buffer.device", default="auto"), key="buffer.device", here=here)
+    obs_storage_dtype(OmegaConf.select(cfg, "buffer.obs_dtype", default="float32"))
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
-    if cfg.buffer.get("dataset") is not None:
+    if OmegaConf.select(cfg, "buffer.dataset") is not None:
         _path(cfg, "buffer.dataset", "null (collect with the env) or an .npz episode dataset (scripts/collect.py)")
         _int(cfg, "trainer.prefill", 0)
         # A file is there or not on this machine only; and a resumed run does not read it again (it may have moved).
-        if here and t.get("resume", False) is False:
+        if here and OmegaConf.select(cfg, "trainer.resume", default=False) is False:
             require_dataset(cfg.buffer.dataset)
     else:
         _int(cfg, "trainer.prefill", envs * seq_len, f" (at least env.num_envs={envs} x trainer.seq_len={seq_len}, so "
@@ -156,16 +157,16 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
                           f"held-out steps of one episode (or raise trainer.val_steps)")  # fmt: skip
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    if not (isinstance(t.get("resume", False), bool) or t.resume == "auto"):
+    if not (isinstance(OmegaConf.select(cfg, "trainer.resume", default=False), bool) or t.resume == "auto"):
         raise ConfigError("trainer.resume", t.resume, "true, false or auto (resume where the run directory holds a "
                           "checkpoint, else start fresh: for continuing a sweep)")  # fmt: skip
     for key in ("trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(key, value, f"true or false{_not_a_string(value)}")
-    if t.get("precision", "fp32") not in PRECISIONS:
+    if OmegaConf.select(cfg, "trainer.precision", default="fp32") not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
-    mode = t.get("compile_mode", "default")
+    mode = OmegaConf.select(cfg, "trainer.compile_mode", default="default")
     if mode not in COMPILE_MODES:
         raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
     _validate_model(cfg)
@@ -175,7 +176,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     for key in ("trainer.lr", "trainer.grad_clip"):
         _number(cfg, key, "a finite number > 0", lambda v: v > 0)
     device = resolve_device(t.device, here=here)
-    graph = t.get("cuda_graph", False)
+    graph = OmegaConf.select(cfg, "trainer.cuda_graph", default=False)
     if not (isinstance(graph, bool) or graph == "auto"):
         raise ConfigError("trainer.cuda_graph", graph, "auto (on with a CUDA device), true or false")
     if graph is True:

@@ -29,6 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import validate_config
 from worldmodel.errors import WorldModelError
@@ -115,6 +116,8 @@ def _check_shared_values(config: DictConfig, here: bool) -> None:
         searched |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
     try:
         validate_config(task_config(config), here=here)
+    except OmegaConfBaseException:  # e.g. ${hydra:job.num}, which only a job can resolve: left to the trials
+        return
     except WorldModelError as err:
         if getattr(err, "key", None) in searched or any(key in str(err) for key in searched):
             return

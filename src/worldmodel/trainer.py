@@ -136,8 +136,9 @@ class Trainer:
             env_steps = collector.collect(self.env_steps_per_update).steps
             t1 = time.perf_counter()
             # sample gives a Batch, or only its rows where a CUDA graph gathers the batch itself (build_update).
-            loop.window.add(step, update(sample(self.batch_size, self.seq_len)))
+            values = update(sample(self.batch_size, self.seq_len))
             timer.add(env_steps, collect_s=t1 - t0, update_s=time.perf_counter() - t1)
+            loop.window.add(step, values)
             bar.update(1)
             final = step == self.steps
             if step % self.log_every == 0 or final:
