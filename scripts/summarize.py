@@ -6,7 +6,7 @@
 Every directory under the sweep directory that holds TensorBoard event files is a job. A job's final value of each
 `val/*` scalar is read from its event files (TensorBoard's own reader, so resumed runs read as one), and its
 configuration from `.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` (and in keys that do not change
-what a job computes: hydra.job.config.override_dirname.exclude_keys) form one configuration. The table goes to stdout,
+what a job computes: hydra.job.config.override_dirname.exclude_keys, but for trainer.steps) form one configuration. The table goes to stdout,
 sorted by the main metric (lower is better), and is written to <sweep dir>/summary.csv; <sweep dir>/summary.png plots
 the main metric against the swept values.
 """
@@ -27,6 +27,9 @@ from omegaconf import OmegaConf
 METRIC_PREFIX = "val/"
 FINISHED_PREFIX = "hparams/"  # train.py logs hparams/* once, when a run has made all its updates
 IGNORED_KEYS = {"seed"}
+#: Left out of job directory names (so that a sweep continued with more updates finds its jobs again), but two jobs
+#: with different values of it computed different things.
+STILL_CONFIGURATION = {"trainer.steps"}
 
 
 @dataclass
@@ -85,7 +88,7 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
     if hydra_yaml.is_file():
         excluded = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.config.override_dirname.exclude_keys")
-        ignored |= set(excluded or [])
+        ignored |= set(excluded or []) - STILL_CONFIGURATION
     texts, typed = {}, {}
     for override in OverridesParser.create().parse_overrides(list(OmegaConf.load(path))):
         key = override.key_or_group

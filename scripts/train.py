@@ -28,7 +28,7 @@ from worldmodel.vector import make_collector
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    with user_errors():
+    with user_errors(script=__file__):  # how to resume, if stopped, names this file (under submitit too)
         # 1. Check every value, and the checkpoint to resume from, before any work starts. (For a single run,
         #    worldmodel.cli.PreflightChecks made these checks even earlier, before Hydra wrote into the run dir.)
         validate_config(cfg)

@@ -256,6 +256,27 @@ batch size failed lost the key from both the table and the CSV)."""
     assert "1_trainer.lr-1e6 did not finish" in err and "2_trainer.lr-0.01 has a config but no TensorBoard logs" in err
 
 
+def test_summarize_keeps_jobs_with_other_trainer_steps_apart(tmp_path):
+    """trainer.steps is left out of job directory names (a continued sweep finds its jobs again), not out of what
+    makes a configuration: a sweep over it was once averaged into one row as if its jobs were seeds."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import summarize as summarize_dir
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for num, steps in enumerate([20, 40]):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- trainer.steps={steps}\n")
+        (job / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [trainer.resume, trainer.steps]\n")
+        with Logger(job) as logger:
+            logger.log({"val/loss": 1.0 / steps}, step=steps)
+            logger.log_hparams({"seed": 0}, {"val/loss": 1.0 / steps}, step=steps)
+    groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
+    assert [len(g.jobs) for g in groups] == [1, 1] and list(swept) == ["trainer.steps"]
+
+
 def test_summarize_refuses_a_directory_without_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("no runs here")
     proc = summarize(tmp_path)

@@ -154,6 +154,26 @@ def test_any_error_in_a_pre_run_check_ends_the_script(capsys):
     assert "RuntimeError: a check's own bug" in err and "nothing was written" in err
 
 
+def test_the_resume_command_names_the_training_script_whatever_process_runs_it(tmp_path, monkeypatch, capsys):
+    """In a submitit job sys.argv[0] is submitit's _submit.py: a job stopped by SIGTERM once printed a command that
+    ran it, with the run's overrides, and failed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONF
+    from worldmodel.errors import RunInterrupted
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        HydraConfig.instance().set_config(compose("config", overrides=["seed=3"], return_hydra_config=True))
+    monkeypatch.setattr("sys.argv", ["/venv/site-packages/submitit/core/_submit.py", "/tmp/submitit_folder"])
+    checkpoint = tmp_path / "checkpoints" / "step_00000030.pt"
+    with pytest.raises(SystemExit), user_errors(script="/repo/scripts/train.py"):
+        raise RunInterrupted(15, 30, checkpoint)
+    err = capsys.readouterr().err
+    assert f"python /repo/scripts/train.py seed=3 hydra.run.dir={tmp_path} trainer.resume=true" in err, err
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_never_written_into(tmp_path):
     """Its event file holds curves that a new run's would be mixed with; its .hydra/ the overrides it was run with."""
     run_dir = tmp_path / "run"

@@ -37,14 +37,16 @@ class JobFailed(Exception):
 
 
 @contextlib.contextmanager
-def user_errors(job: bool = True, callback: bool = False):
+def user_errors(job: bool = True, callback: bool = False, script: str | None = None):
     """Reports a WorldModelError as one paragraph and exits with code 2: sys.exit, not an exception, since Hydra turns
     exceptions raised in callbacks into warnings and prints a traceback for those raised in the task. Inside a job of
     a -m sweep (`job`: not a sweep-wide callback) it raises JobFailed instead: sys.exit would end the whole sweep,
     while a failed job lets the launcher run the others (a diverged Optuna trial is then a failed trial). With
     WORLDMODEL_DEBUG set the error is raised with its traceback, except in a `callback`, where Hydra would make it a
     warning and go on: there the traceback is printed and the script still exits. For the same reason, in a
-    `callback` any other exception also ends the script (with its traceback), before Hydra writes the run dir."""
+    `callback` any other exception also ends the script (with its traceback), before Hydra writes the run dir.
+    `script`: the path of the script that runs the task, for the command that resumes it (in a submitit job,
+    sys.argv[0] is submitit's own)."""
     try:
         yield
     except (WorldModelError, InstantiationException, gym.error.DependencyNotInstalled, OmegaConfBaseException) as err:
@@ -61,7 +63,7 @@ def user_errors(job: bool = True, callback: bool = False):
             raise JobFailed(str(mistake)) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        print(_stopped_message(stop, _sweep_job() if job else None), file=sys.stderr)
+        print(_stopped_message(stop, _sweep_job() if job else None, script), file=sys.stderr)
         sys.exit(128 + stop.signum)
     except Exception:
         if not callback:
@@ -93,7 +95,7 @@ def _exit_from_callback() -> None:
     sys.exit(2)
 
 
-def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None) -> str:
+def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None, script: str | None = None) -> str:
     """What to do after a stop by SIGTERM/SIGINT: the command that continues the run, the sweep or the trial.
     `sweep`: Hydra's own config when this is a job of a -m sweep."""
     run_dir = Path(stop.checkpoint).parent.parent if stop.checkpoint else None
@@ -104,7 +106,7 @@ def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None) -> str:
         # trial's training is offered, as a single run.
         return (f"Stopped by signal {stop.signum} after update {stop.step} of this trial ({stop.checkpoint}); the "
                 f"study in {storage} keeps the trial as RUNNING, and its later trials did not start. Continue this "
-                f"trial's training alone with:\n  {resume_command(run_dir)}\nA rerun of the sweep command adds "
+                f"trial's training alone with:\n  {resume_command(run_dir, script)}\nA rerun of the sweep command adds "
                 "hydra.sweeper.n_trials new trials to the study (give it another hydra.sweeper.sampler.seed and "
                 "hydra.sweep.dir).")  # fmt: skip
     if sweep is not None and storage is None and launcher_class(sweep) in ARGV_LAUNCHERS:
@@ -123,7 +125,7 @@ def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None) -> str:
                 "resume. Run the same command again to start over (its run directory, if you named it, takes the "
                 "new run).")  # fmt: skip
     return (f"Stopped by signal {stop.signum} after update {stop.step}; the full state is in {stop.checkpoint}.\n"
-            f"Resume with:\n  {resume_command(run_dir)}")
+            f"Resume with:\n  {resume_command(run_dir, script)}")
 
 
 def _sweep_job() -> DictConfig | None:
@@ -131,12 +133,12 @@ def _sweep_job() -> DictConfig | None:
     return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
-def resume_command(run_dir: Path | None) -> str:
+def resume_command(run_dir: Path | None, script: str | None = None) -> str:
     """The command line that continues this run: its own overrides, its directory, trainer.resume=true."""
     skip = ("hydra.run.dir=", "trainer.resume=")
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
     args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=true"]
-    return shlex.join(["python", sys.argv[0], *args])
+    return shlex.join(["python", script or sys.argv[0], *args])
 
 
 class PreflightChecks(Callback):
