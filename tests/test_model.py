@@ -8,6 +8,7 @@ import torch
 
 from worldmodel import GRUWorldModel, ReplayBuffer
 from worldmodel import trainer as trainer_module
+from worldmodel.errors import WorldModelError
 from worldmodel.replay import Batch
 from worldmodel.trainer import Trainer
 from worldmodel.normalize import Normalizer
@@ -274,3 +275,42 @@ def test_a_dimension_constant_in_the_fitted_data_is_only_centered():
     assert norm.action_std[2] == 1.0 and norm.action_std[0] == pytest.approx(0.5, abs=0.05)
     assert norm.obs_std[1] == 1.0 and norm.obs_std[0] == pytest.approx(1e-6, rel=0.1)
     assert norm.delta_std[0] == pytest.approx(1e-5, rel=0.1)
+
+
+class Reordered(GRUWorldModel):
+    """A model whose loss builds its dict of terms in another order than loss_terms (or with other terms)."""
+
+    extra: dict = {}
+
+    def loss(self, batch):
+        total, terms = super().loss(batch)
+        return total, {**dict(reversed(list(terms.items()))), **self.extra}
+
+
+def test_loss_terms_are_logged_by_name_not_by_the_dicts_order():
+    """train/* and val/* are named from loss_terms: the values once went by the dict's order, so a new model's
+    curves could carry each other's names; a term declared but not returned (or the reverse) is refused."""
+    torch.manual_seed(0)
+    model = Reordered(3, 2, latent_dim=16, hidden_dim=32)
+    model.normalizer = fitted_model().normalizer
+    obs, action = random_inputs()
+    false = torch.zeros(obs.shape[:2], dtype=torch.bool)
+    batch = Batch(obs=obs, action=action, reward=obs[..., 0], next_obs=obs + 0.1, terminated=false, truncated=false,
+                  first=false)  # fmt: skip
+    loss, terms = model.loss(batch)
+    stacked = trainer_module.stack_terms(model, loss, terms)
+    assert stacked.tolist() == [loss.item(), *(terms[name].item() for name in model.loss_terms)]
+    Reordered.extra = {"l2": loss}
+    try:
+        with pytest.raises(WorldModelError, match=r"returned the terms .*'l2'.* but its loss_terms declare"):
+            trainer_module.stack_terms(model, *model.loss(batch))
+    finally:
+        Reordered.extra = {}
+
+
+def test_actions_of_the_wrong_width_are_refused_not_broadcast():
+    """Discrete actions given as indices [..., 1] broadcast against a 2-column one-hot normalizer without error."""
+    model = fitted_model(action_dim=2)
+    obs, _ = random_inputs()
+    with pytest.raises(ValueError, match=r"action has 1 values .* the model takes 2 \(a Discrete env's actions are one-hot"):
+        model.predict(obs, torch.zeros(*obs.shape[:2], 1))

@@ -133,9 +133,14 @@ def test_a_value_that_cannot_be_read_is_refused_and_a_finished_run_keeps_its_fil
     run_dir = tmp_path / "run"
     run_train([*TINY, "trainer.steps=20", f"hydra.run.dir={run_dir}"])
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    for bad in ("~trainer.steps", "trainer.steps=???", "trainer.steps=${oc.env:WM_NO_SUCH_VARIABLE}"):
+    for bad, said in [("trainer.steps=???", "no usable value at `trainer.steps`"),
+                      ("trainer.steps=${oc.env:WM_NO_SUCH_VARIABLE}", "no usable value at `trainer.steps`"),
+                      ("trainer.lr=???", "no usable value at `trainer.lr`"),
+                      ("~trainer.steps", "`trainer.steps=(removed with ~trainer.steps)`: expected a value"),
+                      # Read with a default (the constructor's, 2, not gru.yaml's 1), it once trained another model.
+                      ("~model.head_layers", "`model.head_layers=(removed with ~model.head_layers)`")]:
         proc = run_train([*TINY, bad, f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
-        assert proc.returncode == 2 and "no usable value at `trainer.steps`" in proc.stderr, (bad, proc.stderr)
+        assert proc.returncode == 2 and said in proc.stderr, (bad, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     for inside_a_file in (run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt" / "sub"):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
-from worldmodel.config import validate_config
+from worldmodel.config import refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
@@ -164,6 +164,7 @@ class PreflightChecks(Callback):
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
             _refuse_file(run_dir, "hydra.run.dir")
+            refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
             auto = task_cfg.trainer.resume == "auto"
@@ -189,6 +190,7 @@ class PreflightChecks(Callback):
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
         with user_errors(job=False, callback=True):
             _refuse_file(sweep_dir, "hydra.sweep.dir")
+            refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             if finished and not continues_sweep(config):
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "

@@ -33,9 +33,7 @@ def _not_a_string(value) -> str:
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
+    value = OmegaConf.select(cfg, key, throw_on_missing=True)  # its errors name the key (cfg[...]'s may not)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, value, f"an integer >= {minimum}{why}{_not_a_string(value)}")
     return value
@@ -50,9 +48,21 @@ def _seed(cfg: DictConfig, key: str) -> int:
 
 
 def _number(cfg: DictConfig, key: str, valid: str, ok=lambda v: True) -> None:
-    value = OmegaConf.select(cfg, key)
+    value = OmegaConf.select(cfg, key, throw_on_missing=True)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
         raise ConfigError(key, value, valid + _not_a_string(value))
+
+
+def refuse_deleted_keys(overrides: list[str]) -> None:
+    """`~model.head_layers` on the command line: a key the config files set, removed, is not missing to every reader.
+    Many are read with a default (the constructor's, which may differ from the config file's: head_layers=2, MLP
+    heads, against conf/model/gru.yaml's 1), so the run would silently be another experiment. Keys inside env.kwargs
+    are the env's own options and may go; groups (~experiment) are not keys."""
+    for override in overrides:
+        key = override[1:].split("=", 1)[0] if override.startswith("~") else ""
+        if (key == "seed" or key.startswith(("env.", "buffer.", "model.", "trainer."))) and not key.startswith("env.kwargs."):
+            raise ConfigError(key, f"(removed with {override})", f"a value: removed, the key would silently take "
+                              f"its code default, which may differ from the config file's. Give {key}=<value> instead")
 
 
 def _path(cfg: DictConfig, key: str, what: str) -> str:

@@ -41,7 +41,11 @@ class Normalizer(nn.Module):
         self.fitted.fill_(True)
 
     def normalize(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std")
+        mean = getattr(self, f"{name}_mean")
+        if x.shape[-1] != len(mean):  # broadcasting would hide it: [..., 1] action indices against 2 one-hot columns
+            hint = " (a Discrete env's actions are one-hot, as ReplayBuffer stores them)" if name == "action" else ""
+            raise ValueError(f"{name} has {x.shape[-1]} values in its last dimension; the model takes {len(mean)}{hint}")
+        return (x - mean) / getattr(self, f"{name}_std")
 
     def denormalize(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x * getattr(self, f"{name}_std") + getattr(self, f"{name}_mean")

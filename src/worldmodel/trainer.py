@@ -49,6 +49,15 @@ def require_finite(rows: dict, obs_dtype: str, what: str) -> None:
                               f"trained. {cause}")  # fmt: skip
 
 
+def stack_terms(model: WorldModel, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[loss, *terms] in model.loss_terms order, the order train/* and val/* are named in: by name, so a model whose
+    loss builds its dict in another order is still logged under the right names."""
+    if terms.keys() != set(model.loss_terms):
+        raise WorldModelError(f"{type(model).__name__}.loss returned the terms {sorted(terms)}, but its loss_terms "
+                              f"declare {sorted(model.loss_terms)}: they must name the same terms.")  # fmt: skip
+    return torch.stack([loss, *(terms[name] for name in model.loss_terms)])
+
+
 class Trainer:
     def __init__(
         self,
@@ -262,7 +271,7 @@ class Trainer:
         def loss_fn(batch):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, terms = model.loss(batch)
-            return torch.stack([loss, *terms.values()]).float()
+            return stack_terms(model, loss, terms).float()
 
         if not self.compile:
             return loss_fn
@@ -278,8 +287,7 @@ class Trainer:
         totals = torch.zeros(len(names), dtype=torch.float64)
         count = 0
         for batch in val_buffer.sequences(self.seq_len, batch_size=256):
-            loss, terms = model.loss(batch)
-            totals += torch.stack([loss, *terms.values()]).double().cpu() * len(batch)
+            totals += stack_terms(model, *model.loss(batch)).double().cpu() * len(batch)
             count += len(batch)
         model.train()
         metrics = {f"val/{name}": float(v) / count for name, v in zip(names, totals)}

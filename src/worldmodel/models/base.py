@@ -75,6 +75,8 @@ class WorldModel(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} does not implement predict")
 
     # ---- for models whose heads predict the normalized change in observation, the reward and the termination ----
+    # Their output is a dict with "delta" [..., D] (normalized next_obs - obs), "reward" [...] (normalized) and
+    # "terminated_logit" [...]: gru.py and rssm.py use these two helpers.
     def _transition_terms(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         """The loss terms of those heads' output `out` for a Batch, in normalized units."""
         norm = self.normalizer
