@@ -124,3 +124,20 @@ def test_loading_an_episode_dataset_as_a_saved_buffer_says_what_it_is(tmp_path):
              truncated=np.zeros(1, bool), lengths=np.ones(1, np.int64))  # fmt: skip
     with pytest.raises(ValueError, match=r"was not written by ReplayBuffer\.save.*dataset=path"):
         buffer().load(path)
+
+
+def test_delete_oldest_forgets_one_streams_oldest_rows_and_writing_goes_on():
+    """The D of the buffer's CRUD: the oldest rows of one stream go (the property tests check it against the
+    reference model with every other operation); the other streams keep theirs; later writes fill on."""
+    buf = buffer(rows=6, streams=2)
+    assert buf.delete_oldest(4, stream=1) == 4 and len(buf) == 8
+    assert buf[:]["reward"].tolist() == [0, 1, 2, 3, 4, 5, 4, 5]  # stream 0 whole, then stream 1's newest two
+    # Stream 1 now holds no 3-row window: every window sampled starts in stream 0.
+    assert set(buf.sample(64, 3).reward[:, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    assert buf.delete_oldest(100, stream=1) == 2 and buf.delete_oldest(0) == 0
+    buf.add([1.0, 1.0, 1.0], [0.0], 9.0, [2.0, 2.0, 2.0], False, False, stream=1)
+    assert buf[-1]["reward"] == 9.0 and len(buf) == 7
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        buf.delete_oldest(-1)
+    with pytest.raises(IndexError, match="streams 0 .. 1"):
+        buf.delete_oldest(1, stream=2)

@@ -1,8 +1,8 @@
 """Property tests of ReplayBuffer against a plain-Python model of the same transition stream.
 
 Every transition carries a global step id `sid` in obs[0] (and sid + 0.5 in next_obs[0]). Step ids keep growing across
-`clear`, so any window that runs across the write pointer, reaches an overwritten or cleared row, or pairs a step with
-another step's target shows up as a break in the ids. Episode ids live only in the reference and are recomputed from
+`clear` and `delete_oldest`, so any window that runs across the write pointer, reaches an overwritten, deleted or
+cleared row, or pairs a step with another step's target shows up as a break in the ids. Episode ids live only in the reference and are recomputed from
 its own done flags, so `first` is checked against an independent derivation, including after `update` flips a flag.
 """
 
@@ -212,6 +212,12 @@ class ReplayMachine(RuleBasedStateMachine):
     def clear(self):
         self.buf.clear()
         self.ref.clear()
+
+    @rule(n=st.integers(0, 14))
+    def delete_oldest(self, n):
+        kept = self.tail[n:]
+        assert self.buf.delete_oldest(n) == len(self.tail) - len(kept)
+        self.ref = list(kept)  # the reference holds exactly what is stored
 
     @precondition(lambda self: len(self.buf) > 0)
     @rule(data=st.data())

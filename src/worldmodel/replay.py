@@ -220,6 +220,15 @@ class ReplayBuffer:
     def clear(self) -> None:
         self.ring.clear()
 
+    def delete_oldest(self, n: int, stream: int = 0) -> int:
+        """Deletes the oldest `n` transitions of `stream` (all it holds, if fewer), e.g. data of a policy long gone;
+        returns how many. Windows are drawn from what remains, so none reaches a deleted row; a window that starts
+        where the deleted data ended starts with `first` set, as every window does."""
+        n = count("n", n, minimum=0)
+        if not 0 <= operator.index(stream) < self.streams:
+            raise IndexError(f"stream {stream} does not exist: this buffer has streams 0 .. {self.streams - 1}")
+        return self.ring.drop_oldest(n, stream)
+
     # ---- persistence --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Contents, per-stream sizes and sampling RNG: everything needed to restore a buffer that samples, and

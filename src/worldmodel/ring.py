@@ -231,6 +231,14 @@ class RingBuffer:
         self.ptrs[:] = 0
         self.sizes[:] = 0
 
+    def drop_oldest(self, n: int, stream: int = 0) -> int:
+        """Forgets the oldest `n` rows of `stream` (all it holds, if fewer); returns how many. The oldest stored row
+        is the one `size` rows behind the write pointer, so a smaller size is all it takes: nothing moves, and later
+        writes reuse the rows as they would any free one."""
+        dropped = min(int(n), int(self.sizes[stream]))
+        self.sizes[stream] -= dropped
+        return dropped
+
     def _check_names(self, fields: Mapping, complete: bool = False) -> None:
         # A new row with a column left out would silently keep the overwritten row's stale value.
         unknown = set(fields) - set(self.columns)
