@@ -100,8 +100,9 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     return texts, typed
 
 
-def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
-    """Last value of every val/* scalar in the job's own event files (not its subdirectories), and whether the job
+def read_finals(job_dir: Path, also: tuple[str, ...] = ()) -> tuple[dict[str, float], bool]:
+    """Last value of every val/* scalar (and of the tags `also`, such as eval/nmse_h15, the same figure for every
+    model) in the job's own event files (not its subdirectories), and whether the job
     finished: its hparams/* summary, written at the end of a run, is at least as late as every other point it logged
     (a resumed run drops its earlier summary; the step test also covers logs written before it did)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -110,7 +111,7 @@ def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     acc = EventAccumulator(str(job_dir), size_guidance=guidance)
     acc.Reload()
     tags = [tag for tag in acc.Tags()["scalars"] if acc.Scalars(tag)]  # a tag whose points were all purged has none
-    finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX)}
+    finals = {tag: acc.Scalars(tag)[-1].value for tag in tags if tag.startswith(METRIC_PREFIX) or tag in also}
 
     def last_step(summaries: bool) -> int | None:
         steps = [acc.Scalars(tag)[-1].step for tag in tags if tag.startswith(FINISHED_PREFIX) == summaries]
@@ -120,11 +121,11 @@ def read_finals(job_dir: Path) -> tuple[dict[str, float], bool]:
     return finals, summary is not None and (latest is None or summary >= latest)
 
 
-def load_jobs(sweep_dir: Path) -> list[Job]:
+def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
     jobs = []
     for job_dir in find_job_dirs(sweep_dir):
         texts, typed = read_overrides(job_dir)
-        jobs.append(Job(job_dir, texts, typed, *read_finals(job_dir)))
+        jobs.append(Job(job_dir, texts, typed, *read_finals(job_dir, also=(metric,))))
     return jobs
 
 
@@ -165,7 +166,7 @@ def shown_value(group: Group, key: str) -> str:
 def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dict[str, str], list[str]]:
     if not sweep_dir.is_dir():
         raise SummaryError(f"{sweep_dir} is not a directory. Pass a sweep's directory: outputs/multirun/<date>/<time>.")
-    jobs = load_jobs(sweep_dir)
+    jobs = load_jobs(sweep_dir, metric)
     if not jobs:
         raise SummaryError(
             f"{sweep_dir} holds no runs: no TensorBoard event files (events.out.tfevents.*) were found in it or its "
@@ -270,7 +271,8 @@ def write_plot(path: Path, groups, swept, metric, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir), or any parent of runs")
-    parser.add_argument("--metric", default="val/loss", help="main metric, lower is better (default: val/loss)")
+    parser.add_argument("--metric", default="val/loss", help="main metric, lower is better (default: val/loss); any "
+                        "scalar tag, e.g. eval/nmse_h15 to rank models with different losses")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         groups, swept, fixed, tags = summarize(args.sweep_dir, args.metric)

@@ -277,6 +277,24 @@ def test_summarize_keeps_jobs_with_other_trainer_steps_apart(tmp_path):
     assert [len(g.jobs) for g in groups] == [1, 1] and list(swept) == ["trainer.steps"]
 
 
+def test_summarize_ranks_by_any_scalar_tag(tmp_path):
+    """val/loss is each model's own objective (the ensemble's an NLL); eval/nmse_h15 is the same figure for all."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import summarize as summarize_dir
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for num, (model, loss, nmse) in enumerate([("gru", 0.05, 0.02), ("mlp_ensemble", -2.6, 0.04)]):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n")
+        with Logger(job) as logger:
+            logger.log({"val/loss": loss, "eval/nmse_h15": nmse}, step=10)
+            logger.log_hparams({"seed": 0}, {"val/loss": loss}, step=10)
+    groups, swept, fixed, tags = summarize_dir(tmp_path, "eval/nmse_h15")
+    assert [g.config for g in groups] == [(("model", "gru"),), (("model", "mlp_ensemble"),)] and tags[0] == "eval/nmse_h15"
+
+
 def test_summarize_refuses_a_directory_without_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("no runs here")
     proc = summarize(tmp_path)
