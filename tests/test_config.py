@@ -193,6 +193,14 @@ def test_a_value_that_cannot_be_resolved_names_its_key():
         assert err.value.full_key == key
 
 
+def test_a_custom_env_module_that_is_missing_or_registers_nothing_says_what_to_do():
+    with pytest.raises(ConfigError, match=r"must be on the path: PYTHONPATH=\. python"):
+        validate_config(compose_config(["env.id=no_such_module_here:MyEnv-v0"]))
+    with pytest.raises(ConfigError, match=r"json was imported, and registered no MyEnv-v0"):
+        validate_config(compose_config(["env.id=json:MyEnv-v0"]))  # importable, registers nothing
+    validate_config(compose_config(["env.id=nan_env:NanCartPole-v0"]))  # tests/ is on the path here
+
+
 def test_misspelled_env_id_gets_a_suggestion():
     with pytest.raises(ConfigError, match="CartPole-v1"):
         validate_config(compose_config(["env.id=Cartpole-v1"]))

@@ -40,18 +40,23 @@ def check_env_id(env_id: str) -> None:
 
     Custom envs use gymnasium's "module:EnvId" form: the module is imported first, and registers EnvId.
     """
-    env_id = str(env_id)
+    env_id, module = str(env_id), None
     if ":" in env_id:
         module, env_id = env_id.split(":", 1)
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise ConfigError(
-                "env.id", f"{module}:{env_id}", f"an importable module before the colon that registers {env_id} ({err})"
+                "env.id", f"{module}:{env_id}", f"an importable module before the colon that registers {env_id} ({err}; "
+                "a module of your own must be on the path: PYTHONPATH=. python scripts/train.py ...)"
             ) from None
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
+        if module is not None:
+            raise ConfigError("env.id", f"{module}:{env_id}", f"a module that registers {env_id} when imported "
+                              f"(gymnasium.register('{env_id}', entry_point=...)): {module} was imported, and "
+                              f"registered no {env_id}") from None  # fmt: skip
         close = difflib.get_close_matches(str(env_id), list(gym.registry), n=3, cutoff=0.6)
         hint = f"Did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(
