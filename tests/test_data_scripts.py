@@ -62,7 +62,8 @@ def test_evaluate_refuses_data_of_another_env(tmp_path):
 
 def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(tmp_path):
     for override, key in (("sticky_prob=1.5", "sticky_prob"), ("seed=-1", "seed"), ("episodes=true", "episodes"),
-                          ("env.max_episode_steps=1.5", "env.max_episode_steps")):  # fmt: skip
+                          ("env.max_episode_steps=1.5", "env.max_episode_steps"),
+                          ("env.num_envs=4", "env.num_envs")):  # fmt: skip  (one env: 4 was ignored silently)
         proc = script("collect.py", [override, "policy=sticky", f"out={tmp_path / 'x.npz'}",
                                      f"hydra.run.dir={tmp_path / key}"])  # fmt: skip
         assert proc.returncode == 2 and f"`{override}`".lower() in proc.stderr.lower(), proc.stderr

@@ -141,3 +141,12 @@ def test_delete_oldest_forgets_one_streams_oldest_rows_and_writing_goes_on():
         buf.delete_oldest(-1)
     with pytest.raises(IndexError, match="streams 0 .. 1"):
         buf.delete_oldest(1, stream=2)
+
+
+def test_none_is_refused_rather_than_stored_as_nan_or_false():
+    buf = buffer(rows=2)
+    with pytest.raises(TypeError, match="reward is None; nothing was written"):
+        buf.add([0.0, 0.0, 0.0], [0.0], None, [1.0, 1.0, 1.0], False, False)
+    with pytest.raises(TypeError, match="terminated is None"):
+        buf.add([0.0, 0.0, 0.0], [0.0], 1.0, [1.0, 1.0, 1.0], None, False)
+    assert len(buf) == 2

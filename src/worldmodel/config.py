@@ -139,7 +139,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     _seed(cfg, "seed")
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
-    if envs > 1:  # here, not in validate_env: collect.py makes one env whatever env.num_envs says
+    if envs > 1:  # here, not in validate_env: collect.py refuses more than one env
         vectorization(cfg.env.id, OmegaConf.select(cfg, "env.vectorization_mode"))
     _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
          "env's stream must hold one sequence)")  # fmt: skip
@@ -216,11 +216,13 @@ def validate_collect(cfg: DictConfig) -> None:
         raise ConfigError("out", cfg.out, f"a path this user can write: {nearest} is not a writable directory")
     for key, minimum in (("episodes", 1), ("seed", 0)):
         _int(cfg, key, minimum)
+    if validate_env(cfg) != 1:
+        raise ConfigError("env.num_envs", cfg.env.num_envs, "1: collect.py records whole episodes of one env, one "
+                          "after another (episodes= sets how many)")  # fmt: skip
     if cfg.policy not in POLICIES:
         raise ConfigError("policy", cfg.policy, f"one of {', '.join(POLICIES)}")
     _number(cfg, "sticky_prob", "a number in [0, 1] (the chance of repeating the previous action)",
             lambda v: 0 <= v <= 1)  # fmt: skip
-    validate_env(cfg)
 
 
 def validate_evaluate(cfg: DictConfig) -> None:

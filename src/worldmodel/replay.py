@@ -132,6 +132,11 @@ class ReplayBuffer:
     # ---- create -------------------------------------------------------------------------------------------------
     def add(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:
         """Stores one transition of `stream`."""
+        if reward is None or terminated is None or truncated is None:  # numpy would store NaN or False (a None obs
+            # or action fails the shape check)
+            missing = [k for k, v in {"reward": reward, "terminated": terminated, "truncated": truncated}.items()
+                       if v is None]  # fmt: skip
+            raise TypeError(f"add: {', '.join(missing)} is None; nothing was written")
         self.ring.append(stream=stream, obs=obs, action=action, reward=reward, next_obs=next_obs,
                          terminated=terminated, truncated=truncated)  # fmt: skip
 
