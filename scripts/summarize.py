@@ -183,7 +183,8 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
             "summary, which a run writes when it has made all its updates). Wait for them to finish."
             if not finished else
             f"None of the {len(finished)} finished runs under {sweep_dir} logged {metric} (logged: "
-            f"{', '.join(tags) or 'none'}). Choose another --metric."
+            f"{', '.join(tags) or 'none'}; any other scalar tag they logged, such as eval/nmse_h15, works too). "
+            "Choose another --metric."
         )  # fmt: skip
     unlogged = failed_before_logging(sweep_dir, {j.dir for j in jobs})
     for job_dir in unlogged:

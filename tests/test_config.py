@@ -193,11 +193,18 @@ def test_a_value_that_cannot_be_resolved_names_its_key():
         assert err.value.full_key == key
 
 
-def test_a_custom_env_module_that_is_missing_or_registers_nothing_says_what_to_do():
+def test_a_custom_env_module_that_is_missing_or_registers_nothing_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"must be on the path: PYTHONPATH=\. python"):
         validate_config(compose_config(["env.id=no_such_module_here:MyEnv-v0"]))
-    with pytest.raises(ConfigError, match=r"json was imported, and registered no MyEnv-v0"):
+    with pytest.raises(ConfigError, match=r"registers MyEnv-v0 when imported .*json was imported, but"):
         validate_config(compose_config(["env.id=json:MyEnv-v0"]))  # importable, registers nothing
+    with pytest.raises(ConfigError, match=r"Did you mean CartPole-v1"):  # gymnasium's diagnosis and the hint stay
+        validate_config(compose_config(["env.id=json:CartPol-v1"]))
+    (tmp_path / "brokenenv.py").write_text("import not_installed_dep_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as err:  # found, but a package it imports is missing: not a path problem
+        validate_config(compose_config(["env.id=brokenenv:MyEnv-v0"]))
+    assert "not_installed_dep_xyz" in str(err.value) and "PYTHONPATH" not in str(err.value)
     validate_config(compose_config(["env.id=nan_env:NanCartPole-v0"]))  # tests/ is on the path here
 
 

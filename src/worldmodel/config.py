@@ -60,7 +60,8 @@ def refuse_deleted_keys(overrides: list[str]) -> None:
     are the env's own options and may go; groups (~experiment) are not keys."""
     for override in overrides:
         key = override[1:].split("=", 1)[0] if override.startswith("~") else ""
-        if (key == "seed" or key.startswith(("env.", "buffer.", "model.", "trainer."))) and not key.startswith("env.kwargs."):
+        env_option = key == "env.kwargs" or key.startswith("env.kwargs.")
+        if (key == "seed" or key.startswith(("env.", "buffer.", "model.", "trainer."))) and not env_option:
             raise ConfigError(key, f"(removed with {override})", f"a value: removed, the key would silently take "
                               f"its code default, which may differ from the config file's. Give {key}=<value> instead")
 

@@ -46,19 +46,22 @@ def check_env_id(env_id: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
+            # Not found itself (rather than a package it imports): scripts run from scripts/, not the repo root.
+            missing = isinstance(err, ModuleNotFoundError) and (module + ".").startswith(f"{err.name}.")
+            where = "; a module of your own must be on the path: PYTHONPATH=. python scripts/train.py ..." if missing else ""
             raise ConfigError(
-                "env.id", f"{module}:{env_id}", f"an importable module before the colon that registers {env_id} ({err}; "
-                "a module of your own must be on the path: PYTHONPATH=. python scripts/train.py ...)"
+                "env.id", f"{module}:{env_id}", f"an importable module before the colon that registers {env_id} "
+                f"(importing {module} failed: {err}{where})"
             ) from None
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
-        if module is not None:
-            raise ConfigError("env.id", f"{module}:{env_id}", f"a module that registers {env_id} when imported "
-                              f"(gymnasium.register('{env_id}', entry_point=...)): {module} was imported, and "
-                              f"registered no {env_id}") from None  # fmt: skip
         close = difflib.get_close_matches(str(env_id), list(gym.registry), n=3, cutoff=0.6)
         hint = f"Did you mean {', '.join(close)}? " if close else ""
+        if module is not None:
+            raise ConfigError("env.id", f"{module}:{env_id}", f"a module that registers {env_id} when imported "
+                              f"(gymnasium.register('{env_id}', entry_point=...)): {module} was imported, but {err}. "
+                              f"{hint}".rstrip()) from None  # fmt: skip
         raise ConfigError(
             "env.id",
             env_id,
