@@ -246,7 +246,9 @@ def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_pat
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):  # collect.py makes one env: not its concern
         validate_collect(compose(config_name="collect", overrides=[
-            f"out={tmp_path / 'd.npz'}", "env=pendulum", "env.num_envs=2", "env.vectorization_mode=vector_entry_point"]))
+            f"out={tmp_path / 'd.npz'}", "env=pendulum", "env.vectorization_mode=vector_entry_point"]))
+        with pytest.raises(ConfigError, match="`env.num_envs=2`: expected 1: collect.py records whole episodes"):
+            validate_collect(compose(config_name="collect", overrides=[f"out={tmp_path / 'd.npz'}", "env.num_envs=2"]))
     with pytest.raises(ConfigError, match="`env.id=FrozenLake-v1`"):  # Discrete observations, built as SyncVectorEnv
         make_env("FrozenLake-v1", seed=0, num_envs=2)
     assert env_spec(make_env("Pendulum-v1", seed=0, num_envs=2)).id == "Pendulum-v1"
