@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
-from worldmodel.config import refuse_deleted_keys, validate_config
+from worldmodel.config import nearest_existing, refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
@@ -202,7 +202,7 @@ class PreflightChecks(Callback):
 
 def _refuse_file(run_dir: Path, key: str) -> None:
     """A run directory that is, or would be made inside, a file (Hydra's makedirs would fail with a traceback)."""
-    nearest = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    nearest = nearest_existing(run_dir)
     if not nearest.is_dir():
         raise WorldModelError(f"{key}={run_dir}: {nearest} is a file, not a directory; nothing was changed. Choose a "
                               f"new directory (drop the {key} override).")  # fmt: skip

@@ -66,6 +66,11 @@ def refuse_deleted_keys(overrides: list[str]) -> None:
                               f"its code default, which may differ from the config file's. Give {key}=<value> instead")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists: where a directory for it would be made from."""
+    return next(p for p in [path, *path.absolute().parents] if p.exists())
+
+
 def _path(cfg: DictConfig, key: str, what: str) -> str:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, str) or not value.strip():
@@ -87,9 +92,8 @@ def _known_keys(cfg: DictConfig, group: str) -> None:
     parameters = inspect.signature(hydra.utils.get_method(target)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    for key in node:
-        if not (str(key).startswith("_") and str(key).endswith("_")) and key not in parameters:  # _convert_ etc.
-            # are instantiate's own
+    for key in node:  # _convert_, _recursive_...: instantiate's own keys, not the constructor's
+        if not (str(key).startswith("_") and str(key).endswith("_")) and key not in parameters:
             known = sorted(k for k in parameters if k in node or k not in SCRIPT_ARGUMENTS)
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {group}.{close[0]}?)" if close else ""
@@ -212,7 +216,7 @@ def validate_collect(cfg: DictConfig) -> None:
     if out.exists():
         raise WorldModelError(f"out={cfg.out} already exists; datasets are never overwritten. Choose another path.")
     # Checked now, not after the episodes are collected: save_dataset creates the missing directories from here.
-    nearest = next(p for p in out.absolute().parents if p.exists())
+    nearest = nearest_existing(out)
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         raise ConfigError("out", cfg.out, f"a path this user can write: {nearest} is not a writable directory")
     for key, minimum in (("episodes", 1), ("seed", 0)):
