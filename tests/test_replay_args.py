@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.errors import NotEnoughDataError
+import worldmodel.ring
+from worldmodel.errors import NotEnoughDataError, WorldModelError
 from worldmodel.replay import ReplayBuffer
+from worldmodel.runtime import free_memory
 
 
 def buffer(rows: int = 6, obs_dtype: str = "float32", streams: int = 1) -> ReplayBuffer:
@@ -150,3 +152,23 @@ def test_none_is_refused_rather_than_stored_as_nan_or_false():
     with pytest.raises(TypeError, match="terminated is None"):
         buf.add([0.0, 0.0, 0.0], [0.0], 1.0, [1.0, 1.0, 1.0], None, False)
     assert len(buf) == 2
+
+
+@pytest.mark.parametrize("obs_dtype, hint", [("float32", "buffer.obs_dtype=float16"), ("float16", None)])
+def test_a_buffer_larger_than_the_free_memory_is_refused_before_allocating(monkeypatch, obs_dtype, hint):
+    """An oversized ring would otherwise fail in torch's allocator (naming bytes, not a key) or, where the kernel
+    overcommits, be killed mid-run by the OOM killer."""
+    row = 2 * 3 * (4 if obs_dtype == "float32" else 2) + 4 + 4 + 2  # obs and next_obs, action, reward, two flags
+    monkeypatch.setattr(worldmodel.ring, "free_memory", lambda device: 10 * row)
+    ReplayBuffer(10, obs_dim=3, action_dim=1, obs_dtype=obs_dtype)  # exactly fits
+    with pytest.raises(WorldModelError) as err:
+        ReplayBuffer(11, obs_dim=3, action_dim=1, obs_dtype=obs_dtype)
+    message = str(err.value)
+    assert "capacity=11 (buffer.capacity" in message and f"rows of {row} bytes" in message
+    assert "at most 10 rows would fit" in message
+    assert (hint in message) if hint else "obs_dtype" not in message
+
+
+def test_free_memory_is_known_for_the_host_and_unknown_elsewhere():
+    assert 0 < free_memory(torch.device("cpu")) < 2**60
+    assert free_memory(torch.device("meta")) is None

@@ -107,6 +107,8 @@ def test_debug_flag_shows_the_traceback(tmp_path):
         (["env.id=FrozenLake-v1"], "env.id=FrozenLake-v1"),  # registered, but its observations are not a Box
         # A wrong shape or size is found when the file is loaded; a missing file before Hydra writes the run dir.
         (["buffer.dataset=no/such/file.npz"], "no/such/file.npz does not exist"),
+        # 10**13 rows: hundreds of TB, more than any machine has; refused before torch tries to allocate it.
+        (["buffer.capacity=10000000000000"], "capacity=10000000000000 (buffer.capacity"),
     ],
 )
 def test_mistakes_found_while_building_get_the_same_clear_message(tmp_path, bad, named):

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodel.errors import ConfigError, NotEnoughDataError
-from worldmodel.ring import RingBuffer
+from worldmodel.errors import ConfigError, NotEnoughDataError, WorldModelError
+from worldmodel.ring import RingBuffer, TooLarge
 from worldmodel.transfer import copy_into, to_device
 from worldmodel.runtime import resolve_device
 
@@ -110,24 +110,34 @@ class ReplayBuffer:
         self.batch_device = batch_device or self.device
         store = obs_storage_dtype(obs_dtype)
         self.obs_dtype = obs_dtype
-        self.ring = RingBuffer(
-            capacity,
-            {
-                "obs": ((self.obs_dim,), store),
-                "action": ((self.action_dim,), torch.float32),
-                "reward": ((), torch.float32),
-                "next_obs": ((self.obs_dim,), store),
-                "terminated": ((), torch.bool),
-                "truncated": ((), torch.bool),
-            },
-            streams=streams,
-            device=self.device,
-        )
+        try:
+            self.ring = self._ring(capacity, store, streams)
+        except TooLarge as err:
+            remedies = ["lower the capacity"]
+            if obs_dtype == "float32":
+                remedies.append("store observations as float16 (buffer.obs_dtype=float16)")
+            if self.device.type == "cuda":
+                remedies.append("keep the ring on the host (buffer.device=cpu)")
+            raise WorldModelError(f"The replay buffer does not fit: capacity={capacity} (buffer.capacity; for the "
+                                  f"held-out buffer, trainer.val_steps) at obs_dim {self.obs_dim} and action_dim "
+                                  f"{self.action_dim}: {err}. Nothing was allocated; "
+                                  f"{', '.join(remedies[:-1]) + ' or ' if len(remedies) > 1 else ''}{remedies[-1]}.")  # fmt: skip
         # Host storage feeding a CUDA model: gather into page-locked memory so the copy to the GPU is asynchronous.
         self._pin = self.device.type == "cpu" and self.batch_device.type == "cuda"
         self.rng = np.random.default_rng(seed)
         if dataset:  # discrete_actions: the env's kind of actions, checked against the dataset's
             self._load_dataset(dataset, int(capacity), discrete_actions)
+
+    def _ring(self, capacity: int, obs_storage: torch.dtype, streams: int) -> RingBuffer:
+        schema = {
+            "obs": ((self.obs_dim,), obs_storage),
+            "action": ((self.action_dim,), torch.float32),
+            "reward": ((), torch.float32),
+            "next_obs": ((self.obs_dim,), obs_storage),
+            "terminated": ((), torch.bool),
+            "truncated": ((), torch.bool),
+        }
+        return RingBuffer(capacity, schema, streams=streams, device=self.device)
 
     # ---- create -------------------------------------------------------------------------------------------------
     def add(self, obs, action, reward, next_obs, terminated, truncated, stream: int = 0) -> None:

@@ -19,12 +19,23 @@ from math import prod
 import numpy as np
 import torch
 
+from worldmodel.runtime import free_memory
 from worldmodel.transfer import copy_into, host_array, to_device, torch_dtype
 
 Schema = Mapping[str, tuple[tuple[int, ...], np.dtype | type]]
 
 NUMPY_SCATTERED_ROWS = 1024
 WRITE_AS_ON_GPU = False  # tests set it: a host ring then writes as a GPU ring does (no numpy views, packed tables)
+
+
+class TooLarge(MemoryError):
+    """The table would not fit in its device's free memory. Checked before allocating: too large a table fails at once
+    only when the kernel refuses it outright; otherwise its pages are filled in later and the OOM killer ends the run."""
+
+    def __init__(self, rows: int, row_bytes: int, free: int, device: torch.device):
+        self.rows, self.row_bytes, self.free, self.device = rows, row_bytes, free, device
+        super().__init__(f"{rows:,} rows of {row_bytes} bytes need {rows * row_bytes / 2**30:.3g} GiB on {device}, "
+                         f"which has {free / 2**30:.3g} GiB available: at most {free // row_bytes:,} rows would fit, with nothing else")
 
 
 class RingBuffer:
@@ -46,6 +57,10 @@ class RingBuffer:
             start = widths.get(dtype, 0)
             widths[dtype] = start + prod(shape)
             self.slots[name] = (dtype, start, widths[dtype])
+        row_bytes = sum(w * torch.empty(0, dtype=dt).element_size() for dt, w in widths.items())
+        free = free_memory(self.device)
+        if free is not None and self.capacity * row_bytes > free:
+            raise TooLarge(self.capacity, row_bytes, free, self.device)
         # Allocated once and only ever written in place: a recorded CUDA graph's gather (cuda_graph.py) reads them by
         # address, and the columns below are views of them.
         self.tables = {dt: torch.zeros(self.capacity, w, dtype=dt, device=self.device) for dt, w in widths.items()}

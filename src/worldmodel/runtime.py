@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import threading
@@ -50,6 +51,23 @@ def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | 
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(key, name, "auto or cpu: MPS is not available on this machine")
     return device
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that `device` can still allocate (None where that cannot be told): for a host, what the kernel reports
+    available (page cache included, which it gives back), not the free pages alone."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, RuntimeError):  # no /proc (macOS), no sysconf name, a CUDA query that fails
+        pass
+    return None
 
 
 def rng_state() -> dict:
