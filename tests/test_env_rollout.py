@@ -140,6 +140,35 @@ def test_an_envs_own_type_error_is_not_blamed_on_env_kwargs():
             make_env("BuggyTypeError-v0", seed=0, kwargs=kwargs)
 
 
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_a_value_of_the_wrong_type_in_env_kwargs_is_named_before_the_run_steps(num_envs):
+    """Pendulum's constructor takes g="abc" and fails only in its first step, inside the prefill."""
+    with pytest.raises(ConfigError) as err:
+        make_env("Pendulum-v1", seed=0, kwargs={"g": "abc"}, num_envs=num_envs)
+    assert err.value.key == "env.kwargs" and "{'g': 'abc'}" in str(err.value) and "TypeError" in str(err.value)
+
+
+class _FailsAtFirstStep(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, size: int = 3):
+        self.size = size
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        raise ValueError("a bug of the env's own, whatever its options")
+
+
+def test_an_env_that_fails_at_its_first_step_anyway_is_not_blamed_on_env_kwargs():
+    gym.register(id="FailsAtFirstStep-v0", entry_point=_FailsAtFirstStep)
+    with pytest.raises(ValueError, match="a bug of the env's own"):
+        make_env("FailsAtFirstStep-v0", seed=0, kwargs={"size": 4})
+
+
 class _NeedsBox2D(gym.Env):
     def __init__(self):
         raise gym.error.DependencyNotInstalled('Box2D is not installed, run `pip install "gymnasium[box2d]"`')

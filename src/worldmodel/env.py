@@ -112,7 +112,8 @@ def make_env(
     The observation stream is seeded by the collector's first `reset(seed=...)`, the gymnasium>=1.0 way.
     """
     check_env_id(id)
-    kwargs = dict(kwargs or {})
+    options = dict(kwargs or {})  # env.kwargs alone, for the check of their values below
+    kwargs = dict(options)
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     num_envs = int(num_envs)
@@ -126,7 +127,36 @@ def make_env(
         raise ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})") from err
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
+    if options:
+        _check_options(id, kwargs, options, seed)
     return env
+
+
+def _first_step(id: str, kwargs: dict, seed: int) -> None:
+    env = gym.make(id, **kwargs)
+    try:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        env.step(env.action_space.sample())
+    finally:
+        env.close()
+
+
+def _check_options(id: str, kwargs: dict, options: dict, seed: int) -> None:
+    """A value of the wrong type in env.kwargs (g=abc for Pendulum) is taken by the constructor and fails only at the
+    first step, deep in the env's code and after the run has started. One reset and one step of a throwaway env find
+    it now; the failure is put down to env.kwargs only if the env without them takes the same step."""
+    try:
+        _first_step(id, kwargs, seed)
+    except gym.error.DependencyNotInstalled:  # a package an option needs (render_mode=human: pygame): said as such
+        raise
+    except Exception as err:
+        try:
+            _first_step(id, {k: v for k, v in kwargs.items() if k not in options}, seed)
+        except Exception:
+            raise err from None  # the env fails without them too: its own problem, shown as it is
+        raise ConfigError("env.kwargs", options, f"values {id} can run with: with them its first reset and step "
+                          f"failed ({type(err).__name__}: {err}), without them they do") from err
 
 
 def vectorization(id: str, vectorization_mode: str | None) -> str:
