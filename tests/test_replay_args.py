@@ -172,3 +172,17 @@ def test_a_buffer_larger_than_the_free_memory_is_refused_before_allocating(monke
 def test_free_memory_is_known_for_the_host_and_unknown_elsewhere():
     assert 0 < free_memory(torch.device("cpu")) < 2**60
     assert free_memory(torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("stream, error", [(True, TypeError), (1.0, TypeError), (2, IndexError), (-1, IndexError)])
+def test_a_stream_that_is_not_an_integer_in_range_is_refused_by_every_call_and_nothing_is_written(stream, error):
+    """numpy reads True as a mask over every stream's pointer and 1.0 as an error of its own; one check for all."""
+    buf = buffer(rows=2, streams=2)
+    row = dict(obs=[1.0, 1.0, 1.0], action=[0.0], reward=9.0, next_obs=[2.0, 2.0, 2.0], terminated=False,
+               truncated=False)  # fmt: skip
+    for call in (lambda: buf.add(**row, stream=stream), lambda: buf.delete_oldest(1, stream=stream),
+                 lambda: buf.extend(**{k: np.asarray([v]) for k, v in row.items()}, stream=stream)):  # fmt: skip
+        with pytest.raises(error, match="stream"):
+            call()
+    assert buf.ring.sizes.tolist() == [2, 2] and buf.ring.ptrs.tolist() == [2, 2]
+    assert buf.delete_oldest(1, stream=np.int64(1)) == 1  # numpy integers are integers

@@ -239,10 +239,7 @@ class ReplayBuffer:
         """Deletes the oldest `n` transitions of `stream` (all it holds, if fewer), e.g. data of a policy long gone;
         returns how many. Windows are drawn from what remains, so none reaches a deleted row; a window that starts
         where the deleted data ended starts with `first` set, as every window does."""
-        n = count("n", n, minimum=0)
-        if not 0 <= operator.index(stream) < self.streams:
-            raise IndexError(f"stream {stream} does not exist: this buffer has streams 0 .. {self.streams - 1}")
-        return self.ring.drop_oldest(n, stream)
+        return self.ring.drop_oldest(count("n", n, minimum=0), stream)
 
     # ---- persistence --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

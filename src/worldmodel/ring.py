@@ -13,6 +13,7 @@ Two layout choices make reads fast and let the table live on any torch device:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from math import prod
 
@@ -26,6 +27,19 @@ Schema = Mapping[str, tuple[tuple[int, ...], np.dtype | type]]
 
 NUMPY_SCATTERED_ROWS = 1024
 WRITE_AS_ON_GPU = False  # tests set it: a host ring then writes as a GPU ring does (no numpy views, packed tables)
+
+
+def stream_index(stream, streams: int) -> int:
+    """`stream` as a Python int in 0 .. streams - 1: numpy would read True as a mask and 1.0 as an error of its own."""
+    try:
+        index = operator.index(stream)
+        if isinstance(stream, bool):  # an int to Python, but surely a flag passed in the wrong place
+            raise TypeError
+    except TypeError:
+        raise TypeError(f"stream must be an integer, got {stream!r}") from None
+    if not 0 <= index < streams:
+        raise IndexError(f"stream {stream} does not exist: this buffer has streams 0 .. {streams - 1}")
+    return index
 
 
 class TooLarge(MemoryError):
@@ -112,8 +126,7 @@ class RingBuffer:
         n = next(iter(lengths.values()))
         if any(length != n for length in lengths.values()):
             raise ValueError(f"{what}: columns have different lengths {lengths}; nothing was written")
-        if not 0 <= int(stream) < self.streams:
-            raise IndexError(f"stream {stream} out of range for a ring of {self.streams} streams")
+        stream = stream_index(stream, self.streams)
         rows = self._as_columns(rows, (n,), what)
         seg, ptr = self.stream_capacity, int(self.ptrs[stream])
         skip = max(0, n - seg)  # rows that would be overwritten within this same call
@@ -250,6 +263,7 @@ class RingBuffer:
         """Forgets the oldest `n` rows of `stream` (all it holds, if fewer); returns how many. The oldest stored row
         is the one `size` rows behind the write pointer, so a smaller size is all it takes: nothing moves, and later
         writes reuse the rows as they would any free one."""
+        stream = stream_index(stream, self.streams)
         dropped = min(int(n), int(self.sizes[stream]))
         self.sizes[stream] -= dropped
         return dropped
