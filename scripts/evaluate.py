@@ -46,7 +46,9 @@ def main(cfg: DictConfig) -> dict:
         print(f"{'horizon':>8} {'nmse':>12} {'copy-last':>12} {'reward mse':>12}")
         for h in result.report_horizons():
             print(f"{h:>8} {result.nmse[h - 1]:>12.3g} {result.copy_last_nmse[h - 1]:>12.3g} {result.reward_mse[h - 1]:>12.3g}")
-        print(f"termination accuracy {result.terminated_accuracy:.4f}")
+        recall = "no episode ends in a window" if result.terminated_recall is None else f"{result.terminated_recall:.3g}"
+        print(f"terminations predicted (recall, of {result.terminations}): {recall}; false alarms: "
+              f"{result.terminated_false_alarms:.3g}")
         out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
         out.write_text(json.dumps(metrics, indent=2))
         print(f"wrote {out}")

@@ -79,8 +79,25 @@ def test_open_loop_numbers_by_hand():
     rewards = np.array([[1, 1]] * 4 + [[0, 0]] * 2, float)
     np.testing.assert_allclose(res.reward_mse, ((0.5 - rewards) ** 2).mean(0), rtol=1e-12)
     # Window s=3 ends on row 5, the terminal step (a window's last row may end its episode): Drift says "no" there
-    # (probability 0 before horizon 3), so 11 of the 12 (window, horizon) termination calls are right.
-    assert res.windows == 6 and res.terminated_accuracy == pytest.approx(11 / 12)
+    # (probability 0 before horizon 3): the one termination is missed, and none of the 11 other steps is an alarm.
+    assert res.windows == 6 and res.terminations == 1
+    assert res.terminated_recall == 0.0 and res.terminated_false_alarms == 0.0
+    # Horizon 3 (windows of 4 rows: starts 0, 1, 2, 6): Drift says "yes" at horizon 3 in every window, which catches
+    # the termination of window 2 and is a false alarm in the other three, of 11 steps that do not end an episode.
+    res = open_loop(Drift(step=1.0), buffer, context=2, horizon=3)
+    assert res.windows == 4 and res.terminations == 1
+    assert res.terminated_recall == 1.0 and res.terminated_false_alarms == pytest.approx(3 / 11)
+    assert res.scalars()["eval/terminated_recall"] == 1.0 and res.as_dict()["terminated_false_alarms"] == 3 / 11
+
+
+def test_termination_recall_is_left_out_where_no_episode_ends_in_a_window():
+    """Pendulum only truncates: there is no termination to catch, and a recall of 0 or 1 would be made up."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(12):
+        buffer.add([t, 0], [0.0], 0.0, [t + 1, 0], False, t == 11)
+    res = open_loop(Drift(step=1.0), buffer, context=2, horizon=3)
+    assert res.terminations == 0 and res.terminated_recall is None and res.terminated_false_alarms == 1 / 3
+    assert "eval/terminated_recall" not in res.scalars() and res.as_dict()["terminated_recall"] is None
 
 
 def test_perfect_model_scores_zero_and_reports_requested_horizons():
@@ -169,7 +186,7 @@ def test_reported_horizons_always_include_the_last(horizon, reported):
         assert d[key][str(horizon)] == pytest.approx(float(getattr(res, key)[horizon - 1]))
     scalars = res.scalars()
     expected = {f"eval/{key}_h{h}" for key in ("nmse", "copy_last_nmse", "reward_mse") for h in reported}
-    assert set(scalars) == expected | {"eval/terminated_accuracy"}
+    assert set(scalars) == expected | {"eval/terminated_false_alarms"}  # no episode ends: no recall
     assert scalars[f"eval/nmse_h{horizon}"] == pytest.approx(float(res.nmse[-1]))
     assert res.nmse[-1] > 0 and (horizon == 1 or res.nmse[-1] > res.nmse[0])  # the value of horizon H, not of 1
 

@@ -40,7 +40,12 @@ class OpenLoopResult:
     nmse: np.ndarray  # [H], index h-1 is horizon h
     copy_last_nmse: np.ndarray  # [H]
     reward_mse: np.ndarray  # [H]
-    terminated_accuracy: float
+    # Termination, predicted where terminated_prob > 0.5. A window stays inside one episode, so a true termination
+    # can only be its last step (horizon H): accuracy over every step would be ~1 for a model that never predicts
+    # one. Recall is over the true terminations (None when the episodes held none), false alarms over the other steps.
+    terminations: int
+    terminated_recall: float | None
+    terminated_false_alarms: float
     windows: int
 
     @property
@@ -59,11 +64,15 @@ class OpenLoopResult:
             "nmse": {str(h): float(self.nmse[h - 1]) for h in hs},
             "copy_last_nmse": {str(h): float(self.copy_last_nmse[h - 1]) for h in hs},
             "reward_mse": {str(h): float(self.reward_mse[h - 1]) for h in hs},
-            "terminated_accuracy": self.terminated_accuracy,
+            "terminations": self.terminations,
+            "terminated_recall": self.terminated_recall,
+            "terminated_false_alarms": self.terminated_false_alarms,
         }
 
     def scalars(self, prefix: str = "eval/") -> dict[str, float]:
-        out = {f"{prefix}terminated_accuracy": self.terminated_accuracy}
+        out = {f"{prefix}terminated_false_alarms": self.terminated_false_alarms}
+        if self.terminated_recall is not None:
+            out[f"{prefix}terminated_recall"] = self.terminated_recall
         for h in self.report_horizons():
             out[f"{prefix}nmse_h{h}"] = float(self.nmse[h - 1])
             out[f"{prefix}copy_last_nmse_h{h}"] = float(self.copy_last_nmse[h - 1])
@@ -85,7 +94,7 @@ def open_loop(
         starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
     was_training = model.training
     model.eval()
-    sums = {k: 0.0 for k in ("model", "copy", "reward", "target", "target_sq", "correct")}
+    sums = {k: 0.0 for k in ("model", "copy", "reward", "target", "target_sq", "caught", "terminal", "alarms")}
     for chunk in np.array_split(starts, -(-len(starts) // batch_size)):
         b = buffer.gather(chunk, length)
         pred = model.imagine(b.obs[:, :context], b.action, b.first[:, :context])
@@ -95,7 +104,10 @@ def open_loop(
         sums["reward"] += ((pred["reward"].double() - b.reward[:, context - 1 :].double()) ** 2).sum(0)
         sums["target"] += target.sum((0, 1))
         sums["target_sq"] += (target**2).sum((0, 1))
-        sums["correct"] += ((pred["terminated_prob"] > 0.5) == b.terminated[:, context - 1 :]).sum().item()
+        said, true = pred["terminated_prob"] > 0.5, b.terminated[:, context - 1 :]
+        sums["caught"] += (said & true).sum().item()
+        sums["terminal"] += true.sum().item()
+        sums["alarms"] += (said & ~true).sum().item()
     model.train(was_training)
     n = len(starts)
     mean = sums["target"] / (n * horizon)
@@ -108,7 +120,9 @@ def open_loop(
         nmse=((sums["model"] / n) / var)[..., dims].mean(-1).cpu().numpy(),
         copy_last_nmse=((sums["copy"] / n) / var)[..., dims].mean(-1).cpu().numpy(),
         reward_mse=(sums["reward"] / n).cpu().numpy(),
-        terminated_accuracy=sums["correct"] / (n * horizon),
+        terminations=int(sums["terminal"]),
+        terminated_recall=sums["caught"] / sums["terminal"] if sums["terminal"] else None,
+        terminated_false_alarms=sums["alarms"] / (n * horizon - sums["terminal"]),
         windows=n,
     )
 
