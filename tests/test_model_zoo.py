@@ -113,6 +113,26 @@ def test_imagine_shapes_and_horizon_one_is_the_teacher_forced_prediction(name):
 
 
 @torch.no_grad()
+def test_rssm_logs_the_kl_itself_while_its_loss_stops_at_the_free_nats():
+    """train/kl and val/kl are the KL (as Dreamer logs it); only the loss clamps each step's KL at free_nats, where
+    neither the prior nor the posterior gets a KL gradient."""
+    from worldmodel.models.rssm import gaussian_kl
+
+    batch = random_batch()
+    model = fitted("rssm")
+    out = model(batch.obs, batch.action, batch.first)
+    kl = gaussian_kl(*out["post"], *out["prior"])  # balancing mixes two equal values: the KL itself
+    model.free_nats = float(kl.max()) + 5.0  # every step under the floor
+    total, terms = model.loss(batch)
+    assert terms["kl"].item() == pytest.approx(kl.mean().item(), rel=1e-5) and terms["kl"] < model.free_nats
+    rest = terms["obs"] + model.reward_coef * terms["reward"] + model.terminated_coef * terms["terminated"]
+    rest = rest + model.recon_coef * terms["recon"]
+    assert total.item() == pytest.approx((rest + model.kl_coef * model.free_nats).item(), rel=1e-5)
+    model.free_nats = 0.0
+    total, terms = model.loss(batch)
+    assert total.item() == pytest.approx((rest + model.kl_coef * kl.mean()).item(), rel=1e-5)
+
+
 def test_ensemble_rolls_out_on_its_own_mean_prediction():
     model = fitted("mlp_ensemble")
     g = torch.Generator().manual_seed(3)
