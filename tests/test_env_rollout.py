@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worldmodel import Collector, ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.rollout import StickyRandomPolicy
+from worldmodel.runtime import seed_everything
 
 
 def collect(env_id: str, steps: int, seed: int = 0) -> ReplayBuffer:
@@ -167,6 +171,42 @@ def test_an_env_that_fails_at_its_first_step_anyway_is_not_blamed_on_env_kwargs(
     gym.register(id="FailsAtFirstStep-v0", entry_point=_FailsAtFirstStep)
     with pytest.raises(ValueError, match="a bug of the env's own"):
         make_env("FailsAtFirstStep-v0", seed=0, kwargs={"size": 4})
+
+
+class _DrawsFromGlobalRandomness(gym.Env):
+    """Research code often draws from np.random / torch / random directly; one instance alive at a time (a port)."""
+
+    observation_space = gym.spaces.Box(-10.0, 10.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+    alive = 0
+
+    def __init__(self, scale: float = 1.0):
+        if _DrawsFromGlobalRandomness.alive:
+            raise OSError("address already in use")
+        _DrawsFromGlobalRandomness.alive += 1
+        self.scale = scale
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        noise = np.random.uniform(size=2) + torch.rand(2).numpy() + random.random()
+        return (self.scale * noise).astype(np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    def close(self):
+        _DrawsFromGlobalRandomness.alive -= 1
+
+
+def test_checking_env_kwargs_leaves_global_randomness_alone_and_never_holds_two_envs():
+    """The check's throwaway env must not shift a seeded run's numbers, nor exist beside the run's own env."""
+    gym.register(id="DrawsFromGlobalRandomness-v0", entry_point=_DrawsFromGlobalRandomness)
+    seed_everything(0)
+    expected = (np.random.uniform(), torch.rand(1).item(), random.random())
+    seed_everything(0)
+    env = make_env("DrawsFromGlobalRandomness-v0", seed=0, kwargs={"scale": 2.0})
+    assert (np.random.uniform(), torch.rand(1).item(), random.random()) == expected
+    env.close()
 
 
 class _NeedsBox2D(gym.Env):

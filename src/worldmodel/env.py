@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 
 from worldmodel.errors import ConfigError
+from worldmodel.runtime import rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -117,19 +118,24 @@ def make_env(
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     num_envs = int(num_envs)
+    if options:  # before the env itself: an env may allow one instance at a time (a port, a device)
+        _check_options(id, kwargs, options, seed)
     try:
         env = _make(id, kwargs, num_envs, vectorization_mode)
     except gym.error.DependencyNotInstalled as err:
         raise ConfigError("env.id", id, f"an env whose dependencies are installed: {err}") from None
-    except TypeError as err:  # gymnasium passes env.kwargs to the env's constructor: one it does not take?
-        if not any(f"keyword argument '{key}'" in str(err) for key in kwargs):
-            raise
-        raise ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})") from err
+    except TypeError as err:
+        raise _unknown_keyword(id, kwargs, err) or err
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
-    if options:
-        _check_options(id, kwargs, options, seed)
     return env
+
+
+def _unknown_keyword(id: str, kwargs: dict, err: TypeError) -> ConfigError | None:
+    """gymnasium passes env.kwargs to the env's constructor: is `err` its refusal of one of them?"""
+    if not any(f"keyword argument '{key}'" in str(err) for key in kwargs):
+        return None
+    return ConfigError("env.kwargs", kwargs, f"keyword arguments that {id}'s constructor accepts ({err})")
 
 
 def _first_step(id: str, kwargs: dict, seed: int) -> None:
@@ -142,21 +148,34 @@ def _first_step(id: str, kwargs: dict, seed: int) -> None:
         env.close()
 
 
+#: (id, env.kwargs) already taken through a first step in this process: the run's held-out env has the same options.
+_CHECKED: set[tuple[str, str]] = set()
+
+
 def _check_options(id: str, kwargs: dict, options: dict, seed: int) -> None:
     """A value of the wrong type in env.kwargs (g=abc for Pendulum) is taken by the constructor and fails only at the
     first step, deep in the env's code and after the run has started. One reset and one step of a throwaway env find
-    it now; the failure is put down to env.kwargs only if the env without them takes the same step."""
+    it now; the failure is put down to env.kwargs only if the env without them takes the same step. The global random
+    streams are left as they were, since an env may draw from them: a seeded run's numbers do not change."""
+    if (id, repr(kwargs)) in _CHECKED:
+        return
+    state = rng_state()
     try:
         _first_step(id, kwargs, seed)
     except gym.error.DependencyNotInstalled:  # a package an option needs (render_mode=human: pygame): said as such
         raise
     except Exception as err:
+        if isinstance(err, TypeError) and (unknown := _unknown_keyword(id, kwargs, err)):
+            raise unknown from err
         try:
             _first_step(id, {k: v for k, v in kwargs.items() if k not in options}, seed)
         except Exception:
             raise err from None  # the env fails without them too: its own problem, shown as it is
         raise ConfigError("env.kwargs", options, f"values {id} can run with: with them its first reset and step "
                           f"failed ({type(err).__name__}: {err}), without them they do") from err
+    finally:
+        set_rng_state(state)
+    _CHECKED.add((id, repr(kwargs)))
 
 
 def vectorization(id: str, vectorization_mode: str | None) -> str:
