@@ -33,8 +33,8 @@ def stream_index(stream, streams: int) -> int:
     """`stream` as a Python int in 0 .. streams - 1: numpy would read True as a mask and 1.0 as an error of its own."""
     try:
         index = operator.index(stream)
-        if isinstance(stream, bool):  # an int to Python, but surely a flag passed in the wrong place
-            raise TypeError
+        if isinstance(stream, bool) or str(getattr(stream, "dtype", "")) in ("bool", "torch.bool"):
+            raise TypeError  # an int to Python (and a bool tensor's __index__), but surely a flag in the wrong place
     except TypeError:
         raise TypeError(f"stream must be an integer, got {stream!r}") from None
     if not 0 <= index < streams:
