@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> dict:
         spec = payload["env_spec"]
         # The dataset goes through the same buffer as training data, so windows follow the same episode rules.
         episodes = load_dataset(cfg.data, spec["obs_dim"], spec["action_dim"], key="data", discrete=spec["discrete"])
-        buffer = ReplayBuffer(int(episodes["lengths"].sum()), spec["obs_dim"], spec["action_dim"], device=device)
+        buffer = ReplayBuffer(int(episodes["lengths"].sum()), spec["obs_dim"], spec["action_dim"], device=device,
+                              capacity_key=f"the transitions in data={cfg.data}", device_key="device")  # fmt: skip
         episodes_to_buffer(buffer, episodes)
         result = open_loop(model, buffer, cfg.context, cfg.horizon, max_windows=cfg.max_windows)
         if result is None:
@@ -46,9 +47,9 @@ def main(cfg: DictConfig) -> dict:
         print(f"{'horizon':>8} {'nmse':>12} {'copy-last':>12} {'reward mse':>12}")
         for h in result.report_horizons():
             print(f"{h:>8} {result.nmse[h - 1]:>12.3g} {result.copy_last_nmse[h - 1]:>12.3g} {result.reward_mse[h - 1]:>12.3g}")
-        recall = "no episode ends in a window" if result.terminated_recall is None else f"{result.terminated_recall:.3g}"
-        print(f"terminations predicted (recall, of {result.terminations}): {recall}; false alarms: "
-              f"{result.terminated_false_alarms:.3g}")
+        recall, alarms = ("none to score" if rate is None else f"{rate:.3g}"
+                          for rate in (result.terminated_recall, result.terminated_false_alarms))  # fmt: skip
+        print(f"terminations {result.terminations}: predicted (recall) {recall}; false alarms {alarms}")
         out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
         out.write_text(json.dumps(metrics, indent=2))
         print(f"wrote {out}")

@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> float:
         # A resumed run's buffer comes whole from its checkpoint: its dataset file is not read again (it may have moved).
         dataset = None if resume_from else cfg.buffer.dataset
         buffer = instantiate(cfg.buffer, **dims, streams=streams, device=storage, batch_device=device, seed=cfg.seed,
-                             dataset=dataset, discrete_actions=spec.discrete)  # fmt: skip
+                             dataset=dataset, discrete_actions=spec.discrete, capacity_key="buffer.capacity")  # fmt: skip
         model = instantiate(cfg.model, **dims)
         trainer = instantiate(cfg.trainer, device=device)
 
@@ -67,7 +67,8 @@ def main(cfg: DictConfig) -> float:
         # Held-out data in full precision whatever buffer.obs_dtype stores: targets rounded to bfloat16 would
         # penalise the metric itself (val_steps rows: the memory saved would be nothing).
         val_buffer = instantiate(cfg.buffer, **dims, capacity=cfg.trainer.val_steps, device=storage,
-                                 batch_device=device, seed=val_seed, dataset=None, obs_dtype="float32")  # fmt: skip
+                                 batch_device=device, seed=val_seed, dataset=None, obs_dtype="float32",
+                                 capacity_key="trainer.val_steps")  # fmt: skip
         val_policy = RandomPolicy(val_env.action_space, val_seed)
         val_collector = make_collector(val_env, val_buffer, val_policy, seed=val_seed, spec=spec)
 

@@ -90,6 +90,17 @@ def test_open_loop_numbers_by_hand():
     assert res.scalars()["eval/terminated_recall"] == 1.0 and res.as_dict()["terminated_false_alarms"] == 3 / 11
 
 
+def test_false_alarms_are_left_out_where_every_scored_step_ends_an_episode():
+    """Episodes of exactly C + H - 1 = 5 steps scored at horizon 1: every scored step is a termination."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for _ in range(3):
+        for t in range(5):
+            buffer.add([t, 0], [0.0], 0.0, [t + 1, 0], t == 4, False)
+    res = open_loop(Drift(step=1.0), buffer, context=5, horizon=1)
+    assert res.windows == 3 and res.terminations == 3 and res.terminated_recall == 0.0
+    assert res.terminated_false_alarms is None and "eval/terminated_false_alarms" not in res.scalars()
+
+
 def test_termination_recall_is_left_out_where_no_episode_ends_in_a_window():
     """Pendulum only truncates: there is no termination to catch, and a recall of 0 or 1 would be made up."""
     buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)

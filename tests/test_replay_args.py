@@ -10,7 +10,7 @@ import torch
 import worldmodel.ring
 from worldmodel.errors import NotEnoughDataError, WorldModelError
 from worldmodel.replay import ReplayBuffer
-from worldmodel.runtime import free_memory
+from worldmodel.runtime import cgroup_memory_room, free_memory
 
 
 def buffer(rows: int = 6, obs_dtype: str = "float32", streams: int = 1) -> ReplayBuffer:
@@ -154,17 +154,24 @@ def test_none_is_refused_rather_than_stored_as_nan_or_false():
     assert len(buf) == 2
 
 
-@pytest.mark.parametrize("obs_dtype, hint", [("float32", "buffer.obs_dtype=float16"), ("float16", None)])
-def test_a_buffer_larger_than_the_free_memory_is_refused_before_allocating(monkeypatch, obs_dtype, hint):
+@pytest.mark.parametrize(
+    "obs_dtype, key, hint",
+    [
+        ("float32", "buffer.capacity", "buffer.obs_dtype=float16"),
+        ("float16", "buffer.capacity", None),  # already half size
+        ("float32", "trainer.val_steps", None),  # the held-out buffer is float32 whatever buffer.obs_dtype says
+    ],
+)
+def test_a_buffer_larger_than_the_free_memory_is_refused_before_allocating(monkeypatch, obs_dtype, key, hint):
     """An oversized ring would otherwise fail in torch's allocator (naming bytes, not a key) or, where the kernel
-    overcommits, be killed mid-run by the OOM killer."""
+    overcommits, be killed mid-run by the OOM killer. The message names the key that set the size."""
     row = 2 * 3 * (4 if obs_dtype == "float32" else 2) + 4 + 4 + 2  # obs and next_obs, action, reward, two flags
     monkeypatch.setattr(worldmodel.ring, "free_memory", lambda device: 10 * row)
     ReplayBuffer(10, obs_dim=3, action_dim=1, obs_dtype=obs_dtype)  # exactly fits
     with pytest.raises(WorldModelError) as err:
-        ReplayBuffer(11, obs_dim=3, action_dim=1, obs_dtype=obs_dtype)
+        ReplayBuffer(11, obs_dim=3, action_dim=1, obs_dtype=obs_dtype, capacity_key=key)
     message = str(err.value)
-    assert "capacity=11 (buffer.capacity" in message and f"rows of {row} bytes" in message
+    assert f"capacity=11 ({key})" in message and f"rows of {row} bytes" in message
     assert "at most 10 rows would fit" in message
     assert (hint in message) if hint else "obs_dtype" not in message
 
@@ -186,3 +193,43 @@ def test_a_stream_that_is_not_an_integer_in_range_is_refused_by_every_call_and_n
             call()
     assert buf.ring.sizes.tolist() == [2, 2] and buf.ring.ptrs.tolist() == [2, 2]
     assert buf.delete_oldest(1, stream=np.int64(1)) == 1  # numpy integers are integers
+
+
+def fake_cgroups(tmp_path, mountinfo: list[str], cgroup: list[str], files: dict[str, str]):
+    """A /proc/self and cgroup mounts under tmp_path; `files` maps paths under it to their contents."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mountinfo").write_text("\n".join(line.format(root=tmp_path) for line in mountinfo) + "\n")
+    (proc / "cgroup").write_text("\n".join(cgroup) + "\n")
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    return proc
+
+
+def test_the_memory_cgroup_of_a_slurm_job_or_container_caps_the_free_memory(tmp_path):
+    """SLURM's --mem and docker's --memory are cgroup limits: MemAvailable shows the whole node, the OOM killer
+    enforces the limit. The smallest room left at any level counts (v2 here: a job inside a capped parent)."""
+    proc = fake_cgroups(
+        tmp_path,
+        ["30 25 0:26 / {root}/cg rw,nosuid - cgroup2 cgroup2 rw"],
+        ["0::/slurm/job_7"],
+        {"cg/slurm/job_7/memory.max": "17179869184\n", "cg/slurm/job_7/memory.current": "1073741824\n",
+         "cg/slurm/memory.max": "8589934592\n", "cg/slurm/memory.current": "8053063680\n",
+         "cg/memory.current": "9000000000\n"},  # fmt: skip
+    )
+    assert cgroup_memory_room(proc) == 8589934592 - 8053063680  # the parent's 0.5 GiB, not the job's 15 GiB
+
+
+def test_a_memory_cgroup_without_a_limit_leaves_the_machines_figure(tmp_path):
+    """cgroup v1 writes "no limit" as a number near 2**63; v2 as max. A container's mount root maps its own path."""
+    proc = fake_cgroups(
+        tmp_path,
+        ["40 25 0:30 /docker/abc {root}/mem rw - cgroup cgroup rw,memory",
+         "41 25 0:31 / {root}/cpu rw - cgroup cgroup rw,cpu"],
+        ["4:memory:/docker/abc", "3:cpu:/docker/abc"],
+        {"mem/memory.limit_in_bytes": "9223372036854771712\n", "mem/memory.usage_in_bytes": "12345\n"},
+    )
+    assert cgroup_memory_room(proc) is None
+    (tmp_path / "mem" / "memory.limit_in_bytes").write_text("4294967296\n")  # docker --memory=4g
+    assert cgroup_memory_room(proc) == 4294967296 - 12345

@@ -79,7 +79,8 @@ def _path(cfg: DictConfig, key: str, what: str) -> str:
 
 
 #: Arguments the scripts pass to the _target_s themselves, from the env and the run (not config keys).
-SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions")
+SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions", "capacity_key",
+                    "device_key")
 
 
 def _known_keys(cfg: DictConfig, group: str) -> None:

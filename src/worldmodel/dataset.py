@@ -182,14 +182,15 @@ def collect_episodes(env, spec, policy, episodes: int, seed: int, chunk: int = 1
     limit = env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else 1000
     # Room for every episode at its time limit, up to 2^16 rows: most episodes end far sooner (random CartPole: ~22 of
     # 500 steps), so a buffer for the worst case (100k episodes: 2 GB) would mostly stay empty. It grows when needed.
-    buffer = ReplayBuffer(min(episodes * limit, 1 << 16) + chunk, spec.obs_dim, spec.action_dim)
+    grown_by = f"episodes={episodes} of up to {limit} steps"  # what sets the size, for an error
+    buffer = ReplayBuffer(min(episodes * limit, 1 << 16) + chunk, spec.obs_dim, spec.action_dim, capacity_key=grown_by)
     collector = Collector(env, buffer, policy, seed=seed, spec=spec)
     done = 0
     while done < episodes:
         if len(buffer) + chunk >= buffer.capacity:
             # Longer episodes than the guess (an env without a time limit): a bigger buffer, so that nothing recorded
             # is overwritten and every episode keeps its first steps.
-            bigger = ReplayBuffer(2 * buffer.capacity, spec.obs_dim, spec.action_dim)
+            bigger = ReplayBuffer(2 * buffer.capacity, spec.obs_dim, spec.action_dim, capacity_key=grown_by)
             bigger.extend(**buffer[:])
             buffer = collector.buffer = bigger
         done += len(collector.collect(chunk).episode_returns)

@@ -42,10 +42,10 @@ class OpenLoopResult:
     reward_mse: np.ndarray  # [H]
     # Termination, predicted where terminated_prob > 0.5. A window stays inside one episode, so a true termination
     # can only be its last step (horizon H): accuracy over every step would be ~1 for a model that never predicts
-    # one. Recall is over the true terminations (None when the episodes held none), false alarms over the other steps.
+    # one. Recall is over the true terminations, false alarms over the other steps (each None where there are none).
     terminations: int
     terminated_recall: float | None
-    terminated_false_alarms: float
+    terminated_false_alarms: float | None
     windows: int
 
     @property
@@ -70,9 +70,8 @@ class OpenLoopResult:
         }
 
     def scalars(self, prefix: str = "eval/") -> dict[str, float]:
-        out = {f"{prefix}terminated_false_alarms": self.terminated_false_alarms}
-        if self.terminated_recall is not None:
-            out[f"{prefix}terminated_recall"] = self.terminated_recall
+        rates = {"terminated_recall": self.terminated_recall, "terminated_false_alarms": self.terminated_false_alarms}
+        out = {f"{prefix}{name}": rate for name, rate in rates.items() if rate is not None}
         for h in self.report_horizons():
             out[f"{prefix}nmse_h{h}"] = float(self.nmse[h - 1])
             out[f"{prefix}copy_last_nmse_h{h}"] = float(self.copy_last_nmse[h - 1])
@@ -122,7 +121,7 @@ def open_loop(
         reward_mse=(sums["reward"] / n).cpu().numpy(),
         terminations=int(sums["terminal"]),
         terminated_recall=sums["caught"] / sums["terminal"] if sums["terminal"] else None,
-        terminated_false_alarms=sums["alarms"] / (n * horizon - sums["terminal"]),
+        terminated_false_alarms=sums["alarms"] / (n * horizon - sums["terminal"]) if n * horizon > sums["terminal"] else None,
         windows=n,
     )
 

@@ -103,23 +103,27 @@ class ReplayBuffer:
         obs_dtype: str = "float32",
         batch_device: str | torch.device | None = None,
         discrete_actions: bool | None = None,
+        capacity_key: str | None = None,
+        device_key: str = "buffer.device",
     ):
+        """capacity_key, device_key: what set the capacity and the device (config keys, for the errors), e.g.
+        buffer.capacity, or trainer.val_steps for a run's held-out buffer."""
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         batch_device = None if batch_device is None else torch.device(batch_device)
-        self.device = resolve_device(device, key="buffer.device", auto=batch_device or torch.device("cpu"))
+        self.device = resolve_device(device, key=device_key, auto=batch_device or torch.device("cpu"))
         self.batch_device = batch_device or self.device
         store = obs_storage_dtype(obs_dtype)
         self.obs_dtype = obs_dtype
         try:
             self.ring = self._ring(capacity, store, streams)
         except TooLarge as err:
-            remedies = ["lower the capacity"]
-            if obs_dtype == "float32":
+            remedies = ["lower it"]
+            if obs_dtype == "float32" and capacity_key == "buffer.capacity":  # the held-out buffer is always float32
                 remedies.append("store observations as float16 (buffer.obs_dtype=float16)")
             if self.device.type == "cuda":
-                remedies.append("keep the ring on the host (buffer.device=cpu)")
-            raise WorldModelError(f"The replay buffer does not fit: capacity={capacity} (buffer.capacity; for the "
-                                  f"held-out buffer, trainer.val_steps) at obs_dim {self.obs_dim} and action_dim "
+                remedies.append(f"keep the ring on the host ({device_key}=cpu)")
+            given = f"capacity={capacity}" + (f" ({capacity_key})" if capacity_key else "")
+            raise WorldModelError(f"The replay buffer does not fit: {given} at obs_dim {self.obs_dim} and action_dim "
                                   f"{self.action_dim}: {err}. Nothing was allocated; "
                                   f"{', '.join(remedies[:-1]) + ' or ' if len(remedies) > 1 else ''}{remedies[-1]}.")  # fmt: skip
         # Host storage feeding a CUDA model: gather into page-locked memory so the copy to the GPU is asynchronous.

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,20 +55,54 @@ def resolve_device(name: str, key: str = "trainer.device", auto: torch.device | 
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that `device` can still allocate (None where that cannot be told): for a host, what the kernel reports
-    available (page cache included, which it gives back), not the free pages alone."""
+    """Bytes that `device` can still allocate (None where that cannot be told). For a host: what the kernel reports
+    available (page cache included, which it gives back), or less where this process's cgroup caps it (SLURM's --mem,
+    docker --memory), since the cgroup's OOM killer ends the run whatever the machine has."""
     try:
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]
         if device.type == "cpu":
             with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, RuntimeError):  # no /proc (macOS), no sysconf name, a CUDA query that fails
+                available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+            try:
+                room = cgroup_memory_room()
+            except (OSError, ValueError, IndexError):  # a layout not foreseen: the machine's figure alone
+                room = None
+            return available if room is None else min(available, room)
+    except (OSError, RuntimeError, StopIteration):  # no /proc (macOS), a CUDA query that fails
         pass
     return None
+
+
+def cgroup_memory_room(proc: Path = Path("/proc/self")) -> int | None:
+    """Limit minus usage of this process's memory cgroup and of each one above it (the smallest), in cgroup v2 or v1;
+    None where no limit is set. Paths come from proc/mountinfo and proc/cgroup, as a container or a job sees them."""
+    mounts = {}  # "v1" / "v2" -> (the hierarchy's path at the mount, the mount point)
+    for line in (proc / "mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3]
+        if fstype == "cgroup2" or (fstype == "cgroup" and "memory" in options.split(",")):
+            mounts.setdefault("v2" if fstype == "cgroup2" else "v1", (fields[3], Path(fields[4])))
+    files = {"v2": ("memory.max", "memory.current"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
+    rooms = []
+    for line in (proc / "cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version not in mounts:
+            continue
+        root, point = mounts[version]
+        inside = os.path.relpath(path, root) if (path + "/").startswith(root.rstrip("/") + "/") else "."
+        limit_file, usage_file = files[version]
+        for level in [point / inside, *(point / inside).parents]:
+            try:
+                limit, usage = (level / limit_file).read_text().strip(), int((level / usage_file).read_text())
+            except (OSError, ValueError):
+                limit = "max"
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a number near 2**63
+                rooms.append(int(limit) - usage)
+            if level == point:
+                break
+    return max(0, min(rooms)) if rooms else None
 
 
 def rng_state() -> dict:
