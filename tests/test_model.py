@@ -246,11 +246,12 @@ def test_open_loop_term_is_imagine_scored_up_to_the_first_reset(head_layers):
     k steps, with every step from an episode start onwards left out of both the sum and the count."""
     k, T = 4, 8
     model = fitted_model(head_layers=head_layers, open_loop_steps=k).double()
-    batch = transition_batch(b=5, t=T, dtype=torch.float64)
+    batch = transition_batch(b=6, t=T, dtype=torch.float64)
     batch.first[1, 5] = True  # a reset inside the imagined part: rows 5..7 unscored, row 4 scored
     batch.first[2, 4] = True  # a reset at its first imagined row: nothing of this window scored
     batch.first[3, 6] = batch.first[3, 7] = True  # two resets: rows 4, 5 scored
     batch.first[4, 2] = True  # a reset among the observed rows: imagine starts from it too
+    batch.first[5, 3] = True  # a reset at the last observed row (c - 1): imagine starts from it, rows 4..7 scored
     _, terms = model.loss(batch)
     expected = open_loop_by_imagine(model, batch, k)
     torch.testing.assert_close(terms["open_loop"], expected, rtol=1e-7, atol=1e-9)
@@ -259,6 +260,18 @@ def test_open_loop_term_is_imagine_scored_up_to_the_first_reset(head_layers):
     for name in ("obs", "reward", "terminated"):
         torch.testing.assert_close(terms[name], closed[name])
     assert closed["open_loop"] == 0
+
+
+@pytest.mark.parametrize("open_loop_steps", [7, 8])  # T - 1 and T
+def test_open_loop_steps_of_a_whole_window_imagine_all_but_its_first_row(open_loop_steps):
+    """open_loop_steps >= seq_len - 1 imagines from the first row alone: k = T - 1 steps (horizons 2..T), the most a
+    window of T rows holds, not one fewer; a larger setting is that same term."""
+    T = 8
+    model = fitted_model(open_loop_steps=open_loop_steps).double()
+    batch = transition_batch(b=3, t=T, dtype=torch.float64)
+    batch.first[1, 6] = True  # a reset late in the window: rows 1..5 scored
+    _, terms = model.loss(batch)
+    torch.testing.assert_close(terms["open_loop"], open_loop_by_imagine(model, batch, T - 1), rtol=1e-7, atol=1e-9)
 
 
 def test_a_dimension_constant_in_the_fitted_data_is_only_centered():

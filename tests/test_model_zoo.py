@@ -131,6 +131,74 @@ def test_rssm_logs_the_kl_itself_while_its_loss_stops_at_the_free_nats():
     model.free_nats = 0.0
     total, terms = model.loss(batch)
     assert total.item() == pytest.approx((rest + model.kl_coef * kl.mean()).item(), rel=1e-5)
+    # With the floor inside the KL's range, each row is clamped on its own: rows under it count as free_nats, rows
+    # above it as their KL (clamping the mean instead would let large rows pay for small ones).
+    model.free_nats = float(kl.flatten().median())
+    assert kl.min() < model.free_nats < kl.max()
+    total, _ = model.loss(batch)
+    per_row = rest + model.kl_coef * kl.clamp_min(model.free_nats).mean()
+    assert total.item() == pytest.approx(per_row.item(), rel=1e-5)
+    assert per_row.item() != pytest.approx((rest + model.kl_coef * kl.mean().clamp_min(model.free_nats)).item())
+
+
+def test_rssm_gaussian_kl_is_the_kl_of_diagonal_normals():
+    """gaussian_kl(q, p) is KL(q || p) summed over the latent dimensions: the KL term and its free nats are in nats
+    per row only if the mean difference is scaled by the prior's std (not the posterior's)."""
+    from worldmodel.models.rssm import gaussian_kl
+
+    g = torch.Generator().manual_seed(6)
+    mean_q, mean_p = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    std_q, std_p = 0.1 + torch.rand(4, 5, 8, generator=g) * 2, 0.1 + torch.rand(4, 5, 8, generator=g) * 2
+    q, p = torch.distributions.Normal(mean_q, std_q), torch.distributions.Normal(mean_p, std_p)
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mean_q, std_q, mean_p, std_p), expected)
+
+
+def test_rssm_reconstructs_the_rows_own_observation():
+    """The decoder reconstructs obs_t from (h_t, z_t), the state that has filtered obs_t: "recon" is its MSE against
+    the normalized obs of the same row, not next_obs (which the transition heads predict)."""
+    batch = random_batch()
+    model = fitted("rssm")
+    with torch.no_grad():
+        out = model(batch.obs, batch.action, batch.first)
+        _, terms = model.loss(batch)
+    norm = model.normalizer
+    expected = ((out["recon"] - norm.normalize("obs", batch.obs)) ** 2).mean()
+    torch.testing.assert_close(terms["recon"], expected)
+    assert not torch.allclose(expected, ((out["recon"] - norm.normalize("obs", batch.next_obs)) ** 2).mean())
+
+
+def prior_grad(model, batch) -> torch.Tensor:
+    """The gradient of model.loss(batch) with respect to every prior_net parameter, flattened (zeros where none)."""
+    model.zero_grad()
+    model.loss(batch)[0].backward()
+    params = list(model.prior_net.parameters())
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+
+def test_rssm_prior_is_trained_by_the_kl_alone():
+    """The transition heads read the prior mean behind a stop-gradient (as in Dreamer): with kl_coef=0 nothing in
+    the loss reaches prior_net, so the prior stays an estimate of the posterior rather than a feature of the heads."""
+    model = fitted("rssm")  # eval mode: latents at their means, so the loss is deterministic
+    model.free_nats, model.kl_coef = 0.0, 0.0
+    assert prior_grad(model, random_batch()).abs().max() == 0
+    model.kl_coef = 0.1  # the KL alone does train it
+    assert prior_grad(model, random_batch()).abs().sum() > 0
+
+
+def test_rssm_kl_balance_is_the_share_of_the_kl_that_trains_the_prior():
+    """kl_balance weights the side of the KL whose gradient reaches the prior (conf/model/rssm.yaml: "share of the KL
+    that trains the prior"): at 0 the prior gets no gradient, at 1 all of it, and in between that share of it."""
+    batch = random_batch()
+    model = fitted("rssm")
+    model.free_nats = 0.0  # no row under the floor, where the clamp would stop the KL gradient
+    grads = {}
+    for balance in (0.0, 0.8, 1.0):
+        model.kl_balance = balance
+        grads[balance] = prior_grad(model, batch)
+    assert grads[0.0].abs().max() == 0
+    assert grads[1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[0.8], 0.8 * grads[1.0])
 
 
 def test_ensemble_rolls_out_on_its_own_mean_prediction():
@@ -266,6 +334,22 @@ def test_ensemble_bootstrap_is_each_member_training_on_its_own_resample():
     model.eval()  # no resampling in validation: every member scores every row
     _, plain = model.loss(batch)
     assert not torch.allclose(plain["nll"], terms["nll"])
+
+
+def test_ensemble_logvar_bounds_penalty_is_in_the_training_loss_only():
+    """The penalty on the log-variance bounds is a regularizer, like weight decay: the training loss adds
+    logvar_coef * (sum max_logvar - sum min_logvar), while val/loss is the objective itself, nll + terminated_coef *
+    terminated, comparable whatever logvar_coef is."""
+    model = fitted("mlp_ensemble")  # eval mode, as in Trainer.evaluate
+    batch = random_batch()
+    with torch.no_grad():
+        total, terms = model.loss(batch)
+        torch.testing.assert_close(total, terms["nll"] + model.terminated_coef * terms["terminated"])
+        model.train()
+        total, terms = model.loss(batch)
+    penalty = model.logvar_coef * (model.max_logvar.sum() - model.min_logvar.sum())
+    assert penalty > 0
+    torch.testing.assert_close(total, terms["nll"] + model.terminated_coef * terms["terminated"] + penalty)
 
 
 @torch.no_grad()
