@@ -50,6 +50,14 @@ def malformed(data, key, value):
     return {**data, key: value}
 
 
+def nan_in_final_observations(data):
+    """NaN at obs[i, lengths[i]] alone: each episode's final observation, the last transition's next_obs target (the
+    padding after it may hold anything)."""
+    obs = data["obs"].copy()
+    obs[np.arange(len(obs)), data["lengths"]] = np.nan
+    return malformed(data, "obs", obs)
+
+
 @pytest.mark.parametrize(
     "break_it, message",
     [
@@ -61,6 +69,7 @@ def malformed(data, key, value):
         (lambda d: malformed(d, "actions", d["actions"] + 5), "outside 0..1"),
         (lambda d: malformed(d, "obs", np.where(np.arange(d["obs"].shape[1])[None, :, None] == 1, np.nan, d["obs"])),
          "`obs` holds"),
+        (nan_in_final_observations, "`obs` holds 12 NaN/inf"),  # 3 episodes x 4 CartPole dims
         (lambda d: malformed(d, "terminated", d["terminated"] * 0.5), "`terminated` has shape"),
         (lambda d: malformed(d, "truncated", d["truncated"].astype(str)), "booleans (or 0/1 numbers)"),
         (lambda d: malformed(d, "actions", d["actions"].astype(np.float32)), "integer action indices (Discrete"),

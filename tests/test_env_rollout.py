@@ -269,3 +269,46 @@ def test_sticky_policy_repeats_its_action_with_the_given_probability(space):
     assert 0.85 < held < 0.96  # 0.9 + 0.1 x chance
     fresh = repeat_rate(0.0)
     assert chance - 0.05 <= fresh < chance + 0.05
+
+
+@pytest.mark.parametrize(
+    "space", [gym.spaces.Discrete(4), gym.spaces.Box(-2.0, 2.0, (1,), np.float32)], ids=["discrete", "box"]
+)
+def test_a_sticky_policy_restored_from_its_state_continues_with_the_same_actions(space):
+    """The sticky policy's state is its RNG and the action it holds: a policy restored from a checkpoint (another
+    seed, nothing held yet) must go on with exactly the actions of one that never stopped, repeating the held action
+    where that one would, not drawing a fresh one."""
+    run = StickyRandomPolicy(space, seed=3, repeat_prob=0.9)
+    for _ in range(25):
+        run(None)
+    state = run.state_dict()
+    expected = [np.asarray(run(None)) for _ in range(50)]
+    resumed = StickyRandomPolicy(space, seed=99, repeat_prob=0.9)
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(np.stack([np.asarray(resumed(None)) for _ in range(50)]), np.stack(expected))
+
+
+def test_a_collector_restored_mid_episode_reports_the_whole_episodes_return_and_length():
+    """A checkpoint 50 steps into a Pendulum episode (200 steps) resumes into a fresh collector, env and buffer that
+    store the same rows and report the same episodes as a run that never stopped: the episode in progress counts its
+    steps and reward from before the checkpoint too (length 200, not 150)."""
+
+    def collector(seed: int) -> Collector:
+        env = make_env("Pendulum-v1", seed=seed)
+        spec = env_spec(env)
+        buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, seed=seed)
+        return Collector(env, buffer, RandomPolicy(env.action_space, seed), seed=seed)
+
+    run = collector(0)
+    run.collect(50)
+    state, saved = run.state_dict(), run.buffer.state_dict()
+    expected = run.collect(350)
+    resumed = collector(99)  # another seed: everything must come from the checkpoint
+    resumed.buffer.load_state_dict(saved)
+    resumed.load_state_dict(state)
+    stats = resumed.collect(350)
+    assert expected.episode_lengths == [200, 200]
+    assert (stats.episode_lengths, stats.episode_returns) == (expected.episode_lengths, expected.episode_returns)
+    for key, value in run.buffer[:].items():
+        np.testing.assert_array_equal(resumed.buffer[:][key], value, err_msg=key)
+    assert resumed.total_steps == run.total_steps == 400

@@ -202,12 +202,15 @@ def test_reported_horizons_always_include_the_last(horizon, reported):
     assert res.nmse[-1] > 0 and (horizon == 1 or res.nmse[-1] > res.nmse[0])  # the value of horizon H, not of 1
 
 
-def test_a_dimension_that_never_varies_is_left_out_of_nmse():
-    """obs = (t, 5.0): the second dimension is constant, its variance 0 up to rounding. A model off by 1e-6 there
-    would otherwise score an nmse in the millions; the score is the first dimension's, as in a buffer without it."""
+@pytest.mark.parametrize("value", [5.0, 123.456], ids=["exact", "rounded"])
+def test_a_dimension_that_never_varies_is_left_out_of_nmse(value):
+    """obs = (t, value): the second dimension is constant, its variance 0 up to rounding. A model off by 1e-6 there
+    would otherwise score an nmse in the millions; the score is the first dimension's, as in a buffer without it.
+    5.0's square is exact, but 123.456's is not: E[x^2] - E[x]^2 leaves a small positive variance, so the dimension
+    only counts as constant relative to its mean's magnitude, not by an absolute floor."""
     both, first = ReplayBuffer(100, obs_dim=2, action_dim=1), ReplayBuffer(100, obs_dim=1, action_dim=1)
     for t in range(40):
-        both.add([t, 5.0], [0.0], 0.0, [t + 1, 5.0], False, t == 39)
+        both.add([t, value], [0.0], 0.0, [t + 1, value], False, t == 39)
         first.add([t], [0.0], 0.0, [t + 1], False, t == 39)
     res = open_loop(Drift(step=[0.5, 1e-6]), both, context=3, horizon=4)
     expected = open_loop(Drift(step=[0.5]), first, context=3, horizon=4)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
+from conftest import REPO, compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
 from worldmodel import ReplayBuffer, env_spec, make_env
 from worldmodel import checkpoint as checkpoint_module
 from worldmodel.checkpoint import (
@@ -393,6 +393,19 @@ DOCUMENTED_CHANGES = {
     "trainer.compile_mode": "max-autotune", "trainer.cuda_graph": True, "buffer.device": "cpu",
     "trainer.resume": True,
 }  # fmt: skip
+
+
+def test_what_may_change_on_resume_is_exactly_what_readme_lists():
+    """RESUMABLE_CHANGES is the code's list; a key added to it without README (trainer.batch_size, say) would let a
+    resume silently continue another experiment, and one README lists but the code refuses would break a documented
+    resume. Both lists must be the same set: README's sentence "Changing `trainer.steps`, `eval_every`, ... on resume is
+    allowed" (bare names are trainer.*), plus trainer.resume, which every resume changes."""
+    assert checkpoint_module.RESUMABLE_CHANGES == DOCUMENTED_CHANGES.keys()
+    readme = (REPO / "README.md").read_text()
+    sentence = re.search(r"Changing (.*?) on resume is allowed", readme, re.S)
+    assert sentence, "README no longer says which keys may change on resume"
+    listed = {name if "." in name else f"trainer.{name}" for name in re.findall(r"`([\w.]+)`", sentence.group(1))}
+    assert listed | {"trainer.resume"} == DOCUMENTED_CHANGES.keys()
 
 
 @pytest.mark.parametrize("key", DOCUMENTED_CHANGES)

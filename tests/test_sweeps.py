@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import REPO, TINY, hparams_experiment, run_train, scalars, train_env
+from conftest import REPO, TINY, hparams_experiment, raw_scalars, run_train, scalars, train_env
 from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger, flatten_config
 from worldmodel.sweep import job_dirname
@@ -154,6 +154,18 @@ def test_pruning_leaves_no_file_tensorboard_would_read_twice(tmp_path, monkeypat
     logger_module.prune_events(tmp_path, 21)
     assert sorted(p.name for p in tmp_path.iterdir()) == [event_file.name]
     assert [step for step, _ in scalars(tmp_path)["val/loss"]] == [0, 10, 20]
+
+
+def test_pruning_before_a_step_drops_that_step_and_later_ones_only(tmp_path):
+    """A run resumed from the checkpoint of update 4 logs step 5 again: the killed attempt's points at step 5 and
+    after must go (else the default loader shows step 5 twice), and the one before it, step 4, must stay."""
+    from worldmodel import logger as logger_module
+
+    with Logger(tmp_path) as logger:
+        for step in (4, 5, 6):
+            logger.log({"val/loss": float(step)}, step=step)
+    logger_module.prune_events(tmp_path, before_step=5)
+    assert raw_scalars(tmp_path)["val/loss"] == [(4, 4.0)]
 
 
 def test_the_hparams_tab_shows_every_jobs_keys_and_metrics(tmp_path):

@@ -323,6 +323,19 @@ def test_an_unsaved_env_resumed_just_after_an_episode_ended_stores_every_fresh_f
     np.testing.assert_array_equal(first, np.asarray(reset, np.float32))  # the fresh episodes' first observations
 
 
+def test_an_unsaved_env_resumed_just_after_a_termination_keeps_it_a_termination_only():
+    """Resuming without the env closes each stream's open episode as a truncation, and only the open ones: a stream
+    whose newest row is a real termination must not also get truncated=True, which would tell the model (and every
+    window sampled there) that the episode was cut by a time limit rather than ended by the env."""
+    run = vector_collector("CartPole-v1", 3, seed=1)
+    collect_until_an_episode_ends_on_a_calls_last_step(run)
+    newest = [(bool(s["terminated"][-1]), bool(s["truncated"][-1])) for s in stream_rows(run.buffer)]
+    assert (True, False) in newest and (False, False) in newest  # one stream just terminated, another is open
+    run.load_state_dict({**run.state_dict(), "env": None})
+    after = [(bool(s["terminated"][-1]), bool(s["truncated"][-1])) for s in stream_rows(run.buffer)]
+    assert after == [(terminated, truncated or not terminated) for terminated, truncated in newest]
+
+
 def test_the_prefill_tops_up_streams_left_several_steps_short_by_autoreset_steps():
     """2 CartPole envs, prefill 200 = num_envs x seq_len 100: the autoreset steps leave each stream several
     transitions short of a window. The prefill itself (not the first update) collects on until one window fits."""
