@@ -118,6 +118,7 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("model=mlp_ensemble model.propagation=median", "model.propagation", "mean or members"),
         ("model=mlp_ensemble model.bootstrap=maybe", "model.bootstrap", "true or false"),
         ("model=rssm model.kl_balance=1.5", "model.kl_balance", "[0, 1]"),
+        ("model=rssm model.kl_balance=-0.1", "model.kl_balance", "[0, 1]"),
         ("model=rssm model.min_std=0", "model.min_std", "> 0"),
         ("model=rssm model.free_nats=-1", "model.free_nats", ">= 0"),
         ("trainer.eval_figure=maybe", "trainer.eval_figure", "true or false"),
@@ -135,6 +136,8 @@ def test_unknown_group_option_is_refused_by_hydra():
         ("buffer.dataset=''", "buffer.dataset", "a path"),
         ("trainer.eval_horizon=500 trainer.val_steps=200", "trainer.eval_horizon",
          "at most trainer.val_steps - trainer.eval_context + 1 = 196"),
+        ("trainer.eval_context=5 trainer.eval_horizon=197 trainer.val_steps=200", "trainer.eval_horizon",
+         "at most trainer.val_steps - trainer.eval_context + 1 = 196"),
         ("trainer.steps='20'", "trainer.steps", "an integer >= 1, not the string '20'"),
         ("trainer.compile='false'", "trainer.compile", "true or false, not the string 'false'"),
     ],
@@ -144,6 +147,21 @@ def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
         validate_config(compose_config(override.split()))
     assert err.value.key == key
     assert key in str(err.value) and valid in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.eval_context=5 trainer.eval_horizon=196 trainer.val_steps=200",
+        "model=rssm model.kl_balance=0",
+        "model=rssm model.kl_balance=1",
+    ],
+)
+def test_values_at_the_ends_of_their_ranges_are_accepted(override):
+    """The bounds that error messages state are inclusive: a window of eval_context + eval_horizon - 1 = 200 steps
+    fits in 200 held-out steps, and kl_balance may be 0 or 1 ("a number in [0, 1]"). An off-by-one in a check would
+    refuse a value its own message calls valid."""
+    validate_config(compose_config(override.split()))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, run_train
 from conftest import run_script as script  # the other scripts, as a user runs them
-from worldmodel import make_env
+from worldmodel import RandomPolicy, make_env
 
 
 def test_collect_train_offline_and_evaluate(tmp_path):
@@ -35,6 +35,12 @@ def test_collect_train_offline_and_evaluate(tmp_path):
     assert set(metrics["nmse"]) == {"1", "5"} and set(metrics["copy_last_nmse"]) == {"1", "5"}
     assert metrics["nmse"]["1"] < metrics["copy_last_nmse"]["1"]
     assert "horizon" in proc.stdout and "copy-last" in proc.stdout
+    # max_windows caps the windows scored (evenly spread): the full run above scored more than 3.
+    assert metrics["windows"] > 3
+    proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={moved}", "horizon=5", "max_windows=3",
+                                  f"hydra.run.dir={tmp_path / 'e3'}"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["windows"] == 3
 
     # Into a directory that holds files (the training run's, or an earlier evaluation's): refused, nothing changed.
     for used in (run_dir, tmp_path / "e"):
@@ -72,7 +78,13 @@ def test_collect_refuses_bad_values_and_never_records_a_training_runs_episodes(t
     assert script("collect.py", ["episodes=3", f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"]).returncode == 0
     train_env = make_env("CartPole-v1", seed=0)  # as scripts/train.py seed=0 builds and first resets it
     first, _ = train_env.reset(seed=0)
-    assert not np.allclose(np.load(data)["obs"][0, 0], first)
+    episodes = np.load(data)
+    assert not np.allclose(episodes["obs"][0, 0], first)
+    # Nor its actions: the policy is seeded apart from the training run's RandomPolicy(action_space, seed) too, or a
+    # dataset of other starts would replay the training run's action sequence (all the recorded actions: dozens).
+    recorded = np.concatenate([a[:n] for a, n in zip(episodes["actions"], episodes["lengths"])])
+    train_policy = RandomPolicy(train_env.action_space, 0)
+    assert not np.array_equal(recorded, [train_policy(None) for _ in recorded])
 
 
 def test_paths_that_are_not_paths_or_cannot_be_written_are_refused_before_collecting(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from worldmodel import RandomPolicy, ReplayBuffer, make_env
-from worldmodel.dataset import DatasetError, buffer_to_episodes, collect_episodes, episodes_to_buffer, load_dataset, save_dataset
+from worldmodel.dataset import (DatasetError, buffer_to_episodes, collect_episodes, episodes_to_buffer, load_dataset,
+                                require_dataset, save_dataset)
 from worldmodel.env import env_spec
 from worldmodel.errors import ConfigError
 
@@ -67,6 +68,9 @@ def nan_in_final_observations(data):
         (lambda d: malformed(d, "rewards", d["rewards"][None]), "`rewards` has shape"),
         (lambda d: malformed(d, "lengths", d["lengths"] + 100), "`lengths` must hold"),
         (lambda d: malformed(d, "actions", d["actions"] + 5), "outside 0..1"),
+        # Index 2, one past CartPole's last action, in the first (always valid) step of each episode.
+        (lambda d: malformed(d, "actions", np.where(np.arange(d["actions"].shape[1]) == 0, 2, d["actions"])),
+         "outside 0..1"),
         (lambda d: malformed(d, "obs", np.where(np.arange(d["obs"].shape[1])[None, :, None] == 1, np.nan, d["obs"])),
          "`obs` holds"),
         (nan_in_final_observations, "`obs` holds 12 NaN/inf"),  # 3 episodes x 4 CartPole dims
@@ -90,6 +94,9 @@ def test_unreadable_or_missing_file(tmp_path):
         load_dataset(tmp_path / "junk.npz", 4, 2)
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(tmp_path / "none.npz", 4, 2)
+    # A directory (buffer.dataset=<a run dir>) is no dataset file either: refused before np.load is tried on it.
+    with pytest.raises(DatasetError, match="does not exist"):
+        require_dataset(tmp_path)
 
 
 def test_buffer_loads_a_dataset_and_refuses_one_larger_than_its_capacity(tmp_path):

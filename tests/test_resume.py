@@ -24,6 +24,7 @@ from worldmodel.checkpoint import (
     finish_checkpoints,
     load_for_resume,
     read_checkpoint,
+    resume_payload,
     step_checkpoints,
 )
 from worldmodel.env import EnvSpec
@@ -231,6 +232,19 @@ def test_a_checkpoint_left_half_written_by_a_kill_is_removed(tmp_path):
     assert not stale.exists()
 
 
+def test_a_checkpointer_removes_a_half_written_checkpoint_as_the_run_starts(tmp_path):
+    """The temporary file a kill left mid-save is a whole checkpoint's size: it goes as soon as the resumed run sets
+    up its Checkpointer, not only when that run finishes (a run killed again before then would pile them up). The
+    checkpoints themselves stay."""
+    cfg = OmegaConf.create({"trainer": {"steps": 120}})
+    spec = EnvSpec("X-v0", 2, 1, False)
+    kept = Checkpointer(tmp_path, cfg, spec).save({"model": {"w": torch.ones(2)}}, step=60)
+    stale = tmp_path / "checkpoints" / ".step_00000061.pt.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    Checkpointer(tmp_path, cfg, spec)
+    assert not stale.exists() and kept.is_file()
+
+
 @pytest.mark.parametrize("resume", ["true", "auto"])
 def test_a_finished_run_whose_step_files_were_deleted_resumes_from_last_pt(tmp_path, resume):
     run_dir = tmp_path / "run"
@@ -434,6 +448,22 @@ def test_resume_reads_the_newest_of_several_step_checkpoints(tmp_path):
         payload = load_for_resume(tmp_path, cfg, mmap=mmap)
         assert payload["step"] == 30 and payload["path"] == str(tmp_path / "checkpoints" / "step_00000030.pt")
         assert torch.equal(payload["model"]["w"], torch.full((2,), 30.0))
+
+
+def test_a_finished_run_continued_past_its_last_pt_resumes_from_the_newer_step_file(tmp_path):
+    """A run finished at step 10 (last.pt, a link to step 10), resumed for more updates and killed after its periodic
+    checkpoint at step 20: the next resume continues from step 20. last.pt stands in only where no step file is
+    left; preferring it would redo 10 updates and log them a second time."""
+    cfg = OmegaConf.create({"trainer": {"steps": 100, "resume": True}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    ckpt.save({"model": {"w": torch.full((2,), 10.0)}}, step=10, final=True)
+    ckpt.save({"model": {"w": torch.full((2,), 20.0)}}, step=20)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    for resume in (True, "auto"):
+        cfg.trainer.resume = resume
+        payload = resume_payload(tmp_path, cfg)
+        assert payload["step"] == 20 and payload["path"] == str(tmp_path / "checkpoints" / "step_00000020.pt")
+        assert torch.equal(payload["model"]["w"], torch.full((2,), 20.0))
 
 
 def test_a_checkpoint_of_another_format_version_is_refused_naming_the_file(tmp_path):

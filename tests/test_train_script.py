@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from conftest import TINY, images, run_script, run_train, scalars
+from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.checkpoint import load_world_model
 from worldmodel.cli import user_errors
+from worldmodel.evaluation import open_loop
+from worldmodel.runtime import VAL_SEED_OFFSET
+from worldmodel.vector import make_collector
 
 EXPECTED_TAGS = {
     "train/loss", "train/obs", "train/reward", "train/terminated",
@@ -83,16 +87,33 @@ def test_bad_input_fails_before_work_with_a_clear_message(tmp_path, bad, key):
     assert not list(run_dir.glob("events.out.tfevents.*")) and not (run_dir / "checkpoints").exists()
 
 
+def held_out_copy_last_nmse(seed: int, model, steps: int = 200) -> list[float]:
+    """eval/copy_last_nmse_h{1,5,15} of `steps` Pendulum transitions collected as scripts/train.py collects its
+    held-out data from `seed` (env, random policy and collector all seeded with it), in float32."""
+    env = make_env("Pendulum-v1", seed=seed)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(steps, spec.obs_dim, spec.action_dim, seed=seed)
+    make_collector(env, buffer, RandomPolicy(env.action_space, seed), seed=seed, spec=spec).collect(steps)
+    result = open_loop(model, buffer, 5, 15)
+    return [float(result.copy_last_nmse[h - 1]) for h in (1, 5, 15)]
+
+
 def test_held_out_data_is_kept_in_full_precision_whatever_the_training_buffer_stores(tmp_path):
     """buffer.obs_dtype=bfloat16 once rounded the held-out targets too, so val/* and eval/* measured the rounding
     (3-4x worse on MountainCar) and a sweep over obs_dtype compared metrics on different scales. The copy-last
-    baseline depends on the held-out data alone: the same for every storage dtype."""
+    baseline depends on the held-out data alone: the same for every storage dtype. It is that of episodes from the
+    env seeded with seed + VAL_SEED_OFFSET, not of the training run's own episodes (seed): validation measures data
+    the model never trained on."""
     runs = {dtype: tmp_path / dtype for dtype in ("float32", "bfloat16")}
     for dtype, run_dir in runs.items():
         run_train([*TINY, "env=pendulum", "trainer.steps=40", f"buffer.obs_dtype={dtype}", f"hydra.run.dir={run_dir}"])
     a, b = scalars(runs["float32"]), scalars(runs["bfloat16"])
     for h in (1, 5, 15):
         assert a[f"eval/copy_last_nmse_h{h}"] == b[f"eval/copy_last_nmse_h{h}"]
+    model, _ = load_world_model(runs["float32"] / "checkpoints" / "last.pt")
+    logged = [a[f"eval/copy_last_nmse_h{h}"][-1][1] for h in (1, 5, 15)]
+    assert logged == pytest.approx(held_out_copy_last_nmse(VAL_SEED_OFFSET, model), rel=1e-5)
+    assert logged != pytest.approx(held_out_copy_last_nmse(0, model), rel=1e-3)  # the training episodes' differ
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -17,7 +17,7 @@ from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger
 from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.rollout import RandomPolicy
-from worldmodel.trainer import Trainer, require_finite
+from worldmodel.trainer import Throughput, Trainer, require_finite
 from worldmodel.vector import make_collector
 
 TERMS = ("loss", "obs", "reward")
@@ -224,3 +224,17 @@ def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
     with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them"):
         require_finite(from_env[:], from_env.obs_dtype, "the prefill data")
     require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it
+
+
+def test_throughput_rates_are_those_of_the_interval_since_the_last_read():
+    """perf/* are logged every trainer.log_every updates; each point is the rate over that interval alone, so a slow
+    stretch (a GPU shared with another job, an eval figure's aftermath) shows where it happened instead of being
+    averaged into every later point. An interval with no env steps (an offline run) logs no env rate."""
+    timer = Throughput()
+    timer.add(env_steps=10, collect_s=0.5, update_s=0.25)
+    timer.add(env_steps=10, collect_s=0.5, update_s=0.25)
+    assert timer.read() == {"perf/updates_per_s": pytest.approx(4.0), "perf/env_steps_per_s": pytest.approx(20.0)}
+    timer.add(env_steps=30, collect_s=1.0, update_s=1.0)
+    assert timer.read() == {"perf/updates_per_s": pytest.approx(1.0), "perf/env_steps_per_s": pytest.approx(30.0)}
+    timer.add(env_steps=0, collect_s=0.0, update_s=0.5)
+    assert timer.read() == {"perf/updates_per_s": pytest.approx(2.0)}
