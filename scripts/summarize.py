@@ -7,7 +7,8 @@ Every directory under the sweep directory that holds TensorBoard event files is 
 `val/*` scalar is read from its event files (TensorBoard's own reader, so resumed runs read as one), and its
 configuration from `.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` (and in keys that do not change
 what a job computes: hydra.job.config.override_dirname.exclude_keys, but for trainer.steps) form one configuration. The table goes to stdout,
-sorted by the main metric (lower is better), and is written to <sweep dir>/summary.csv; <sweep dir>/summary.png plots
+sorted by the main metric (lower is better; --higher-is-better for a rate such as eval/terminated_recall), and is
+written to <sweep dir>/summary.csv; <sweep dir>/summary.png plots
 the main metric against the swept values.
 """
 
@@ -163,7 +164,8 @@ def shown_value(group: Group, key: str) -> str:
     return f"{value:.4g}" if isinstance(value, float) else dict(group.config)[key]
 
 
-def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dict[str, str], list[str]]:
+def summarize(sweep_dir: Path, metric: str, higher_is_better: bool = False
+              ) -> tuple[list[Group], list[str], dict[str, str], list[str]]:  # fmt: skip
     if not sweep_dir.is_dir():
         raise SummaryError(f"{sweep_dir} is not a directory. Pass a sweep's directory: outputs/multirun/<date>/<time>.")
     jobs = load_jobs(sweep_dir, metric)
@@ -200,12 +202,12 @@ def summarize(sweep_dir: Path, metric: str) -> tuple[list[Group], list[str], dic
     every = [j.overrides for j in jobs] + [read_overrides(d)[0] for d in unlogged]
     varied = [k for k in fixed if len({o.get(k, "<default>") for o in every}) > 1]
     fixed, swept = {k: v for k, v in fixed.items() if k not in varied}, swept + varied  # shown as columns instead
-    groups.sort(key=lambda g: mean_std(g.values(metric))[0])
+    groups.sort(key=lambda g: mean_std(g.values(metric))[0], reverse=higher_is_better)
     tags = [metric] + sorted({t for j in done for t in j.finals} - {metric})
     return groups, swept, fixed, tags
 
 
-def write_table(groups, swept, fixed, tags, metric, out=sys.stdout) -> None:
+def write_table(groups, swept, fixed, tags, metric, out=sys.stdout, higher_is_better: bool = False) -> None:
     header = [*swept, "n", *tags]
     rows = [
         [*(shown_value(g, k) for k in swept), str(len(g.values(metric))), *(fmt(*mean_std(g.values(t))) for t in tags)]
@@ -216,7 +218,8 @@ def write_table(groups, swept, fixed, tags, metric, out=sys.stdout) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     if fixed:
         print("fixed: " + " ".join(f"{k}={v}" for k, v in fixed.items()), file=out)
-    print(f"{metric}: final value, mean ± std over seeds (n runs); sorted by {metric}, lower is better", file=out)
+    better = "higher" if higher_is_better else "lower"
+    print(f"{metric}: final value, mean ± std over seeds (n runs); sorted by {metric}, {better} is better", file=out)
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=out)
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=out)
@@ -274,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir), or any parent of runs")
     parser.add_argument("--metric", default="val/loss", help="main metric, lower is better (default: val/loss); any "
                         "scalar tag, e.g. eval/nmse_h15 to rank models with different losses")  # fmt: skip
+    parser.add_argument("--higher-is-better", action="store_true", help="rank the main metric from the highest, "
+                        "for a rate such as eval/terminated_recall")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        groups, swept, fixed, tags = summarize(args.sweep_dir, args.metric)
+        groups, swept, fixed, tags = summarize(args.sweep_dir, args.metric, args.higher_is_better)
     except SummaryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_table(groups, swept, fixed, tags, args.metric)
+    write_table(groups, swept, fixed, tags, args.metric, higher_is_better=args.higher_is_better)
     csv_path, png_path = args.sweep_dir / "summary.csv", args.sweep_dir / "summary.png"
     write_csv(csv_path, groups, swept, tags, args.metric)
     print(f"wrote {csv_path}")

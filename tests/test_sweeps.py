@@ -305,6 +305,11 @@ def test_summarize_ranks_by_any_scalar_tag(tmp_path):
             logger.log_hparams({"seed": 0}, {"val/loss": loss}, step=10)
     groups, swept, fixed, tags = summarize_dir(tmp_path, "eval/nmse_h15")
     assert [g.config for g in groups] == [(("model", "gru"),), (("model", "mlp_ensemble"),)] and tags[0] == "eval/nmse_h15"
+    # A rate such as eval/terminated_recall is better high: ranked from the highest with --higher-is-better.
+    proc = summarize(tmp_path, "--metric", "eval/nmse_h15", "--higher-is-better")
+    assert proc.returncode == 0 and "higher is better" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("gru", "mlp_ensemble"))]
+    assert [row.split()[0] for row in rows] == ["mlp_ensemble", "gru"]
 
 
 def test_summarize_refuses_a_directory_without_runs(tmp_path):
