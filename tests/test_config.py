@@ -202,6 +202,34 @@ def test_instantiate_keys_and_interpolations_pass_the_key_check():
     validate_config(compose_config(["+model._convert_=all", "+buffer._recursive_=false", "+env._convert_=object"]))
 
 
+class WidthModel(WorldModel):
+    """A model of one's own, with keys no check in config.py knows (built only by its _target_ here)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, my_width: int = 8, my_scale: float = 1.0, my_flag: bool = False,
+                 **rest):  # fmt: skip
+        super().__init__(obs_dim, action_dim)
+
+
+@pytest.mark.parametrize(
+    "override, valid",
+    [
+        ("+model.my_width=abc", "an integer (test_config.WidthModel declares int), not the string 'abc'"),
+        ("+model.my_width=1.5", "an integer (test_config.WidthModel declares int)"),
+        ("+model.my_scale=abc", "a finite number (test_config.WidthModel declares float), not the string 'abc'"),
+        ("+model.my_scale=inf", "a finite number"),
+        ("+model.my_flag=1", "true or false"),
+    ],
+)
+def test_a_new_models_own_keys_get_the_types_its_constructor_declares(override, valid):
+    """config._validate_model knows the bounds of the keys of gru, rssm and mlp_ensemble; a new model's own keys are
+    at least held to the types its signature declares, before a string reaches its constructor."""
+    model = ["model._target_=test_config.WidthModel"]
+    validate_config(compose_config([*model, "+model.my_width=16", "+model.my_scale=2", "+model.my_flag=true"]))
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config([*model, override]))
+    assert err.value.key == override[1:].split("=")[0] and valid in str(err.value)
+
+
 def test_a_value_that_cannot_be_resolved_names_its_key():
     """Every key is read so that OmegaConf's error carries the full key (DictConfig.get's does not)."""
     for key in ("buffer.obs_dtype", "buffer.dataset", "buffer.device", "trainer.precision", "trainer.compile_mode",

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import math
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -119,6 +120,29 @@ def _validate_model(cfg: DictConfig) -> None:
         raise ConfigError("model.propagation", model.propagation, "mean or members")
 
 
+def _declared_types(cfg: DictConfig, group: str) -> None:
+    """A key whose constructor declares it `int`, `float` or `bool` gets a value of that type, for keys no check
+    above knows (a model of one's own: `+model.my_width=abc` would reach the constructor as a string). Bounds are
+    still the checks' own business: the type says nothing about them."""
+    node = cfg.get(group)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if target is None:
+        return
+    built = hydra.utils.get_method(target)
+    try:
+        hints = typing.get_type_hints(built.__init__ if inspect.isclass(built) else built)
+    except Exception:  # an annotation that names what only a type checker imports: no types to hold the keys to
+        return
+    for key in node:
+        kind, value = hints.get(str(key)), OmegaConf.select(cfg, f"{group}.{key}")
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{group}.{key}", value, f"true or false{_not_a_string(value)}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{group}.{key}", value, f"an integer ({target} declares int){_not_a_string(value)}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
+            raise ConfigError(f"{group}.{key}", value, f"a finite number ({target} declares float){_not_a_string(value)}")
+
+
 def validate_env(cfg: DictConfig) -> int:
     """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
     _known_keys(cfg, "env")
@@ -186,6 +210,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     if mode not in COMPILE_MODES:
         raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
     _validate_model(cfg)
+    _declared_types(cfg, "model")
     if cfg.model.get("open_loop_steps", 0) > seq_len - 1:  # an integer >= 0, checked just above
         raise ConfigError("model.open_loop_steps", cfg.model.open_loop_steps, f"at most trainer.seq_len - 1 = "
                           f"{seq_len - 1}: each training sequence's first step is observed, the rest may be imagined")  # fmt: skip
