@@ -84,14 +84,20 @@ SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", 
                     "device_key")
 
 
+def _built_from(cfg: DictConfig, group: str) -> tuple[DictConfig, str, object] | None:
+    """The node of `group`, its `_target_` and what that names, or None for a node without one."""
+    node = cfg.get(group)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return None if target is None else (node, target, hydra.utils.get_method(target))
+
+
 def _known_keys(cfg: DictConfig, group: str) -> None:
     """A key added with `+` to a node built from its `_target_` would reach the constructor, which refuses it with a
     traceback after the run directory is made (or, were it to take **kwargs, ignore it)."""
-    node = cfg.get(group)
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if target is None:
+    if (built := _built_from(cfg, group)) is None:
         return
-    parameters = inspect.signature(hydra.utils.get_method(target)).parameters
+    node, target, constructor = built
+    parameters = inspect.signature(constructor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     for key in node:  # _convert_, _recursive_...: instantiate's own keys, not the constructor's
@@ -124,23 +130,23 @@ def _declared_types(cfg: DictConfig, group: str) -> None:
     """A key whose constructor declares it `int`, `float` or `bool` gets a value of that type, for keys no check
     above knows (a model of one's own: `+model.my_width=abc` would reach the constructor as a string). Bounds are
     still the checks' own business: the type says nothing about them."""
-    node = cfg.get(group)
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if target is None:
+    if (built := _built_from(cfg, group)) is None:
         return
-    built = hydra.utils.get_method(target)
+    node, target, constructor = built
     try:
-        hints = typing.get_type_hints(built.__init__ if inspect.isclass(built) else built)
+        hints = typing.get_type_hints(constructor.__init__ if inspect.isclass(constructor) else constructor)
     except Exception:  # an annotation that names what only a type checker imports: no types to hold the keys to
         return
     for key in node:
         kind, value = hints.get(str(key)), OmegaConf.select(cfg, f"{group}.{key}")
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        declared = f"({target} declares {getattr(kind, '__name__', kind)}){_not_a_string(value)}"
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"{group}.{key}", value, f"true or false{_not_a_string(value)}")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{group}.{key}", value, f"an integer ({target} declares int){_not_a_string(value)}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
-            raise ConfigError(f"{group}.{key}", value, f"a finite number ({target} declares float){_not_a_string(value)}")
+        if kind is int and not (number and isinstance(value, int)):
+            raise ConfigError(f"{group}.{key}", value, f"an integer {declared}")
+        if kind is float and not (number and math.isfinite(value)):
+            raise ConfigError(f"{group}.{key}", value, f"a finite number {declared}")
 
 
 def validate_env(cfg: DictConfig) -> int:

@@ -121,7 +121,7 @@ def open_loop(
         reward_mse=(sums["reward"] / n).cpu().numpy(),
         terminations=int(sums["terminal"]),
         terminated_recall=sums["caught"] / sums["terminal"] if sums["terminal"] else None,
-        terminated_false_alarms=sums["alarms"] / (n * horizon - sums["terminal"]) if n * horizon > sums["terminal"] else None,
+        terminated_false_alarms=sums["alarms"] / others if (others := n * horizon - sums["terminal"]) else None,
         windows=n,
     )
 

@@ -49,7 +49,8 @@ class TooLarge(MemoryError):
     def __init__(self, rows: int, row_bytes: int, free: int, device: torch.device):
         self.rows, self.row_bytes, self.free, self.device = rows, row_bytes, free, device
         super().__init__(f"{rows:,} rows of {row_bytes} bytes need {rows * row_bytes / 2**30:.3g} GiB on {device}, "
-                         f"which has {free / 2**30:.3g} GiB available: at most {free // row_bytes:,} rows would fit, with nothing else")
+                         f"which has {free / 2**30:.3g} GiB available: at most {free // row_bytes:,} rows would fit, "
+                         "with nothing else")  # fmt: skip
 
 
 class RingBuffer:
@@ -71,7 +72,7 @@ class RingBuffer:
             start = widths.get(dtype, 0)
             widths[dtype] = start + prod(shape)
             self.slots[name] = (dtype, start, widths[dtype])
-        row_bytes = sum(w * torch.empty(0, dtype=dt).element_size() for dt, w in widths.items())
+        row_bytes = sum(w * dt.itemsize for dt, w in widths.items())
         free = free_memory(self.device)
         if free is not None and self.capacity * row_bytes > free:
             raise TooLarge(self.capacity, row_bytes, free, self.device)
