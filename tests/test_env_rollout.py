@@ -209,6 +209,18 @@ def test_checking_env_kwargs_leaves_global_randomness_alone_and_never_holds_two_
     env.close()
 
 
+def test_checking_env_kwargs_does_not_start_cuda(monkeypatch):
+    """collect.py and evaluate.py run on the host: saving the CUDA random streams would start CUDA (seconds, and
+    memory on a shared GPU) just to check an option. Where CUDA is already up, its streams are saved as well."""
+    read = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: read.append(1) or [])
+    for initialised in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+        make_env("Pendulum-v1", seed=0, kwargs={"g": 9.0 + initialised}).close()
+        assert len(read) == initialised
+
+
 class _NeedsBox2D(gym.Env):
     def __init__(self):
         raise gym.error.DependencyNotInstalled('Box2D is not installed, run `pip install "gymnasium[box2d]"`')

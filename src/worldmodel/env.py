@@ -10,6 +10,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from worldmodel.errors import ConfigError
 from worldmodel.runtime import rng_state, set_rng_state
@@ -156,10 +157,11 @@ def _check_options(id: str, kwargs: dict, options: dict, seed: int) -> None:
     """A value of the wrong type in env.kwargs (g=abc for Pendulum) is taken by the constructor and fails only at the
     first step, deep in the env's code and after the run has started. One reset and one step of a throwaway env find
     it now; the failure is put down to env.kwargs only if the env without them takes the same step. The global random
-    streams are left as they were, since an env may draw from them: a seeded run's numbers do not change."""
+    streams are left as they were, since an env may draw from them: a seeded run's numbers do not change. The CUDA
+    ones only where CUDA is already up: reading them would start it in collect.py or evaluate.py, which never use it."""
     if (id, repr(kwargs)) in _CHECKED:
         return
-    state = rng_state()
+    state = rng_state(cuda=torch.cuda.is_initialized())
     try:
         _first_step(id, kwargs, seed)
     except gym.error.DependencyNotInstalled:  # a package an option needs (render_mode=human: pygame): said as such

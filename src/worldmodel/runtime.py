@@ -105,15 +105,16 @@ def cgroup_memory_room(proc: Path = Path("/proc/self")) -> int | None:
     return max(0, min(rooms)) if rooms else None
 
 
-def rng_state() -> dict:
-    """Every global random stream (python, numpy, torch CPU and CUDA), in a form torch.save(weights_only) accepts."""
+def rng_state(cuda: bool = True) -> dict:
+    """Every global random stream (python, numpy, torch CPU and CUDA), in a form torch.save(weights_only) accepts.
+    cuda=False leaves the CUDA streams out: reading them initialises CUDA, which a host-only script should not pay."""
     np_state = np.random.get_state(legacy=False)
     np_state["state"]["key"] = np_state["state"]["key"].tolist()
     return {
         "python": random.getstate(),
         "numpy": np_state,
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() else [],
     }
 
 
