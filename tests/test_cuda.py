@@ -178,7 +178,7 @@ def test_the_graphed_update_of_a_compiled_loss_is_its_eager_update(gather_in_gra
 def assert_graphed_updates_are_eager_updates(name: str, gather_in_graph: bool = True, **trainer_args) -> None:
     """The same windows of a ring on the GPU through Trainer's update, eagerly and as a CUDA graph: the same losses,
     step by step, and the same weights at the end. With gather_in_graph (what a run with its ring on the GPU does)
-    the graph gathers each batch itself from the rows ReplayBuffer.draw picks; without, it takes batches sampled
+    the graph gathers each batch itself from the rows ReplayBuffer.sample_rows picks; without, it takes batches sampled
     outside it. The eager updates take ReplayBuffer.sample's batches, drawn from the same random state."""
     ring = on_the_gpu(linear_system_buffer(600, seed=0))
     start = ring.rng.bit_generator.state
@@ -190,7 +190,7 @@ def assert_graphed_updates_are_eager_updates(name: str, gather_in_graph: bool = 
                           **trainer_args)  # fmt: skip
         _, update, sample = trainer.build_update(model.to(DEVICE), ring if gather_in_graph else None)
         sample = sample or ring.sample
-        assert (sample == ring.draw) == (graphed and gather_in_graph)
+        assert (sample == ring.sample_rows) == (graphed and gather_in_graph)
         values = [update(sample(16, 8)) for _ in range(WARMUP_UPDATES + 2)]  # warm-up, recording + replay, a replay
         with no_host_waits():
             values += [update(sample(16, 8)) for _ in range(4)]

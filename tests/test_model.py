@@ -147,7 +147,7 @@ class GraphContract:
 
 def test_a_graphed_update_gathers_its_batch_from_the_rows_drawn(monkeypatch):
     """With trainer.cuda_graph and the ring on the trainer's device, Trainer.build_update has the graph gather each
-    batch itself (ReplayBuffer.batch_at) from the rows that ReplayBuffer.draw picks. GraphedUpdate needs CUDA
+    batch itself (ReplayBuffer.batch_at) from the rows that ReplayBuffer.sample_rows picks. GraphedUpdate needs CUDA
     (tests/test_cuda.py runs it); a stand-in with its contract checks the wiring here: the same losses and weights,
     bit for bit, as eager updates on the batches ReplayBuffer.sample draws from the same random state."""
     monkeypatch.setattr(trainer_module, "GraphedUpdate", GraphContract)
@@ -159,7 +159,7 @@ def test_a_graphed_update_gathers_its_batch_from_the_rows_drawn(monkeypatch):
         model.fit_normalizer(rows["obs"], rows["action"], rows["reward"], rows["next_obs"])
         trainer = Trainer(steps=1, prefill=0, batch_size=8, seq_len=6, lr=1e-3, cuda_graph=graphed)
         _, update, sample = trainer.build_update(model, buffer)
-        assert isinstance(update, GraphContract) == graphed and (sample == buffer.draw) == graphed
+        assert isinstance(update, GraphContract) == graphed and (sample == buffer.sample_rows) == graphed
         losses[graphed] = torch.stack([update(sample(8, 6)) for _ in range(6)])
         weights[graphed] = [p.detach().clone() for p in model.parameters()]
     assert torch.equal(losses[True], losses[False])

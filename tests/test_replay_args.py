@@ -76,7 +76,7 @@ def test_an_empty_index_reads_and_updates_nothing():
         (lambda b: b.sample(4, 0), ValueError, "seq_len must be an integer >= 1, got 0"),
         (lambda b: b.sample(4, 2.5), TypeError, "seq_len must be an integer >= 1, got 2.5"),
         (lambda b: b.sample(-1, 2), ValueError, "batch_size must be an integer >= 0, got -1"),
-        (lambda b: b.draw(4, 0), ValueError, "seq_len must be an integer >= 1"),
+        (lambda b: b.sample_rows(4, 0), ValueError, "seq_len must be an integer >= 1"),
         (lambda b: b.can_sample(2.5), TypeError, "seq_len must be an integer"),
         (lambda b: list(b.sequences(0, 4)), ValueError, "seq_len must be an integer >= 1"),
         (lambda b: list(b.sequences(2, 0)), ValueError, "batch_size must be an integer >= 1, got 0"),

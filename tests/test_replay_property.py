@@ -85,12 +85,12 @@ def assert_batches_equal(a, b) -> None:
 
 
 def sample_both_ways(buf: ReplayBuffer, batch_size: int, seq_len: int):
-    """buf.sample(batch_size, seq_len), once it is checked that draw + batch_at (the gather a graphed update records,
-    see cuda_graph.py) give the same batch from the same random state, and leave the same state after."""
+    """buf.sample(batch_size, seq_len), once it is checked that sample_rows + batch_at (the gather a graphed update
+    records, see cuda_graph.py) give the same batch from the same random state, and leave the same state after."""
     state = buf.rng.bit_generator.state
     batch = buf.sample(batch_size, seq_len)
     after, buf.rng.bit_generator.state = buf.rng.bit_generator.state, state
-    rows = buf.draw(batch_size, seq_len)
+    rows = buf.sample_rows(batch_size, seq_len)
     assert buf.rng.bit_generator.state == after
     assert rows.dtype == torch.int64 and rows.shape == (batch_size, seq_len)
     gathered = buf.batch_at(rows)
@@ -236,7 +236,7 @@ class ReplayMachine(RuleBasedStateMachine):
                 self.buf.sample(batch_size, seq_len)
             assert_not_enough(info.value, len(self.tail), seq_len)
             with pytest.raises(NotEnoughDataError):
-                self.buf.draw(batch_size, seq_len)
+                self.buf.sample_rows(batch_size, seq_len)
         else:
             batch = sample_both_ways(self.buf, batch_size, seq_len)
             check_batch(batch, self.tail, self.tail_eps, batch_size, seq_len)

@@ -223,7 +223,7 @@ class StreamsMachine(RuleBasedStateMachine):
             with pytest.raises(NotEnoughDataError):
                 self.buf.sample(batch_size, seq_len)
             with pytest.raises(NotEnoughDataError):
-                self.buf.draw(batch_size, seq_len)
+                self.buf.sample_rows(batch_size, seq_len)
         else:
             check_batch(sample_both_ways(self.buf, batch_size, seq_len), tails, batch_size, seq_len)
 

@@ -49,7 +49,8 @@ class GraphedUpdate:
 
     The input is a Batch (a dataclass of tensors) or a single tensor. With `prepare`, each call is
     update(prepare(input)) and the graph records prepare too: given ReplayBuffer.batch_at and the rows that
-    ReplayBuffer.draw picks, the graph gathers its own batch from the ring, and a call copies in only those indices."""
+    ReplayBuffer.sample_rows picks, the graph gathers its own batch from the ring, and a call copies in only those
+    indices."""
 
     def __init__(self, update: Callable, optimizer: torch.optim.Optimizer, device: torch.device,
                  warmup: int = WARMUP_UPDATES, prepare: Callable | None = None):  # fmt: skip
@@ -92,7 +93,7 @@ class GraphedUpdate:
                     f"{tuple(static.shape)} {static.dtype}: a graphed update takes one batch shape "
                     "(trainer.batch_size x trainer.seq_len) for the whole run."
                 )
-            # From page-locked host memory (ReplayBuffer.draw's rows) the copy is queued without waiting.
+            # From page-locked host memory (the rows from ReplayBuffer.sample_rows) the copy is queued without waiting.
             static.copy_(value, non_blocking=True)
 
     def _on_side_stream(self):

@@ -14,7 +14,7 @@ class ConfigError(WorldModelError, ValueError):
 
 
 class NotEnoughDataError(WorldModelError, ValueError):
-    """Raised by ReplayBuffer.sample, draw and sequences when no stream (one per env) holds one sequence."""
+    """Raised by ReplayBuffer.sample, sample_rows and sequences when no stream (one per env) holds one sequence."""
 
 
 class RunInterrupted(Exception):

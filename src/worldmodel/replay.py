@@ -17,8 +17,8 @@ Sampling contract (each point is a bug of the seed notebook):
   the gather copies whole blocks), returning torch tensors of shape [batch, seq_len, ...] on `batch_device`.
 
 Three kinds of row index appear below. The public API speaks in *logical* indices (0 = oldest stored row, streams
-one after another; see ring.py). Internally a window is also a (stream, offset within the stream) pair, and `draw` /
-`batch_at` pass *physical* table rows, which is what a CUDA graph replays (cuda_graph.py).
+one after another; see ring.py). Internally a window is also a (stream, offset within the stream) pair, and
+`sample_rows` / `batch_at` pass *physical* table rows, which is what a CUDA graph replays (cuda_graph.py).
 
 Storage lives on `device` (`buffer.device=cuda` keeps it next to the model, so a batch never crosses the bus); with
 host storage and a CUDA model, batches are gathered into pinned memory and copied without blocking.
@@ -196,7 +196,7 @@ class ReplayBuffer:
         batch_size, seq_len = count("batch_size", batch_size, minimum=0), count("seq_len", seq_len)
         return self._gather(*self._draw(batch_size, seq_len), seq_len)
 
-    def draw(self, batch_size: int, seq_len: int) -> torch.Tensor:
+    def sample_rows(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """The windows `sample` would draw, from the same random draws, as the table rows they cover: int64
         [batch_size, seq_len] on the host (page-locked when the ring is on a GPU, so copying them there does not
         wait). `batch_at` gathers them. A graphed update (cuda_graph.py) records that gather, so per update only these
@@ -208,8 +208,8 @@ class ReplayBuffer:
         return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def batch_at(self, rows: torch.Tensor) -> Batch:
-        """The batch at table rows `rows` [batch, seq_len] (from `draw`, copied to the ring's device), on the ring's
-        device: one gather per table and a few elementwise ops, none of which reads a value back to the host."""
+        """The batch at table rows `rows` [batch, seq_len] (from `sample_rows`, copied to the ring's device), on the
+        ring's device: one gather per table and a few elementwise ops, none of which reads a value back to the host."""
         flat = rows.reshape(-1)
         return self._assemble({dt: table.index_select(0, flat).view(*rows.shape, table.shape[1])
                                for dt, table in self.ring.tables.items()})  # fmt: skip

@@ -240,7 +240,7 @@ class Trainer:
         the host, so on a GPU the host goes on to sample the next batch while the kernels of this update still run.
 
         With cuda_graph, the update is replayed as one CUDA graph (cuda_graph.py). If `buffer`'s ring is on the
-        trainer's GPU, the graph gathers the batch too: sample is then buffer.draw (the rows of the windows) and
+        trainer's GPU, the graph gathers the batch too: sample is then buffer.sample_rows (the rows of the windows) and
         update gathers and trains on them. Otherwise sample is buffer.sample and update takes its Batch."""
         # One fused kernel for the whole parameter update instead of a handful per parameter tensor.
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=self.device.type in ("cuda", "cpu"))
@@ -261,7 +261,7 @@ class Trainer:
             return optimizer, update, sample
         if buffer is not None and _stored_on(buffer, self.device):
             graphed = GraphedUpdate(update, optimizer, self.device, prepare=buffer.batch_at)
-            return optimizer, graphed, buffer.draw
+            return optimizer, graphed, buffer.sample_rows
         return optimizer, GraphedUpdate(update, optimizer, self.device), sample
 
     def _loss_fn(self, model: WorldModel):
