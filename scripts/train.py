@@ -16,11 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.checkpoint import Checkpointer, RunFinished, finish_checkpoints, resume_payload
+from worldmodel.checkpoint import Checkpointer, finish_checkpoints
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_config
 from worldmodel.env import env_spec
 from worldmodel.logger import Logger, has_hparams
+from worldmodel.resume import RunFinished, resume_payload
 from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 from worldmodel.vector import make_collector

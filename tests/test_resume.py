@@ -17,20 +17,12 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 from conftest import REPO, compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
 from worldmodel import ReplayBuffer, env_spec, make_env
 from worldmodel import checkpoint as checkpoint_module
-from worldmodel.checkpoint import (
-    Checkpointer,
-    atomic_torch_save,
-    config_differences,
-    finish_checkpoints,
-    load_for_resume,
-    read_checkpoint,
-    resume_payload,
-    step_checkpoints,
-)
+from worldmodel.checkpoint import Checkpointer, atomic_torch_save, finish_checkpoints, read_checkpoint, step_checkpoints
 from worldmodel.env import EnvSpec
 from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger, has_hparams, prune_events
 from worldmodel.models import EnsembleWorldModel, RSSMWorldModel
+from worldmodel.resume import RESUMABLE_CHANGES, config_differences, load_for_resume, resume_payload
 from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import seed_everything
 from worldmodel.trainer import Trainer
@@ -414,7 +406,7 @@ def test_what_may_change_on_resume_is_exactly_what_readme_lists():
     resume silently continue another experiment, and one README lists but the code refuses would break a documented
     resume. Both lists must be the same set: README's sentence "Changing `trainer.steps`, `eval_every`, ... on resume is
     allowed" (bare names are trainer.*), plus trainer.resume, which every resume changes."""
-    assert checkpoint_module.RESUMABLE_CHANGES == DOCUMENTED_CHANGES.keys()
+    assert RESUMABLE_CHANGES == DOCUMENTED_CHANGES.keys()
     readme = (REPO / "README.md").read_text()
     sentence = re.search(r"Changing (.*?) on resume is allowed", readme, re.S)
     assert sentence, "README no longer says which keys may change on resume"

@@ -19,9 +19,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.checkpoint import RunFinished, resume_candidates, resume_payload
+from worldmodel.checkpoint import resume_candidates
 from worldmodel.config import nearest_existing, refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
+from worldmodel.resume import RunFinished, resume_payload
 from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
 #: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them

@@ -8,7 +8,7 @@ conf/config.yaml) in the process that starts a run or a sweep, and unpickles it 
 
 Requeue and resume: submitit requeues a SLURM job that is preempted or reaches its time limit, and the requeued job
 runs again with the same overrides in the same directory. For sweeps with a submitit launcher, SweepCallback gives
-every job the override `trainer.resume=auto` (checkpoint.resume_payload): a first start trains from scratch, a rerun
+every job the override `trainer.resume=auto` (resume.resume_payload): a first start trains from scratch, a rerun
 that finds the job's own checkpoints continues from the newest, and a finished job is left as it is. The same
 override continues a local sweep that was stopped (scripts print the command). An explicit trainer.resume=... on the
 command line is left as it is.

@@ -1,7 +1,7 @@
 """Trainer: prefill with random steps, then alternate collecting env steps and gradient updates of the world model.
 
-Everything the loop depends on is in its checkpoints (see checkpoint.py), so a run stopped at any update and
-resumed ends bit-identical, on CPU, to one that never stopped.
+Everything the loop depends on is in its checkpoints (see checkpoint.py and resume.py), so a run stopped at any update
+and resumed ends bit-identical, on CPU, to one that never stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import Checkpointer, check_steps_cover, resume_candidates
+from worldmodel.checkpoint import Checkpointer, resume_candidates
 from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import ConfigError, RunInterrupted, WorldModelError
 from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
@@ -23,6 +23,7 @@ from worldmodel.logger import Logger
 from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.models import WorldModel
 from worldmodel.replay import ReplayBuffer
+from worldmodel.resume import check_steps_cover
 from worldmodel.rollout import Collector
 from worldmodel.runtime import StopSignals, flush_denormals, rng_state, set_rng_state
 
