@@ -35,7 +35,9 @@ def main(cfg: DictConfig) -> float:
         validate_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            resume_from = resume_payload(run_dir, cfg)  # None: a fresh start
+            # None: a fresh start. The file is mapped, not read: its replay buffer goes from the file into the new
+            # ring, never held in memory twice.
+            resume_from = resume_payload(run_dir, cfg, mmap=True)
         except RunFinished as done:  # trainer.resume=auto, as a continued sweep passes to every job
             if done.step == cfg.trainer.steps:  # a kill after the final checkpoint may have left the rest undone
                 finish_checkpoints(run_dir, done.path, cfg.trainer.keep_checkpoints)

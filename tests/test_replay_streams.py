@@ -265,8 +265,9 @@ class StreamsMachine(RuleBasedStateMachine):
     @rule(
         other_seed=st.integers(0, 2**32 - 1),
         probes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), max_size=3),
+        carry_on_tables=st.booleans(),
     )
-    def save_load(self, other_seed, probes):
+    def save_load(self, other_seed, probes, carry_on_tables):
         make = lambda **kw: ReplayBuffer(  # noqa: E731
             **{"capacity": self.capacity, "obs_dim": OBS_DIM, "action_dim": ACTION_DIM, "streams": self.n,
                "obs_dtype": self.obs_dtype, "seed": other_seed, **kw})  # fmt: skip
@@ -278,7 +279,12 @@ class StreamsMachine(RuleBasedStateMachine):
             loaded.load(path)
             via_state = make(seed=other_seed ^ 1)
             via_state.load_state_dict(self.buf.state_dict())
-            for other in (loaded, via_state):
+            # What a checkpoint holds: the ring's own tables, saved as they are and mapped back from the file.
+            torch.save(self.buf.state_dict(copy=False), Path(tmp) / "state.pt")
+            as_tables = make(seed=other_seed ^ 2)
+            as_tables.load_state_dict(torch.load(Path(tmp) / "state.pt", mmap=True, weights_only=True))
+            np.testing.assert_array_equal(as_tables.ring.ptrs, self.buf.ring.ptrs)  # the same physical layout
+            for other in (loaded, via_state, as_tables):
                 assert_contents(other, self.flat, STORE[self.obs_dtype])
                 np.testing.assert_array_equal(other.ring.sizes, [len(t) for t in self.tails])
             # Another shape of buffer refuses the file and the state.
@@ -294,14 +300,17 @@ class StreamsMachine(RuleBasedStateMachine):
                     other.load(path)
                 with pytest.raises(ValueError):
                     other.load_state_dict(self.buf.state_dict())
+                with pytest.raises(ValueError):
+                    other.load_state_dict(self.buf.state_dict(copy=False))
 
         for batch_size, seq_len in probes:
             if seq_len <= max(map(len, self.tails)):
                 expected = self.buf.sample(batch_size, seq_len)
                 assert_batches_equal(expected, loaded.sample(batch_size, seq_len))
                 assert_batches_equal(expected, via_state.sample(batch_size, seq_len))
-        # Carry on with the loaded buffer: later writes then also prove the per-stream pointers were restored.
-        self.buf = loaded
+                assert_batches_equal(expected, as_tables.sample(batch_size, seq_len))
+        # Carry on with a loaded buffer: later writes then also prove the per-stream pointers were restored.
+        self.buf = as_tables if carry_on_tables else loaded
 
     # ---- checked after every step -----------------------------------------------------------------------------
     @invariant()
@@ -612,7 +621,7 @@ def state_of_version(src: ReplayBuffer, version) -> dict:
     return state
 
 
-@pytest.mark.parametrize("version", [1, 3, None])
+@pytest.mark.parametrize("version", [1, 3, 4, None])
 def test_load_refuses_a_state_of_another_format_version(tmp_path, version):
     """A buffer saved in another layout (e.g. version 1, before per-stream sizes) is refused, never misread."""
     src = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=1)
@@ -635,6 +644,24 @@ def test_load_refuses_a_state_of_another_format_version(tmp_path, version):
     assert dst.rng.bit_generator.state == rng_state
     dst.load_state_dict(state_of_version(src, src.state_dict()["format_version"]))  # the current version loads
     assert_contents(dst, [transition(k, i) for k, n in enumerate([3, 4]) for i in range(n)])
+
+
+def test_a_state_without_a_copy_is_the_ring_itself_and_a_wrong_one_changes_nothing():
+    """state_dict(copy=False), what a checkpoint writes, hands over the ring's own tables, so saving never needs a
+    second copy of the buffer in memory; tables of another shape are refused before anything is written."""
+    src = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=1)
+    fill_streams(src, [3, 4])
+    state = src.state_dict(copy=False)
+    assert {k: t.data_ptr() for k, t in state["tables"].items()} == {
+        str(dt): t.data_ptr() for dt, t in src.ring.tables.items()
+    }
+    dst = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=5)
+    before = fill_streams(dst, [1, 2])
+    rng_state = dst.rng.bit_generator.state
+    with pytest.raises(ValueError, match="tables of shapes"):
+        dst.load_state_dict({**state, "tables": {k: t[:-1] for k, t in state["tables"].items()}})
+    assert_contents(dst, [r for rows in before for r in rows])
+    assert dst.rng.bit_generator.state == rng_state
 
 
 def test_a_state_of_another_format_version_is_refused_with_a_message_saying_so():

@@ -22,6 +22,7 @@ from worldmodel.env import EnvSpec
 from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger, has_hparams, prune_events
 from worldmodel.models import EnsembleWorldModel, RSSMWorldModel
+from worldmodel.replay import TABLES_VERSION
 from worldmodel.resume import RESUMABLE_CHANGES, config_differences, load_for_resume, resume_payload
 from worldmodel.rollout import RandomPolicy
 from worldmodel.runtime import seed_everything
@@ -489,7 +490,7 @@ def tiny_run(run_dir: Path, model_name: str, steps: int, resume: bool = False) -
     (from the newest checkpoint of `run_dir` with resume); returns the final checkpoint's payload."""
     seed_everything(0)
     cfg = OmegaConf.create({"trainer": {"steps": steps}})
-    resume_from = load_for_resume(run_dir, cfg) if resume else None
+    resume_from = load_for_resume(run_dir, cfg, mmap=True) if resume else None
     env = make_env("CartPole-v1", seed=0)
     spec = env_spec(env)
     buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, seed=0)
@@ -518,6 +519,25 @@ def test_a_model_that_draws_random_numbers_resumes_bit_identical(tmp_path, model
     tiny_run(tmp_path / "run", model_name, steps=4)
     resumed = tiny_run(tmp_path / "run", model_name, steps=8, resume=True)  # seeded and built anew, as train.py does
     assert resumed["step"] == whole["step"] == 8
+    assert_same_weights(whole, resumed)
+
+
+def test_a_checkpoint_holds_the_ring_itself_and_one_in_the_earlier_format_still_resumes(tmp_path, one_thread):
+    """A checkpoint writes the replay buffer's tables as they are (ReplayBuffer.state_dict(copy=False)), so saving
+    never holds a second copy of a buffer that may fill most of the memory. A checkpoint written before that, with
+    the filled rows copied in logical order, resumes to the same bits."""
+    whole = tiny_run(tmp_path / "whole", "mlp_ensemble", steps=8)
+    tiny_run(tmp_path / "run", "mlp_ensemble", steps=4)
+    path = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["buffer"]["format_version"] == TABLES_VERSION
+    assert {len(table) for table in payload["buffer"]["tables"].values()} == {1000}  # every row, filled or not
+    earlier = ReplayBuffer(1000, 4, 2)
+    earlier.load_state_dict(payload["buffer"])
+    payload["buffer"] = earlier.state_dict()
+    assert payload["buffer"]["format_version"] == TABLES_VERSION - 1
+    atomic_torch_save(payload, path)
+    resumed = tiny_run(tmp_path / "run", "mlp_ensemble", steps=8, resume=True)
     assert_same_weights(whole, resumed)
 
 

@@ -157,8 +157,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: 
 
 
 def load_world_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict]:
-    """Rebuilds the model from the checkpoint's own config, so no config needs to be passed alongside it."""
-    payload = read_checkpoint(path, device)
+    """Rebuilds the model from the checkpoint's own config, so no config needs to be passed alongside it. The file is
+    mapped, not read: the replay buffer it also holds (most of its size) is never loaded, let alone onto `device`."""
+    payload = read_checkpoint(path, mmap=True)
     spec = payload["env_spec"]
     model = instantiate(payload["config"]["model"], obs_dim=spec["obs_dim"], action_dim=spec["action_dim"])
     model.load_state_dict(payload["model"])

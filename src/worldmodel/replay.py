@@ -52,7 +52,8 @@ def obs_storage_dtype(name: str) -> torch.dtype:
     return OBS_DTYPES[name]
 
 
-FORMAT_VERSION = 2  # 2: per-stream sizes, rows saved in logical order
+FORMAT_VERSION = 2  # the filled rows in logical order, with per-stream sizes: a snapshot (state_dict(), save())
+TABLES_VERSION = 3  # the ring's tables themselves, physical rows and write pointers: state_dict(copy=False)
 
 
 def count(name: str, value, minimum: int = 1) -> int:
@@ -246,33 +247,48 @@ class ReplayBuffer:
         return self.ring.drop_oldest(count("n", n, minimum=0), stream)
 
     # ---- persistence --------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:
         """Contents, per-stream sizes and sampling RNG: everything needed to restore a buffer that samples, and
-        keeps filling, exactly like this one. Rows are saved in logical order (only the filled ones)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            **self._shape(),
-            "sizes": self.ring.sizes.tolist(),
-            "rng": self.rng.bit_generator.state,
-            "columns": {k: torch.from_numpy(v) for k, v in self.ring.read(slice(None)).items()},
-        }
+        keeps filling, exactly like this one. By default a snapshot: the filled rows, copied, in logical order.
+
+        copy=False gives the ring's own tables instead (every row, filled or not, with the write pointers), for a
+        torch.save right away, which writes them straight from memory: a checkpoint then never holds a second copy of
+        a buffer that may fill most of the machine's memory. Later writes to the buffer change such a state."""
+        shape = {"format_version": FORMAT_VERSION if copy else TABLES_VERSION, **self._shape(),
+                 "sizes": self.ring.sizes.tolist(), "rng": self.rng.bit_generator.state}  # fmt: skip
+        if not copy:
+            return {**shape, "ptrs": self.ring.ptrs.tolist(),
+                    "tables": {str(dt): table for dt, table in self.ring.tables.items()}}  # fmt: skip
+        return {**shape, "columns": {k: torch.from_numpy(v) for k, v in self.ring.read(slice(None)).items()}}
 
     def load_state_dict(self, state: dict, source: str = "replay buffer state") -> None:
-        """Restores a `state_dict`; refuses one whose capacity, streams or shapes differ from this buffer's."""
+        """Restores a `state_dict` (either kind); refuses one whose capacity, streams or shapes differ from this
+        buffer's, before changing anything."""
         mine = self._shape()
         theirs = {k: state.get(k) for k in mine}
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{source} has format_version {state.get('format_version')!r}, but this version of "
-                             f"worldmodel reads format_version {FORMAT_VERSION} only")  # fmt: skip
+        version = state.get("format_version")
+        contents = {FORMAT_VERSION: "columns", TABLES_VERSION: "tables"}.get(version)
+        if contents not in state:
+            raise ValueError(f"{source} has format_version {version!r}, but this version of worldmodel reads "
+                             f"format_version {FORMAT_VERSION} and {TABLES_VERSION} only")  # fmt: skip
         if theirs != mine:
             raise ValueError(f"{source} holds a buffer of {theirs}, but this buffer is {mine}")
         ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
-        # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest row.
-        rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])
-        index = to_device(rows, self.device)
-        for name, values in state["columns"].items():
-            copy_into(ring.columns[name], index, np.asarray(values))
-        ring.sizes, ring.ptrs = sizes.copy(), sizes % ring.stream_capacity
+        if version == TABLES_VERSION:
+            got = {name: tuple(table.shape) for name, table in state["tables"].items()}
+            want = {str(dt): tuple(table.shape) for dt, table in ring.tables.items()}
+            if got != want:
+                raise ValueError(f"{source} holds tables of shapes {got}, but this buffer's are {want}")
+            for dt, table in ring.tables.items():
+                table.copy_(state["tables"][str(dt)])  # in place: a recorded CUDA graph reads the tables by address
+            ring.sizes, ring.ptrs = sizes.copy(), np.asarray(state["ptrs"], dtype=np.int64)
+        else:
+            # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest.
+            rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])
+            index = to_device(rows, self.device)
+            for name, values in state["columns"].items():
+                copy_into(ring.columns[name], index, np.asarray(values))
+            ring.sizes, ring.ptrs = sizes.copy(), sizes % ring.stream_capacity
         self.rng.bit_generator.state = state["rng"]
 
     def save(self, path: str | Path) -> None:

@@ -322,7 +322,7 @@ class Trainer:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "buffer": collector.buffer.state_dict(),
+            "buffer": collector.buffer.state_dict(copy=False),  # written from the ring itself: no second copy
             "collector": collector.state_dict(),
             "rng": rng_state(),
             "metrics": loop.metrics,
