@@ -363,6 +363,38 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_readable(tmp_path, m
     assert torch.equal(load_for_resume(tmp_path, cfg, mmap=True)["model"]["w"], torch.ones(3))  # the pre-run check
 
 
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_checkpoint_that_cannot_be_written_is_said_so_and_leaves_no_partial_file(tmp_path, monkeypatch, earlier):
+    """On a full disk torch.save raises a RuntimeError about stream positions. The run says which file failed, the
+    room left there and which checkpoint it can continue from, and removes the half-written file, which would
+    otherwise keep the disk full."""
+    from worldmodel.checkpoint import CheckpointWriteFailed
+    from worldmodel.env import EnvSpec
+
+    cfg = OmegaConf.create({"trainer": {"steps": 30}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    if earlier:
+        ckpt.save({"model": {"w": torch.ones(3)}}, step=10)
+
+    def disk_full(obj, f):
+        f.write(b"\x80\x02partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteFailed) as err:
+        ckpt.save({"model": {"w": torch.zeros(3)}}, step=20)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert "step_00000020.pt" in message and "unexpected pos" in message and "GiB are free there" in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == (["step_00000010.pt"] if earlier else [])
+    if earlier:
+        assert f"checkpoint {tmp_path / 'checkpoints' / 'step_00000010.pt'} is whole" in message
+        assert "trainer.resume=true" in message
+        assert torch.equal(load_for_resume(tmp_path, cfg)["model"]["w"], torch.ones(3))
+    else:
+        assert "before any checkpoint" in message
+
+
 def test_atomic_save_replaces_whole_files(tmp_path):
     path = tmp_path / "x.pt"
     atomic_torch_save({"a": torch.arange(3)}, path)

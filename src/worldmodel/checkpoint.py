@@ -54,10 +54,14 @@ def atomic_torch_save(payload: dict, path: Path) -> None:
     """Temporary file, fsync, rename: a kill at any instant leaves either the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk would stay full of the half-written file until the next run
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -76,7 +80,10 @@ class Checkpointer:
     def save(self, state: dict, step: int, final: bool = False) -> Path:
         payload = {"format_version": FORMAT_VERSION, "step": step, "config": self.config, "env_spec": self.env_spec}
         path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
-        atomic_torch_save({**payload, **state}, path)
+        try:
+            atomic_torch_save({**payload, **state}, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError about positions
+            raise CheckpointWriteFailed(path, err) from err
         if final:
             finish_checkpoints(self.run_dir, path, self.keep)
         else:
@@ -114,6 +121,27 @@ def _prune(run_dir: Path, keep: int, path: Path) -> None:
     for _, old in step_checkpoints(run_dir)[:-keep]:
         if old != path:
             old.unlink(missing_ok=True)
+
+
+class CheckpointWriteFailed(WorldModelError):
+    """A checkpoint could not be written (most often: the disk is full). Said with what is left on that disk and
+    which checkpoint the run can continue from; the half-written file is already removed."""
+
+    def __init__(self, path: Path, err: Exception):
+        run_dir = path.parent.parent
+        kept = resume_candidates(run_dir)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.3g} GiB are free there"
+        except OSError:
+            free = "its free space could not be read"
+        sizes = [p.stat().st_size for p in kept]
+        need = f"; this run's last checkpoint took {sizes[-1] / 2**30:.3g} GiB" if sizes else ""
+        then = (f"The run stopped here; its checkpoint {kept[-1]} is whole. Make room, then continue from it with the "
+                f"same command and trainer.resume=true (hydra.run.dir={run_dir})" if kept else
+                "The run stopped before any checkpoint of it was written; make room and start it again")  # fmt: skip
+        super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]}); {free}{need}. {then}. Each checkpoint holds "
+                         "the whole replay buffer; trainer.keep_checkpoints=1 keeps only the newest.")  # fmt: skip
 
 
 class CheckpointUnreadable(WorldModelError):
