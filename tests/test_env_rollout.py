@@ -264,6 +264,22 @@ def test_an_unsaved_env_on_resume_closes_the_open_episode_as_a_truncation():
     np.testing.assert_array_equal(rows["next_obs"][:-1][cont], rows["obs"][1:][cont])
 
 
+def test_an_unsaved_env_resumed_into_an_empty_buffer_starts_a_fresh_episode():
+    """With no stored row there is no open episode to close: the resume starts a fresh episode rather than failing on
+    the update of a row that does not exist."""
+    env = make_env("Pendulum-v1", seed=0)
+    spec = env_spec(env)
+    collector = Collector(env, ReplayBuffer(100, spec.obs_dim, spec.action_dim, seed=0),
+                          RandomPolicy(env.action_space, 0), seed=0)  # fmt: skip
+    collector.collect(5)
+    buffer = ReplayBuffer(100, spec.obs_dim, spec.action_dim, seed=0)
+    resumed = Collector(make_env("Pendulum-v1", seed=0), buffer, RandomPolicy(env.action_space, 0), seed=0)
+    resumed.load_state_dict({**collector.state_dict(), "env": None})
+    assert len(buffer) == 0
+    resumed.collect(3)
+    assert len(buffer) == 3 and not buffer[:]["truncated"].any()
+
+
 @pytest.mark.parametrize(
     "space", [gym.spaces.Discrete(4), gym.spaces.Box(-2.0, 2.0, (1,), np.float32)], ids=["discrete", "box"]
 )

@@ -217,3 +217,83 @@ def test_a_dimension_that_never_varies_is_left_out_of_nmse(value):
     assert 0 < res.nmse[0] < 1
     np.testing.assert_allclose(res.nmse, expected.nmse, rtol=1e-12)
     np.testing.assert_allclose(res.copy_last_nmse, expected.copy_last_nmse, rtol=1e-12)
+
+
+def test_a_window_as_long_as_the_whole_buffer_is_scored():
+    """One episode of exactly C + H - 1 transitions fills the buffer: its one window counts (a short validation
+    buffer would otherwise score nothing, and open_loop would return None)."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(4):
+        buffer.add([t, 2 * t], [0.0], 0.0, [t + 1, 2 * (t + 1)], False, t == 3)
+    assert episode_window_starts(buffer, 4).tolist() == [0]
+    assert open_loop(Drift(1.0), buffer, context=2, horizon=3).windows == 1
+    assert trajectory(Drift(1.0), buffer, context=2, horizon=3) is not None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluation_leaves_the_model_in_the_mode_it_found(training):
+    """open_loop and trajectory score in eval mode (no dropout), then hand the model back as it was: the trainer
+    validates mid-run, and a model left in eval mode would train on without its dropout."""
+    model = Drift(1.0).train(training)
+    open_loop(model, hand_made_buffer(), context=2, horizon=2)
+    assert model.training == training
+    trajectory(model, hand_made_buffer(), context=2, horizon=2)
+    assert model.training == training
+
+
+def test_copy_last_and_reward_scalars_are_their_own_numbers():
+    """eval/copy_last_nmse_hH and eval/reward_mse_hH log the baseline's and the reward's values, not the model's nmse
+    (here they all differ)."""
+    res = open_loop(Drift(step=1.0), hand_made_buffer(), context=2, horizon=2)
+    scalars, d = res.scalars(), res.as_dict()
+    assert len({res.nmse[1], res.copy_last_nmse[1], res.reward_mse[1]}) == 3
+    for h in (1, 2):
+        assert scalars[f"eval/nmse_h{h}"] == d["nmse"][str(h)] == float(res.nmse[h - 1])
+        assert scalars[f"eval/copy_last_nmse_h{h}"] == d["copy_last_nmse"][str(h)] == float(res.copy_last_nmse[h - 1])
+        assert scalars[f"eval/reward_mse_h{h}"] == d["reward_mse"][str(h)] == float(res.reward_mse[h - 1])
+
+
+def test_where_no_dimension_varies_every_dimension_is_scored():
+    """A buffer whose observations never change: no dimension varies, so nmse falls back to all of them (a perfect
+    model scores 0, one off by a little a large but finite number) rather than a mean over no dimension (NaN)."""
+    buffer = ReplayBuffer(100, obs_dim=2, action_dim=1)
+    for t in range(20):
+        buffer.add([3.0, -1.0], [0.0], 0.0, [3.0, -1.0], False, t == 19)
+    perfect = open_loop(Drift(step=0.0), buffer, context=2, horizon=3)
+    assert perfect.nmse.tolist() == [0.0, 0.0, 0.0] and perfect.copy_last_nmse.tolist() == [0.0, 0.0, 0.0]
+    off = open_loop(Drift(step=1e-3), buffer, context=2, horizon=3)
+    assert np.isfinite(off.nmse).all() and (off.nmse > 0).all()
+
+
+def test_a_new_true_trajectory_redraws_the_kept_background():
+    """The true trajectory is drawn once and kept as a bitmap; another true trajectory (another validation buffer,
+    the figure reused) must replace it, even when the imagined one is the same."""
+    true, imagined = trajectory(Drift(1.0), hand_made_buffer(), context=2, horizon=2)
+    plot = TrajectoryPlot(obs_dim=2, context=2, horizon=2)
+    first = plot.image(true, imagined)
+    assert not np.array_equal(plot.image(true[::-1].copy(), imagined), first)
+    np.testing.assert_array_equal(plot.image(true, imagined), first)
+
+
+def test_imagined_steps_are_drawn_after_the_context():
+    """The imagined line covers steps C .. C+H-1 of the true one (right of the context marker), not 0 .. H-1."""
+    true, imagined = trajectory(Drift(1.0), hand_made_buffer(), context=2, horizon=2)
+    plot = TrajectoryPlot(obs_dim=2, context=2, horizon=2)
+    plot.image(true, imagined)
+    for d, line in enumerate(plot.imagined_lines):
+        np.testing.assert_array_equal(line.get_xdata(), [2, 3])
+        np.testing.assert_array_equal(line.get_ydata(), imagined[:, d])
+    np.testing.assert_array_equal(plot.true_lines[0].get_xdata(), [0, 1, 2, 3])
+
+
+def test_a_constant_dimension_whose_variance_rounds_below_zero_is_still_left_out():
+    """As above, but 42 rows of 123.456 make E[x^2] - E[x]^2 come out slightly negative (-1.8e-12): clamped to 0, the
+    dimension counts as constant. Unclamped, its sqrt is NaN, which no test calls constant, and the 1e-6 error there
+    would be scored against a variance of 1e-12."""
+    both, first = ReplayBuffer(100, obs_dim=2, action_dim=1), ReplayBuffer(100, obs_dim=1, action_dim=1)
+    for t in range(42):
+        both.add([t, 123.456], [0.0], 0.0, [t + 1, 123.456], False, t == 41)
+        first.add([t], [0.0], 0.0, [t + 1], False, t == 41)
+    res = open_loop(Drift(step=[0.5, 1e-6]), both, context=3, horizon=4)
+    expected = open_loop(Drift(step=[0.5]), first, context=3, horizon=4)
+    np.testing.assert_allclose(res.nmse, expected.nmse, rtol=1e-12)

@@ -327,3 +327,25 @@ def test_actions_of_the_wrong_width_are_refused_not_broadcast():
     obs, _ = random_inputs()
     with pytest.raises(ValueError, match=r"action has 1 values .* the model takes 2 \(a Discrete env's actions are one-hot"):
         model.predict(obs, torch.zeros(*obs.shape[:2], 1))
+
+
+def test_a_small_but_varying_dimension_keeps_its_own_std_next_to_a_large_mean():
+    """A dimension that varies by 1e-4 of its mean (a position far from the origin moving a little) is not constant:
+    only float32 rounding (1e-6 of the mean) or an absolute 1e-8 counts as not varying."""
+    norm = Normalizer(obs_dim=2, action_dim=1)
+    rng = np.random.default_rng(0)
+    obs = np.stack([100.0 + rng.normal(0, 1e-2, 500), rng.normal(0, 1, 500)], axis=1)
+    norm.fit(obs, rng.normal(size=(500, 1)), rng.normal(size=500), obs + rng.normal(0, 1, (500, 2)))
+    assert norm.obs_std[0] == pytest.approx(1e-2, rel=0.1) and norm.obs_mean[0] == pytest.approx(100.0, rel=1e-4)
+    x = torch.tensor([[100.003, -0.5]])
+    torch.testing.assert_close(norm.denormalize("obs", norm.normalize("obs", x)), x)  # denormalize undoes normalize
+
+
+def test_a_dimension_near_zero_that_varies_below_the_absolute_floor_is_constant():
+    """Values around 0 that differ by less than 1e-8 (round-off left in a quantity that is 0) are only centered:
+    relative to a mean of ~0 the 1e-6 rule alone would call them varying and scale them up by 1e9."""
+    norm = Normalizer(obs_dim=1, action_dim=1)
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0, 1e-10, (500, 1))
+    norm.fit(obs, rng.normal(size=(500, 1)), rng.normal(size=500), obs + 1.0)
+    assert norm.obs_std.tolist() == [1.0]
