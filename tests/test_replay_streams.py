@@ -646,20 +646,26 @@ def test_load_refuses_a_state_of_another_format_version(tmp_path, version):
     assert_contents(dst, [transition(k, i) for k, n in enumerate([3, 4]) for i in range(n)])
 
 
-def test_a_state_without_a_copy_is_the_ring_itself_and_a_wrong_one_changes_nothing():
-    """state_dict(copy=False), what a checkpoint writes, hands over the ring's own tables, so saving never needs a
-    second copy of the buffer in memory; tables of another shape are refused before anything is written."""
-    src = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=1)
-    fill_streams(src, [3, 4])
-    state = src.state_dict(copy=False)
-    assert {k: t.data_ptr() for k, t in state["tables"].items()} == {
-        str(dt): t.data_ptr() for dt, t in src.ring.tables.items()
-    }
-    dst = ReplayBuffer(8, OBS_DIM, ACTION_DIM, streams=2, seed=5)
+def test_a_state_without_a_copy_is_the_stored_rows_in_place_and_a_wrong_one_changes_nothing():
+    """state_dict(copy=False), what a checkpoint writes, hands over the stored rows on the ring's own memory, so
+    saving never needs a second copy of the buffer; and only those rows (a view's storage would be the whole table,
+    which torch.save writes whole). Rows of other shapes are refused before anything is written."""
+    src = ReplayBuffer(40, OBS_DIM, ACTION_DIM, streams=2, seed=1)
+    fill_streams(src, [3, 25])  # stream 1 wraps: its rows are two spans of its segment
+    src.delete_oldest(1, stream=0)
+    state, spans = src.state_dict(copy=False), src.ring.spans()
+    assert len(spans) == 3
+    for dt, table in src.ring.tables.items():
+        pieces = state["tables"][str(dt)]
+        assert [p.data_ptr() for p in pieces] == [table[row].data_ptr() for row, _ in spans]
+        assert sum(p.untyped_storage().nbytes() for p in pieces) == len(src) * table.shape[1] * table.element_size()
+    dst = ReplayBuffer(40, OBS_DIM, ACTION_DIM, streams=2, seed=5)
     before = fill_streams(dst, [1, 2])
     rng_state = dst.rng.bit_generator.state
-    with pytest.raises(ValueError, match="tables of shapes"):
-        dst.load_state_dict({**state, "tables": {k: t[:-1] for k, t in state["tables"].items()}})
+    with pytest.raises(ValueError, match="cannot take"):
+        dst.load_state_dict({**state, "tables": {k: [p[:-1] for p in ps] for k, ps in state["tables"].items()}})
+    with pytest.raises(ValueError, match="cannot take"):
+        dst.load_state_dict({**state, "ptrs": [0, 20]})  # a pointer past its segment
     assert_contents(dst, [r for rows in before for r in rows])
     assert dst.rng.bit_generator.state == rng_state
 

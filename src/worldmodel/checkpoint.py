@@ -141,7 +141,7 @@ class CheckpointWriteFailed(WorldModelError):
                 "The run stopped before any checkpoint of it was written; make room and start it again")  # fmt: skip
         super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0][:200]}); {free}{need}. {then}. Each checkpoint holds "
-                         "the whole replay buffer; trainer.keep_checkpoints=1 keeps only the newest.")  # fmt: skip
+                         "the replay buffer's stored rows; trainer.keep_checkpoints=1 keeps only the newest.")  # fmt: skip
 
 
 class CheckpointUnreadable(WorldModelError):

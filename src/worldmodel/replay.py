@@ -45,6 +45,14 @@ from worldmodel.runtime import resolve_device
 OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def rows_alone(table: torch.Tensor, row: int, n: int) -> torch.Tensor:
+    """Rows row .. row+n-1 of a 2-d table, on the table's own memory. Unlike table[row:row+n], whose storage is the
+    whole table's, so that torch.save would write every row of it, this tensor's storage is those rows alone."""
+    nbytes, base = table.shape[1] * table.element_size(), table.storage_offset() * table.element_size()
+    storage = table.untyped_storage()[base + row * nbytes : base + (row + n) * nbytes]
+    return torch.empty(0, dtype=table.dtype, device=table.device).set_(storage).view(n, table.shape[1])
+
+
 def obs_storage_dtype(name: str) -> torch.dtype:
     """The torch dtype of `buffer.obs_dtype=name`, or a ConfigError naming the valid ones."""
     if name not in OBS_DTYPES:
@@ -53,7 +61,7 @@ def obs_storage_dtype(name: str) -> torch.dtype:
 
 
 FORMAT_VERSION = 2  # the filled rows in logical order, with per-stream sizes: a snapshot (state_dict(), save())
-TABLES_VERSION = 3  # the ring's tables themselves, physical rows and write pointers: state_dict(copy=False)
+TABLES_VERSION = 3  # the stored rows as spans of the ring's own tables, with write pointers: state_dict(copy=False)
 
 
 def count(name: str, value, minimum: int = 1) -> int:
@@ -251,14 +259,16 @@ class ReplayBuffer:
         """Contents, per-stream sizes and sampling RNG: everything needed to restore a buffer that samples, and
         keeps filling, exactly like this one. By default a snapshot: the filled rows, copied, in logical order.
 
-        copy=False gives the ring's own tables instead (every row, filled or not, with the write pointers), for a
-        torch.save right away, which writes them straight from memory: a checkpoint then never holds a second copy of
-        a buffer that may fill most of the machine's memory. Later writes to the buffer change such a state."""
+        copy=False gives the stored rows where they are instead: per table, each span of rows (ring.spans) as a
+        tensor on the ring's own memory, with the write pointers. torch.save writes them straight from there, so a
+        checkpoint never holds a second copy of a buffer that may fill most of the machine's memory, and holds only
+        the stored rows. Later writes to the buffer change such a state: save it at once."""
         shape = {"format_version": FORMAT_VERSION if copy else TABLES_VERSION, **self._shape(),
                  "sizes": self.ring.sizes.tolist(), "rng": self.rng.bit_generator.state}  # fmt: skip
         if not copy:
-            return {**shape, "ptrs": self.ring.ptrs.tolist(),
-                    "tables": {str(dt): table for dt, table in self.ring.tables.items()}}  # fmt: skip
+            spans = self.ring.spans()
+            return {**shape, "ptrs": self.ring.ptrs.tolist(), "tables": {
+                str(dt): [rows_alone(table, row, n) for row, n in spans] for dt, table in self.ring.tables.items()}}
         return {**shape, "columns": {k: torch.from_numpy(v) for k, v in self.ring.read(slice(None)).items()}}
 
     def load_state_dict(self, state: dict, source: str = "replay buffer state") -> None:
@@ -275,13 +285,19 @@ class ReplayBuffer:
             raise ValueError(f"{source} holds a buffer of {theirs}, but this buffer is {mine}")
         ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
         if version == TABLES_VERSION:
-            got = {name: tuple(table.shape) for name, table in state["tables"].items()}
-            want = {str(dt): tuple(table.shape) for dt, table in ring.tables.items()}
-            if got != want:
-                raise ValueError(f"{source} holds tables of shapes {got}, but this buffer's are {want}")
-            for dt, table in ring.tables.items():
-                table.copy_(state["tables"][str(dt)])  # in place: a recorded CUDA graph reads the tables by address
-            ring.sizes, ring.ptrs = sizes.copy(), np.asarray(state["ptrs"], dtype=np.int64)
+            ptrs, seg = np.asarray(state["ptrs"], dtype=np.int64), ring.stream_capacity
+            fits = sizes.shape == ptrs.shape == (ring.streams,) and bool(((sizes <= seg) & (ptrs < seg)).all()) \
+                and bool(((sizes >= 0) & (ptrs >= 0)).all())  # fmt: skip
+            spans = ring.spans(sizes, ptrs) if fits else []
+            got = {name: [tuple(piece.shape) for piece in pieces] for name, pieces in state["tables"].items()}
+            want = {str(dt): [(n, table.shape[1]) for _, n in spans] for dt, table in ring.tables.items()}
+            if not fits or got != want:
+                raise ValueError(f"{source} holds rows of shapes {got} with sizes {sizes.tolist()} and pointers "
+                                 f"{ptrs.tolist()}, which this buffer's tables cannot take")  # fmt: skip
+            for dt, table in ring.tables.items():  # in place: a recorded CUDA graph reads the tables by address
+                for (row, n), piece in zip(spans, state["tables"][str(dt)]):
+                    table[row : row + n].copy_(piece)
+            ring.sizes, ring.ptrs = sizes.copy(), ptrs
         else:
             # Stream k's rows go to the start of its segment, oldest first; the pointer then sits after its newest.
             rows = np.concatenate([k * ring.stream_capacity + np.arange(n) for k, n in enumerate(sizes)])

@@ -206,6 +206,19 @@ class RingBuffer:
         seg = self.stream_capacity
         return stream * seg + (self.ptrs[stream] - self.sizes[stream] + offset) % seg
 
+    def spans(self, sizes: np.ndarray | None = None, ptrs: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """(first physical row, rows) of the stored rows, stream by stream, oldest first: a stream's rows are one arc
+        of its segment, so one span, or two where they wrap past the segment's end. Of this ring's fill, or of the
+        given per-stream sizes and pointers."""
+        sizes = self.sizes if sizes is None else sizes
+        ptrs = self.ptrs if ptrs is None else ptrs
+        seg, out = self.stream_capacity, []
+        for stream, (n, ptr) in enumerate(zip(sizes.tolist(), ptrs.tolist())):
+            start = (ptr - n) % seg
+            first = min(n, seg - start)
+            out += [(stream * seg + row, rows) for row, rows in ((start, first), (0, n - first)) if rows]
+        return out
+
     def physical(self, logical) -> np.ndarray:
         """Maps logical indices to physical rows, with bounds checks."""
         return self.physical_of(*self.locate(logical))
