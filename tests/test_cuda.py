@@ -11,6 +11,7 @@ Speed is benchmarks/' business, not these tests'.
 from __future__ import annotations
 
 import contextlib
+import io
 
 import numpy as np
 import pytest
@@ -100,11 +101,17 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
         for name, expected in vars(batches["host"]).items():
             for kind in ("gpu", "pinned"):
                 torch.testing.assert_close(getattr(batches[kind], name).cpu(), expected, rtol=0, atol=0, msg=name)
-    # The state a checkpoint embeds round-trips through the GPU ring too.
-    again = ReplayBuffer(2 * 40, obs_dim, action_dim, streams=n, seed=9, obs_dtype=obs_dtype, device=DEVICE)
-    again.load_state_dict(buffers["gpu"].state_dict())
-    for name, expected in buffers["host"][:].items():
-        np.testing.assert_array_equal(again[:][name], expected, err_msg=name)
+    # Both kinds of state round-trip through the GPU ring too: a snapshot, and the stored rows a checkpoint writes
+    # (through torch.save, which holds no CUDA tensor: a checkpoint loads on a host).
+    for copy in (True, False):
+        again = ReplayBuffer(2 * 40, obs_dim, action_dim, streams=n, seed=9, obs_dtype=obs_dtype, device=DEVICE)
+        state = buffers["gpu"].state_dict(copy=copy)
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        saved.seek(0)
+        again.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+        for name, expected in buffers["host"][:].items():
+            np.testing.assert_array_equal(again[:][name], expected, err_msg=name)
 
 
 def test_collecting_sampling_and_updating_never_make_the_host_wait_for_the_gpu():

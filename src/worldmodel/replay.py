@@ -47,7 +47,10 @@ OBS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 
 def rows_alone(table: torch.Tensor, row: int, n: int) -> torch.Tensor:
     """Rows row .. row+n-1 of a 2-d table, on the table's own memory. Unlike table[row:row+n], whose storage is the
-    whole table's, so that torch.save would write every row of it, this tensor's storage is those rows alone."""
+    whole table's, so that torch.save would write every row of it, this tensor's storage is those rows alone. Off the
+    host, a copy on the host: torch.save would copy a GPU tensor to the host anyway."""
+    if table.device.type != "cpu":
+        return table[row : row + n].cpu()
     nbytes, base = table.shape[1] * table.element_size(), table.storage_offset() * table.element_size()
     storage = table.untyped_storage()[base + row * nbytes : base + (row + n) * nbytes]
     return torch.empty(0, dtype=table.dtype, device=table.device).set_(storage).view(n, table.shape[1])
