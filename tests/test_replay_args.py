@@ -233,3 +233,31 @@ def test_a_memory_cgroup_without_a_limit_leaves_the_machines_figure(tmp_path):
     assert cgroup_memory_room(proc) is None
     (tmp_path / "mem" / "memory.limit_in_bytes").write_text("4294967296\n")  # docker --memory=4g
     assert cgroup_memory_room(proc) == 4294967296 - 12345
+
+
+def test_none_truncated_is_refused_too():
+    """truncated=None would be stored as False: the episode would silently run on into the next one."""
+    buf = buffer(rows=2)
+    with pytest.raises(TypeError, match="truncated is None"):
+        buf.add([0.0, 0.0, 0.0], [0.0], 1.0, [1.0, 1.0, 1.0], False, None)
+    assert len(buf) == 2
+
+
+def test_newest_rows_skips_empty_streams():
+    """One index per stream that holds rows: an empty stream must not add its neighbour's newest (or -1) again."""
+    buf = buffer(rows=2, streams=3)
+    buf.delete_oldest(2, stream=1)
+    assert buf.newest_rows().tolist() == [1, 3]
+    buf.delete_oldest(2, stream=0)
+    assert buf.newest_rows().tolist() == [1]
+
+
+def test_an_episode_dataset_loaded_as_a_saved_buffer_is_not_called_truncated(tmp_path):
+    """The file is whole, just of the other kind: the error is WrongFile, not the generic 'unreadable or truncated'."""
+    from worldmodel.replay import WrongFile
+
+    path = tmp_path / "episodes.npz"
+    np.savez(path, obs=np.zeros((2, 3)), lengths=np.ones(1, np.int64))
+    with pytest.raises(WrongFile) as err:
+        buffer().load(path)
+    assert "truncated" not in str(err.value)

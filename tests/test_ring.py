@@ -361,3 +361,65 @@ def test_write_broadcasts_values_over_the_rows_it_updates():
     got = ring.read(slice(None))
     np.testing.assert_array_equal(got["vec"], [[-1, -1], [7, 7], [2, -4], [8, 8], [5, 5]])
     np.testing.assert_array_equal(got["id"], [0, 1, 2, 3, 4])
+
+
+# ---- writes larger than a stream, and the GPU write path -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["extend", "extend_streams"])
+def test_a_write_of_more_rows_than_a_stream_holds_names_each_table_row_once(monkeypatch, how):
+    """Of a write larger than its stream only the newest rows are kept, and no table row may be written twice in one
+    write: a GPU ring writes through torch's index_put, whose result for duplicate indices is undefined on CUDA (an
+    older row could win). On the host numpy's last-write-wins hides a duplicate, so the rows are checked directly."""
+    ring = RingBuffer(6, SCHEMA, streams=2)
+    ring.extend(stream=1, **rows([0]))  # stream 1's pointer away from its segment's start
+    written = []
+    write = RingBuffer._write
+
+    def spy(self, rows_at, values):
+        written.append(np.arange(self.capacity)[rows_at])
+        write(self, rows_at, values)
+
+    monkeypatch.setattr(RingBuffer, "_write", spy)
+    if how == "extend":
+        ring.extend(stream=1, **rows(range(1, 9)))  # 8 rows for a stream of 3
+        expected = [6, 7, 8]
+    else:
+        block = {k: v.reshape(4, 2, *v.shape[1:]) for k, v in rows(range(1, 9)).items()}
+        ring.extend_streams(np.ones((4, 2), bool), **block)  # 4 rows for each stream of 3
+        expected = [3, 5, 7, 4, 6, 8]
+    assert written and all(len(np.unique(at)) == len(at) for at in written), written
+    assert ring.read(slice(None))["id"].tolist() == expected
+
+
+def test_extend_streams_refuses_a_valid_mask_of_another_stream_count_and_writes_nothing():
+    """valid [T, 1] for a 2-stream ring (with rows shaped to match it) would broadcast over the stream pointers and
+    write rows into the wrong streams: it is refused before anything is written."""
+    ring = RingBuffer(8, SCHEMA, streams=2)
+    ring.extend(stream=0, **rows([0, 1]))
+    state = ring_state(ring)
+    one_stream = {k: v.reshape(2, 1, *v.shape[1:]) for k, v in rows([20, 21]).items()}
+    with pytest.raises(ValueError, match=r"valid must be \[T, 2\]"):
+        ring.extend_streams(np.ones((2, 1), bool), **one_stream)
+    assert_unchanged(ring, state)
+
+
+def test_a_write_as_on_gpu_is_one_copy_per_table(monkeypatch):
+    """test_packed_writes_store_what_column_writes_store compares the packed path with the column path: it only
+    means something if WRITE_AS_ON_GPU really packs. Each write of whole rows is then one copy per table (the point
+    of packing on a GPU: one transfer and launch per dtype), never one per column."""
+    from worldmodel import ring as ring_module
+
+    monkeypatch.setattr(ring_module, "WRITE_AS_ON_GPU", True)
+    buf = ReplayBuffer(8, 3, 2, streams=2)
+    targets, copy_into = [], ring_module.copy_into
+    monkeypatch.setattr(ring_module, "copy_into", lambda dst, index, value: (targets.append(dst),
+                                                                           copy_into(dst, index, value)))  # fmt: skip
+    one = {"obs": np.ones(3), "action": np.zeros(2), "reward": 1.0, "next_obs": np.ones(3), "terminated": False,
+           "truncated": True}  # fmt: skip
+    buf.add(**one, stream=1)
+    buf.extend(**{k: np.asarray([v, v]) for k, v in one.items()}, stream=0)
+    buf.extend_streams(np.ones((1, 2), bool), **{k: np.asarray([[v, v]]) for k, v in one.items()})
+    tables = list(buf.ring.tables.values())
+    assert len(tables) == 2 and len(targets) == 3 * len(tables)
+    assert all(any(dst is table for table in tables) for dst in targets)

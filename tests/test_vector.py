@@ -354,3 +354,56 @@ def test_the_prefill_tops_up_streams_left_several_steps_short_by_autoreset_steps
         rows = np.concatenate([s[key][:n] for s, n in zip(stream_rows(buffer), plain.buffer.ring.sizes)])
         np.testing.assert_array_equal(rows, value, err_msg=key)
     buffer.sample(4, 100)
+
+
+def test_an_env_that_autoresets_in_the_same_step_is_refused():
+    """In SAME_STEP mode the step that ends an episode returns the reset observation, not the final one, and every
+    step is a transition: stored with NEXT_STEP's bookkeeping, each episode's last target would be the next episode's
+    first observation. The collector refuses such an env rather than store it."""
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    env = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2, autoreset_mode=same_step)
+    with pytest.raises(ValueError, match="NEXT_STEP"):
+        VectorCollector(env, ReplayBuffer(100, 4, 2, streams=2), RandomPolicy(env.action_space, 0), seed=0)
+
+
+class _EndsOnEveryStep(gym.vector.VectorWrapper):
+    """Breaks gymnasium's NEXT_STEP contract: its reset steps report terminated too."""
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return obs, reward, np.ones_like(terminated), truncated, info
+
+
+def test_an_env_that_ends_an_episode_on_its_reset_step_is_refused_and_nothing_is_stored():
+    """A reset step is never stored (valid is False): if the env said an episode ended there, that end would be lost
+    and the stream's episodes would run together. The collector stops with an error instead, before writing."""
+    env = _EndsOnEveryStep(make_env("CartPole-v1", seed=0, num_envs=2))
+    buffer = ReplayBuffer(100, 4, 2, streams=2)
+    collector = VectorCollector(env, buffer, RandomPolicy(env.action_space, 0), seed=0)
+    with pytest.raises(RuntimeError, match="NEXT_STEP"):
+        collector.collect(2 * 2)  # the second vector step is every env's reset step
+    assert len(buffer) == 0
+
+
+def test_episode_stats_skip_reset_steps_under_a_vector_reward_wrapper_and_one_step_calls():
+    """A vector-level reward wrapper (here +1 on every step) also changes the reward of reset steps, which are not
+    transitions; and collecting one vector step per call (as between updates) takes the stats' fast path for each
+    reset step. Either way each reported episode must be exactly its stored rows: their count and summed reward."""
+    from gymnasium.wrappers.vector import TransformReward
+
+    env = TransformReward(make_env("CartPole-v1", seed=1, num_envs=2, vectorization_mode="sync"), lambda r: r + 1.0)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=2)
+    collector = VectorCollector(env, buffer, RandomPolicy(env.action_space, 1), seed=1, spec=spec)
+    reported = []
+    for steps in [1] * 150 + [60, 1, 1, 60]:
+        stats = collector.collect(steps * 2)
+        reported += list(zip(stats.episode_lengths, stats.episode_returns))
+    expected = []
+    for rows in stream_rows(buffer):
+        ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        expected += [(int(e - s + 1), float(rows["reward"][s : e + 1].astype(np.float64).sum()))
+                     for s, e in zip(starts, ends)]  # fmt: skip
+    assert len(expected) >= 10
+    np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)
