@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -277,6 +279,21 @@ def test_default_directories_of_runs_started_in_the_same_second_differ(config_na
             cfg = compose(config_name=config_name, return_hydra_config=True)
         dirs.append([str(OmegaConf.select(cfg, f"hydra.{k}.dir")) for k in ("run", "sweep")])
     assert all(a != b for a, b in zip(*dirs)), dirs
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_collect_refuses_an_out_directory_where_no_file_can_be_made(tmp_path):
+    """Permission bits say yes to root everywhere, but /proc takes no new file from anyone: found before collecting,
+    not when the dataset is written after the last episode."""
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.config import validate_collect
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigError, match="/proc is not a writable directory"):
+            validate_collect(compose(config_name="collect", overrides=["out=/proc/new/d.npz"]))
+        validate_collect(compose(config_name="collect", overrides=[f"out={tmp_path / 'new' / 'd.npz'}"]))
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
 
 
 def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_path):

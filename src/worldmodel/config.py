@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import os
+import tempfile
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +70,16 @@ def refuse_deleted_keys(overrides: list[str]) -> None:
 def nearest_existing(path: Path) -> Path:
     """`path`, or its nearest ancestor that exists: where a directory for it would be made from."""
     return next(p for p in [path, *path.absolute().parents] if p.exists())
+
+
+def can_write_in(directory: Path) -> bool:
+    """Whether this process can create a file in `directory`. os.access answers from permission bits, which root
+    passes everywhere, /proc and /sys included: creating (and at once dropping) a nameless temporary file tells."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 def _path(cfg: DictConfig, key: str, what: str) -> str:
@@ -249,7 +259,7 @@ def validate_collect(cfg: DictConfig) -> None:
         raise WorldModelError(f"out={cfg.out} already exists; datasets are never overwritten. Choose another path.")
     # Checked now, not after the episodes are collected: save_dataset creates the missing directories from here.
     nearest = nearest_existing(out)
-    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+    if not nearest.is_dir() or not can_write_in(nearest):
         raise ConfigError("out", cfg.out, f"a path this user can write: {nearest} is not a writable directory")
     for key, minimum in (("episodes", 1), ("seed", 0)):
         _int(cfg, key, minimum)
