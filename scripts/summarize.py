@@ -18,6 +18,7 @@ import argparse
 import csv
 import math
 import re
+import signal
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -67,10 +68,18 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def failed_before_logging(sweep_dir: Path, logged: set[Path]) -> list[Path]:
-    """Job directories with a saved config (.hydra/overrides.yaml) but no event file: jobs that stopped before their
-    logger started (a missing dataset file, say)."""
+    """Training runs' directories with a saved config (.hydra/overrides.yaml) but no event file: jobs that stopped
+    before their logger started (a missing dataset file, say). Those of other scripts (evaluate.py, collect.py, under
+    outputs/ too) never log to TensorBoard: not runs at all."""
     found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
-    return sorted(d for d in found - logged if _visible(d, sweep_dir))
+    return sorted(d for d in found - logged if _visible(d, sweep_dir) and _script(d) in (None, "train"))
+
+
+def _script(job_dir: Path) -> str | None:
+    """The script that wrote the job's directory (hydra.job.name: train, evaluate, collect), or None."""
+    path = job_dir / ".hydra" / "hydra.yaml"
+    name = OmegaConf.select(OmegaConf.load(path), "hydra.job.name") if path.is_file() else None
+    return None if name is None else str(name)
 
 
 def _visible(job_dir: Path, sweep_dir: Path) -> bool:
@@ -101,11 +110,12 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     return texts, typed
 
 
-def read_finals(job_dir: Path, also: tuple[str, ...] = ()) -> tuple[dict[str, float], bool]:
+def read_finals(job_dir: Path, also: tuple[str, ...] = ()) -> tuple[dict[str, float], int | None]:
     """Last value of every val/* scalar (and of the tags `also`, such as eval/nmse_h15, the same figure for every
-    model) in the job's own event files (not its subdirectories), and whether the job
-    finished: its hparams/* summary, written at the end of a run, is at least as late as every other point it logged
-    (a resumed run drops its earlier summary; the step test also covers logs written before it did)."""
+    model) in the job's own event files (not its subdirectories), and, if the job finished, how many updates it made:
+    the step of its hparams/* summary, written at the end of a run, where that is at least as late as every other
+    point it logged (a resumed run drops its earlier summary; the step test also covers logs written before it did).
+    None for a job that did not finish."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "audio": 1, "compressedHistograms": 1}
@@ -119,15 +129,27 @@ def read_finals(job_dir: Path, also: tuple[str, ...] = ()) -> tuple[dict[str, fl
         return max(steps, default=None)
 
     summary, latest = last_step(True), last_step(False)
-    return finals, summary is not None and (latest is None or summary >= latest)
+    return finals, summary if summary is not None and (latest is None or summary >= latest) else None
 
 
 def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
     jobs = []
     for job_dir in find_job_dirs(sweep_dir):
         texts, typed = read_overrides(job_dir)
-        jobs.append(Job(job_dir, texts, typed, *read_finals(job_dir, also=(metric,))))
+        finals, made = read_finals(job_dir, also=(metric,))
+        saved = _saved(job_dir, "trainer.steps")
+        if made is not None and ("trainer.steps" in texts or saved not in (None, made)):
+            # .hydra/ holds the last command's values: a job of a continued sweep that had nothing left to do, or
+            # that was continued alone to more updates, made another number of updates than they say.
+            texts["trainer.steps"], typed["trainer.steps"] = str(made), made
+        jobs.append(Job(job_dir, texts, typed, finals, made is not None))
     return jobs
+
+
+def _saved(job_dir: Path, key: str):
+    """`key` in the job's .hydra/config.yaml, or None."""
+    path = job_dir / ".hydra" / "config.yaml"
+    return OmegaConf.select(OmegaConf.load(path), key) if path.is_file() else None
 
 
 def group_jobs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, str]]:
@@ -297,4 +319,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `summarize.py ... | head` ends quietly, as other commands do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

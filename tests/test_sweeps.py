@@ -221,23 +221,23 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
         logger.log({"val/loss": 0.5}, step=0)
         logger.log({"val/loss": 0.25}, step=10)
         logger.log_hparams({"seed": 0}, {"val/loss": 0.25}, step=10)
-    assert read_finals(tmp_path) == ({"val/loss": 0.25}, True)
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, 10)
     with Logger(tmp_path, purge_step=11) as logger:  # trainer.resume=true trainer.steps=40, stopped at 15
         logger.log({"train/loss": 0.2}, step=15)  # before its next evaluation: no new val/* point yet
-    assert read_finals(tmp_path) == ({"val/loss": 0.25}, False)
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, None)
     with Logger(tmp_path, purge_step=16) as logger:  # resumed from 15, killed at 18 (no checkpoint after 15)
         logger.log({"val/loss": 9.0, "perf/updates_per_s": 5.0}, step=18)  # a tag with no point before 16
     with Logger(tmp_path, purge_step=16):  # resumed from 15 again and stopped before it logged anything: the killed
         pass  # attempt's point at 18 is hidden already
-    assert read_finals(tmp_path) == ({"val/loss": 0.25}, False)
+    assert read_finals(tmp_path) == ({"val/loss": 0.25}, None)
     with Logger(tmp_path, purge_step=16) as logger:  # resumed again, stopped at 30
         logger.log({"val/loss": 0.125}, step=20)
         logger.log({"val/loss": 0.0625, "train/loss": 0.1}, step=30)
-    assert read_finals(tmp_path) == ({"val/loss": 0.0625}, False)
+    assert read_finals(tmp_path) == ({"val/loss": 0.0625}, None)
     with Logger(tmp_path, purge_step=31) as logger:
         logger.log({"val/loss": 0.03125, "train/loss": 0.05}, step=40)
         logger.log_hparams({"seed": 0}, {"val/loss": 0.03125}, step=40)
-    assert read_finals(tmp_path) == ({"val/loss": 0.03125}, True)
+    assert read_finals(tmp_path) == ({"val/loss": 0.03125}, 40)
 
 
 def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_job_varied(tmp_path, capsys):
@@ -287,6 +287,33 @@ def test_summarize_keeps_jobs_with_other_trainer_steps_apart(tmp_path):
             logger.log_hparams({"seed": 0}, {"val/loss": 1.0 / steps}, step=steps)
     groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
     assert [len(g.jobs) for g in groups] == [1, 1] and list(swept) == ["trainer.steps"]
+
+
+def test_summarize_labels_a_job_with_the_updates_it_made_not_the_last_commands_trainer_steps(tmp_path, capsys):
+    """A sweep of 40 updates continued with trainer.steps=20 (its jobs had nothing left to do) saves steps 20 in each
+    job's .hydra/; a job continued alone to 80, then the sweep again without trainer.steps, saves the default. The
+    table labels each job with the updates its final summary was logged at. A directory of another script
+    (evaluate.py, met under outputs/) is no training run that failed before logging: not reported as one."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import summarize as summarize_dir
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for num, (override, saved, made) in enumerate([("- trainer.steps=20\n", 20, 40), ("", 10000, 80)]):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"{override}- seed={num}\n")
+        (job / ".hydra" / "config.yaml").write_text(f"trainer:\n  steps: {saved}\n")
+        with Logger(job) as logger:
+            logger.log({"val/loss": 1.0 / made}, step=made)
+            logger.log_hparams({"seed": num}, {"val/loss": 1.0 / made}, step=made)
+    other = tmp_path / "evaluate_run"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "overrides.yaml").write_text("- checkpoint=x.pt\n")
+    (other / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: evaluate\n")
+    groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
+    assert swept == ["trainer.steps"] and [dict(g.config)["trainer.steps"] for g in groups] == ["80", "40"]
+    assert "evaluate_run" not in capsys.readouterr().err
 
 
 def test_summarize_ranks_by_any_scalar_tag(tmp_path):
