@@ -43,7 +43,9 @@ def main(cfg: DictConfig) -> dict:
                 f"{cfg.context} + horizon {cfg.horizon} fits; lower horizon or context."
             )
         metrics = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "env": spec["id"], **result.as_dict()}
-        print(f"{spec['id']}: {result.windows} windows, context {cfg.context}")
+        capped = f" of {result.available} (max_windows={cfg.max_windows}, evenly spread)" \
+            if result.windows < result.available else ""  # fmt: skip
+        print(f"{spec['id']}: {result.windows}{capped} windows, context {cfg.context}")
         print(f"{'horizon':>8} {'nmse':>12} {'copy-last':>12} {'reward mse':>12}")
         for h in result.report_horizons():
             print(f"{h:>8} {result.nmse[h - 1]:>12.3g} {result.copy_last_nmse[h - 1]:>12.3g} {result.reward_mse[h - 1]:>12.3g}")

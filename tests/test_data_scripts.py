@@ -40,7 +40,9 @@ def test_collect_train_offline_and_evaluate(tmp_path):
     proc = script("evaluate.py", [f"checkpoint={ckpt}", f"data={moved}", "horizon=5", "max_windows=3",
                                   f"hydra.run.dir={tmp_path / 'e3'}"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["windows"] == 3
+    capped = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert capped["windows"] == 3 and capped["windows_available"] == metrics["windows_available"] == metrics["windows"]
+    assert f"3 of {metrics['windows']} (max_windows=3, evenly spread) windows" in proc.stdout
 
     # Into a directory that holds files (the training run's, or an earlier evaluation's): refused, nothing changed.
     for used in (run_dir, tmp_path / "e"):

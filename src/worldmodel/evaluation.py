@@ -46,7 +46,8 @@ class OpenLoopResult:
     terminations: int
     terminated_recall: float | None
     terminated_false_alarms: float | None
-    windows: int
+    windows: int  # scored: at most max_windows of the available ones, evenly spread
+    available: int  # in-episode windows of C + H - 1 transitions in the buffer
 
     @property
     def horizon(self) -> int:
@@ -61,6 +62,7 @@ class OpenLoopResult:
         return {
             "context": self.context,
             "windows": self.windows,
+            "windows_available": self.available,
             "nmse": {str(h): float(self.nmse[h - 1]) for h in hs},
             "copy_last_nmse": {str(h): float(self.copy_last_nmse[h - 1]) for h in hs},
             "reward_mse": {str(h): float(self.reward_mse[h - 1]) for h in hs},
@@ -89,6 +91,7 @@ def open_loop(
     starts = episode_window_starts(buffer, length)
     if len(starts) == 0:
         return None
+    available = len(starts)
     if len(starts) > max_windows:
         starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
     was_training = model.training
@@ -123,6 +126,7 @@ def open_loop(
         terminated_recall=sums["caught"] / sums["terminal"] if sums["terminal"] else None,
         terminated_false_alarms=sums["alarms"] / others if (others := n * horizon - sums["terminal"]) else None,
         windows=n,
+        available=available,
     )
 
 
