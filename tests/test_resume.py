@@ -275,6 +275,7 @@ def test_a_run_saved_before_a_key_existed_resumes_with_the_keys_default(tmp_path
     before = files(run_dir)
     proc = run_train([*RUN, "trainer.steps=120", f"hydra.run.dir={run_dir}", "trainer.resume=true"], check=False)
     assert proc.returncode == 2 and "model.head_layers: saved '<absent: default 2>', now 1" in proc.stderr
+    assert "and give model.head_layers=2: the saved run predates that key" in proc.stderr
     assert files(run_dir) == before
     run_train([*RUN, "trainer.steps=120", "model.head_layers=2", f"hydra.run.dir={run_dir}", "trainer.resume=true"])
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120

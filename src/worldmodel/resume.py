@@ -70,11 +70,14 @@ def load_for_resume(run_dir: str | Path, cfg: DictConfig, mmap: bool = False, fi
     refused = {k: v for k, v in diffs.items() if k not in RESUMABLE_CHANGES}
     if refused:
         listed = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(refused.items()))
+        built = [a.override(k) for k, (a, _) in sorted(refused.items()) if isinstance(a, AbsentDefault)]
         raise WorldModelError(
             f"Cannot resume {path}: the config differs from the saved run in keys that change the experiment "
-            f"({listed}). Repeat the original overrides (saved in {Path(run_dir) / '.hydra' / 'overrides.yaml'}); "
-            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume."
-        )
+            f"({listed}). Repeat the original overrides (saved in {Path(run_dir) / '.hydra' / 'overrides.yaml'})"
+            + (f", and give {' '.join(built)}: the saved run predates {'that key' if len(built) == 1 else 'those keys'}"
+               " and was built with that value" if built else "")
+            + f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume."
+        )  # fmt: skip
     payload["path"] = str(path)
     if finished_ok and payload["step"] >= cfg.trainer.steps:
         raise RunFinished(path, payload["step"], payload["metrics"])
@@ -109,7 +112,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> dict[str
         if key not in saved and (default := _target_default(saved, key)) is not _NO_DEFAULT:
             if default == b:
                 continue
-            a = f"<absent: default {default!r}>"  # tells the user which value resumes the run
+            a = AbsentDefault(default)  # tells the user which value resumes the run
         if isinstance(a, dict) and isinstance(b, dict):
             out.update(config_differences(a, b, f"{name}."))
         elif a != b:
@@ -118,6 +121,20 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> dict[str
 
 
 _NO_DEFAULT = object()
+
+
+class AbsentDefault(str):
+    """A key the saved config lacks, shown as the constructor default the saved run was built with."""
+
+    def __new__(cls, default):
+        shown = super().__new__(cls, f"<absent: default {default!r}>")
+        shown.default = default
+        return shown
+
+    def override(self, key: str) -> str:
+        """key=<default>, as a command line gives it."""
+        value = self.default
+        return f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
 
 
 def _target_default(node: dict, key: str):
