@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the package with its test tools and the sweep plugins (README, Sweeps).
 # Torch goes in first, from TORCH_SPEC (default: the CPU build these machines carry locally), because a bare
-# `torch` requirement on a machine without torch pulls several GB of CUDA packages. pyproject.toml only asks
+# `torch` requirement on a machine without torch pulls several GB of CUDA packages. Elsewhere PyPI's Linux wheel of
+# that version is a CUDA build too: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes PyTorch's CPU wheels. pyproject.toml only asks
 # for a range that this build satisfies, so the editable install below adds no other torch (the dev extra's Triton
 # is for tests/test_fused_gru.py, which runs the GRU's CUDA kernels under Triton's CPU interpreter).
 # GPU users: skip this script and `pip install -e ".[dev,sweep]"` into an environment with your CUDA torch.
@@ -9,10 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX=${TORCH_INDEX:-}  # pip's --index-url for torch alone, if set
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/pip install -q "$TORCH_SPEC"
+    .venv/bin/pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 fi
 .venv/bin/pip install -q -e ".[dev,sweep]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 .venv/bin/python -c "import torch, worldmodel; print(f'worldmodel ready: torch {torch.__version__}, cuda={torch.cuda.is_available()}')"
