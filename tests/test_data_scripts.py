@@ -21,8 +21,10 @@ def test_collect_train_offline_and_evaluate(tmp_path):
     assert again.returncode == 2 and "never overwritten" in again.stderr
 
     run_dir = tmp_path / "run"  # offline: the dataset only, no env steps at all
-    run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",
-               "trainer.eval_horizon=5", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    offline = run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",
+                         "trainer.eval_horizon=5", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    recorded = int(np.load(data)["lengths"].sum())
+    assert f"buffer: {recorded} transitions from the dataset" in offline.stdout + offline.stderr  # the log says so
     # The dataset moves; the run still resumes for more updates: its buffer comes from the checkpoint.
     moved = data.rename(tmp_path / "moved.npz")
     run_train([*TINY, f"buffer.dataset={data}", "trainer.prefill=0", "trainer.env_steps_per_update=0",

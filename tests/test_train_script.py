@@ -223,7 +223,7 @@ def test_a_finished_sweep_is_never_overwritten(tmp_path):
     run_train(["-m", "seed=0", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"])
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
     proc = run_train(["-m", "seed=0,1", *TINY, "trainer.steps=20", f"hydra.sweep.dir={sweep}"], check=False)
-    assert proc.returncode == 2 and "checkpoint(s) of earlier jobs" in proc.stderr
+    assert proc.returncode == 2 and "already holds checkpoints of 1 earlier job(s)" in proc.stderr
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
 
 

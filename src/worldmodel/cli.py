@@ -194,7 +194,8 @@ class PreflightChecks(Callback):
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             if finished and not continues_sweep(config):
                 raise WorldModelError(
-                    f"hydra.sweep.dir={sweep_dir} already holds {len(finished)} checkpoint(s) of earlier jobs, e.g. "
+                    f"hydra.sweep.dir={sweep_dir} already holds checkpoints of {len({p.parent for p in finished})} "
+                    f"earlier job(s), e.g. "
                     f"{finished[0]}. Choose a new sweep directory (drop the hydra.sweep.dir override), or add "
                     "trainer.resume=auto to continue that sweep; nothing was changed."
                 )

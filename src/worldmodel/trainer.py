@@ -207,6 +207,8 @@ class Trainer:
         nothing to checkpoint yet (RunInterrupted at update 0). Blocks leave the data as one call would: collectors
         carry the remainder of a vector step over to the next call."""
         left = self.prefill
+        if len(collector.buffer):  # buffer.dataset: a run that starts from recorded episodes says how many
+            log.info("buffer: %d transitions from the dataset", len(collector.buffer))
         log.info("prefill: %d env steps", self.prefill)
         while left > 0 and stop.signum is None:
             collector.collect(min(left, PREFILL_BLOCK))
