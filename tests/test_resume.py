@@ -518,12 +518,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_run(run_dir: Path, model_name: str, steps: int, resume: bool = False) -> dict:
+def tiny_run(run_dir: Path, model_name: str, steps: int, resume: bool | dict = False) -> dict:
     """In process, what scripts/train.py does: seed, build CartPole, buffers, a tiny `model_name` and Trainer, fit
-    (from the newest checkpoint of `run_dir` with resume); returns the final checkpoint's payload."""
+    (from the newest checkpoint of `run_dir` with resume, or from the payload `resume`); returns the final
+    checkpoint's payload."""
     seed_everything(0)
     cfg = OmegaConf.create({"trainer": {"steps": steps}})
-    resume_from = load_for_resume(run_dir, cfg, mmap=True) if resume else None
+    resume_from = load_for_resume(run_dir, cfg, mmap=True) if resume is True else resume or None
     env = make_env("CartPole-v1", seed=0)
     spec = env_spec(env)
     buffer = ReplayBuffer(1000, spec.obs_dim, spec.action_dim, seed=0)
@@ -573,6 +574,27 @@ def test_a_checkpoint_holds_the_stored_rows_in_place_and_one_in_the_earlier_form
     atomic_torch_save(payload, path)
     resumed = tiny_run(tmp_path / "run", "mlp_ensemble", steps=8, resume=True)
     assert_same_weights(whole, resumed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_a_resumed_run_lets_go_of_the_checkpoint_file_it_mapped(tmp_path, monkeypatch, one_thread):
+    """train.py maps the checkpoint it resumes from. Kept mapped (by the optimizer's state, the loss window, the
+    payload train.py holds), the file's disk space would outlive its pruning: a resumed run needed room for one
+    checkpoint more than a run that never stopped, and failed on a disk the other fits."""
+    tiny_run(tmp_path, "mlp_ensemble", steps=4)
+    payload = load_for_resume(tmp_path, OmegaConf.create({"trainer": {"steps": 8}}), mmap=True)
+    mapped = payload["path"]
+    assert mapped in Path("/proc/self/maps").read_text()  # what the check below looks for, seen while mapped
+    seen = []
+    save = Checkpointer.save
+
+    def save_and_look(self, state, step, final=False):
+        seen.append(mapped in Path("/proc/self/maps").read_text())
+        return save(self, state, step, final)
+
+    monkeypatch.setattr(Checkpointer, "save", save_and_look)
+    tiny_run(tmp_path, "mlp_ensemble", steps=8, resume=payload)  # train.py holds the payload for the whole run too
+    assert seen == [False]
 
 
 @pytest.mark.parametrize("env", ["env=cartpole", "env=pendulum"])

@@ -79,4 +79,4 @@ class LossWindow:
         self.values = torch.cat([rows, torch.empty_like(self.values)])
         self.rows, self.start = len(rows), step - len(rows) + 1
         self.updates = state["window_updates"]
-        self.sums = state["window_sums"].to(device)
+        self.sums = state["window_sums"].to(device, copy=True)  # not a view of a mapped checkpoint file

@@ -111,7 +111,9 @@ class Trainer:
     ) -> dict:
         """Trains `model` on what `collector` gathers and validates it on `val_collector`'s held-out episodes.
 
-        Returns the final metrics; `val/loss` is the run's objective (lower is better).
+        Returns the final metrics; `val/loss` is the run's objective (lower is better). `resume_from`: a payload of
+        resume.load_for_resume to continue from; its state entries are taken out of it once restored (they may map
+        the checkpoint file, which must not stay mapped).
         """
         # Watched from here, not only in the loop: a long prefill stopped by Ctrl-C or SLURM ends with a message
         # rather than a traceback (or, for SIGTERM, nothing at all).
@@ -335,12 +337,18 @@ class Trainer:
         check_steps_cover(payload, self.steps)  # cli.PreflightChecks and train.py checked it already; here for API use
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        for state in optimizer.state.values():  # load_state_dict keeps host tensors as given: the mapped file's
+            state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v)})
         collector.buffer.load_state_dict(payload["buffer"])
         collector.load_state_dict(payload["collector"])
         set_rng_state(payload["rng"])
         loop = self._loop(model, dict(payload["metrics"]))
         loop.step = payload["loop"]["step"]
         loop.window.load_state_dict(payload["loop"], loop.step)
+        # train.py maps the checkpoint file (resume.resume_payload): nothing may keep it mapped once it is read, or
+        # pruning it later would not free its disk space, and a resumed run would need a checkpoint more of room.
+        for key in ("model", "optimizer", "buffer", "collector", "rng", "loop"):
+            payload.pop(key)
         return loop
 
 
