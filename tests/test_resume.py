@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import REPO, compose_config, raw_scalars, raw_tags, run_train, scalars, start_train
+from conftest import REPO, compose_config, raw_scalars, raw_tags, run_train, scalars, start_train, train_env
 from worldmodel import ReplayBuffer, env_spec, make_env
 from worldmodel import checkpoint as checkpoint_module
 from worldmodel.checkpoint import Checkpointer, atomic_torch_save, finish_checkpoints, read_checkpoint, step_checkpoints
@@ -394,6 +397,36 @@ def test_a_checkpoint_that_cannot_be_written_is_said_so_and_leaves_no_partial_fi
         assert torch.equal(load_for_resume(tmp_path, cfg)["model"]["w"], torch.ones(3))
     else:
         assert "before any checkpoint" in message
+
+
+def run_on_a_full_disk(args: list[str], saves: int) -> subprocess.CompletedProcess:
+    """scripts/train.py ARGS where the disk fills up after `saves` checkpoints (tests/full_disk.py)."""
+    code = "import full_disk, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args], cwd=REPO,
+                          env=train_env({"FULL_DISK_AFTER": str(saves)}), capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize("saves, sweep", [(1, False), (0, False), (1, True)], ids=["saved", "nothing-saved", "sweep"])
+def test_a_run_that_cannot_save_says_what_continues_it_and_that_command_does(tmp_path, saves, sweep):
+    """A full disk mid-run: the error names what continues the run once there is room. A run with a checkpoint
+    resumes from it; one with none starts over in its directory (trainer.resume=auto: the failed attempt left its
+    TensorBoard log there, which a plain rerun would refuse); a sweep's job is continued by the sweep's own command
+    (a single run's command aimed at the job's directory would be refused as another sweep's). Each command, run as
+    printed, finishes the run."""
+    where = tmp_path / "sweep" if sweep else tmp_path / "run"
+    args = [*(["-m", "seed=0", f"hydra.sweep.dir={where}"] if sweep else [f"hydra.run.dir={where}"]), *RUN,
+            "trainer.steps=120"]  # fmt: skip
+    proc = run_on_a_full_disk(args, saves)
+    assert proc.returncode == (1 if sweep else 2) and "Could not write checkpoint" in proc.stderr, proc.stderr
+    run_dir = next(where.glob("0_*")) if sweep else where
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the half-written file is gone
+    what = "continue the sweep" if sweep else "start it over" if saves == 0 else "continue from step_00000060.pt"
+    command = proc.stderr.split(f"Make room, then {what} with:\n  ")[1].splitlines()[0]
+    assert f"trainer.resume={'auto' if sweep or not saves else 'true'}" in command
+    rerun = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, env=train_env(), capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 120
 
 
 def test_atomic_save_replaces_whole_files(tmp_path):

@@ -125,20 +125,21 @@ def _prune(run_dir: Path, keep: int, path: Path) -> None:
 
 class CheckpointWriteFailed(WorldModelError):
     """A checkpoint could not be written (most often: the disk is full). Said with what is left on that disk and
-    which checkpoint the run can continue from; the half-written file is already removed."""
+    which checkpoint the run can continue from (`kept`, None if none); the half-written file is already removed. The
+    scripts add the command that continues the run, the sweep or the trial (cli.user_errors)."""
 
     def __init__(self, path: Path, err: Exception):
-        run_dir = path.parent.parent
+        self.run_dir = run_dir = path.parent.parent
         kept = resume_candidates(run_dir)
+        self.kept = kept[-1] if kept else None
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**30:.3g} GiB are free there"
         except OSError:
             free = "its free space could not be read"
         sizes = [p.stat().st_size for p in kept]
         need = f"; this run's last checkpoint took {sizes[-1] / 2**30:.3g} GiB" if sizes else ""
-        then = (f"The run stopped here; its checkpoint {kept[-1]} is whole. Make room, then continue from it with the "
-                f"same command and trainer.resume=true (hydra.run.dir={run_dir})" if kept else
-                "The run stopped before any checkpoint of it was written; make room and start it again")  # fmt: skip
+        then = (f"The run stopped here; its checkpoint {self.kept} is whole" if kept else
+                "The run stopped before any checkpoint of it was written")  # fmt: skip
         super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0][:200]}); {free}{need}. {then}. Each checkpoint holds "
                          "the replay buffer's stored rows; trainer.keep_checkpoints=1 keeps only the newest.")  # fmt: skip

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.checkpoint import resume_candidates
+from worldmodel.checkpoint import CheckpointWriteFailed, resume_candidates
 from worldmodel.config import nearest_existing, refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.resume import RunFinished, resume_payload
@@ -59,9 +59,12 @@ def user_errors(job: bool = True, callback: bool = False, script: str | None = N
             if callback:
                 _exit_from_callback()
             raise
-        print(f"error: {mistake}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        text = str(mistake)
+        if isinstance(mistake, CheckpointWriteFailed):
+            text += f"\n{_after_failed_save(mistake, _sweep_job() if job else None, script)}"
+        print(f"error: {text}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         if job and _sweep_job() is not None:
-            raise JobFailed(str(mistake)) from None
+            raise JobFailed(text) from None
         sys.exit(2)
     except RunInterrupted as stop:
         print(_stopped_message(stop, _sweep_job() if job else None, script), file=sys.stderr)
@@ -110,17 +113,10 @@ def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None, script: str
                 f"trial's training alone with:\n  {resume_command(run_dir, script)}\nA rerun of the sweep command adds "
                 "hydra.sweeper.n_trials new trials to the study (give it another hydra.sweeper.sampler.seed and "
                 "hydra.sweep.dir).")  # fmt: skip
-    if sweep is not None and storage is None and launcher_class(sweep) in ARGV_LAUNCHERS:
-        # A local sweep runs in this process (or in workers given its command line), so ending the process ends the
-        # sweep: the jobs after this one never start. The sweep's own command line, with trainer.resume=auto,
-        # continues this job and runs the others. (A SLURM job's process is submitit's.)
-        skip = ("hydra.sweep.dir=", "trainer.resume=")
-        args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
-        command = shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={sweep.sweep.dir}",
-                              "trainer.resume=auto"])  # fmt: skip
+    if _ends_the_sweep(sweep):
         saved = f" (checkpoint: {stop.checkpoint})" if stop.checkpoint else ""
         return (f"Stopped by signal {stop.signum} after update {stop.step} of this sweep job{saved}; the sweep's "
-                f"later jobs did not start.\nContinue the sweep with:\n  {command}")  # fmt: skip
+                f"later jobs did not start.\nContinue the sweep with:\n  {_sweep_command(sweep)}")  # fmt: skip
     if run_dir is None:  # stopped during the prefill: nothing trained, nothing saved, nothing logged
         return (f"Stopped by signal {stop.signum} during the prefill, before the first update: there is nothing to "
                 "resume. Run the same command again to start over (its run directory, if you named it, takes the "
@@ -129,16 +125,44 @@ def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None, script: str
             f"Resume with:\n  {resume_command(run_dir, script)}")
 
 
+def _after_failed_save(err: CheckpointWriteFailed, sweep: DictConfig | None, script: str | None) -> str:
+    """What to run once there is room again: as after a stop, the sweep's own command for a local sweep, else this
+    run's (a trial's) own, which trainer.resume=auto starts over where no checkpoint was written."""
+    if _ends_the_sweep(sweep):
+        return f"Make room, then continue the sweep with:\n  {_sweep_command(sweep)}"
+    if err.kept is None:
+        return f"Make room, then start it over with:\n  {resume_command(err.run_dir, script, resume='auto')}"
+    return f"Make room, then continue from {err.kept.name} with:\n  {resume_command(err.run_dir, script)}"
+
+
+def _ends_the_sweep(sweep: DictConfig | None) -> bool:
+    """A job of a local sweep (basic, joblib), whose study is not kept in storage: it runs in the sweep's process (or
+    in workers given its command line), so a job that ends the process ends the sweep, and the jobs after it never
+    start. The sweep's own command line, with trainer.resume=auto, continues this job and runs the others. (A SLURM
+    job's process is submitit's; an Optuna study in storage would add new trials on a rerun.)"""
+    if sweep is None:
+        return False
+    return OmegaConf.select(sweep, "sweeper.storage") is None and launcher_class(sweep) in ARGV_LAUNCHERS
+
+
+def _sweep_command(sweep: DictConfig) -> str:
+    """The sweep's own command line, in its directory, with trainer.resume=auto."""
+    skip = ("hydra.sweep.dir=", "trainer.resume=")
+    args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(skip)]
+    return shlex.join(["python", sys.argv[0], *args, f"hydra.sweep.dir={sweep.sweep.dir}", "trainer.resume=auto"])
+
+
 def _sweep_job() -> DictConfig | None:
     """Hydra's own config (HydraConfig.get()) when this process runs a job of a -m sweep, else None."""
     return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
-def resume_command(run_dir: Path | None, script: str | None = None) -> str:
-    """The command line that continues this run: its own overrides, its directory, trainer.resume=true."""
+def resume_command(run_dir: Path | None, script: str | None = None, resume: str = "true") -> str:
+    """The command line that continues this run: its own overrides, its directory, trainer.resume=true (auto: start
+    over there where no checkpoint is)."""
     skip = ("hydra.run.dir=", "trainer.resume=")
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
-    args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+    args = [*overrides, f"hydra.run.dir={run_dir}", f"trainer.resume={resume}"]
     return shlex.join(["python", script or sys.argv[0], *args])
 
 
