@@ -173,7 +173,8 @@ def require_checkpoint(path: str | Path) -> Path:
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """The checkpoint's payload. mmap=True maps its tensors (the replay buffer is most of a checkpoint) instead of
-    reading them, for checks that only look at the config."""
+    reading them: for checks that only look at the config, for the model alone, and for a resume, which copies the
+    buffer from the file into its ring (and must then let go of every mapped tensor: Trainer._restore)."""
     path = require_checkpoint(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
