@@ -142,6 +142,9 @@ def test_unknown_group_option_is_refused_by_hydra():
          "at most trainer.val_steps - trainer.eval_context + 1 = 196"),
         ("trainer.steps='20'", "trainer.steps", "an integer >= 1, not the string '20'"),
         ("trainer.compile='false'", "trainer.compile", "true or false, not the string 'false'"),
+        # 0 would keep every checkpoint (step_files[:-0] prunes none) or divide by zero at the first update.
+        ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints", ">= 1"),
+        ("trainer.checkpoint_every=0", "trainer.checkpoint_every", ">= 1"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
@@ -157,6 +160,9 @@ def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
         "trainer.eval_context=5 trainer.eval_horizon=196 trainer.val_steps=200",
         "model=rssm model.kl_balance=0",
         "model=rssm model.kl_balance=1",
+        "seed=4294967295",  # 2**32 - 1, the largest seed numpy takes
+        "trainer.val_steps=16 trainer.eval_context=1 trainer.eval_horizon=16",  # one validation sequence of seq_len 16
+        "trainer.env_steps_per_update=0",  # offline training: updates only, no env steps
     ],
 )
 def test_values_at_the_ends_of_their_ranges_are_accepted(override):
@@ -294,6 +300,36 @@ def test_collect_refuses_an_out_directory_where_no_file_can_be_made(tmp_path):
             validate_collect(compose(config_name="collect", overrides=["out=/proc/new/d.npz"]))
         validate_collect(compose(config_name="collect", overrides=[f"out={tmp_path / 'new' / 'd.npz'}"]))
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_collect_and_evaluate_values_are_checked_at_both_ends_of_their_ranges(tmp_path):
+    """sticky_prob is "a number in [0, 1]": 1 (always repeat) is valid. evaluate.py's max_windows must be >= 1, found
+    before the checkpoint and the data are even looked at."""
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.config import validate_collect, validate_evaluate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        out = f"out={tmp_path / 'd.npz'}"
+        for prob in (0, 1):
+            validate_collect(compose(config_name="collect", overrides=[out, "policy=sticky", f"sticky_prob={prob}"]))
+        with pytest.raises(ConfigError, match="sticky_prob"):
+            validate_collect(compose(config_name="collect", overrides=[out, "policy=sticky", "sticky_prob=1.01"]))
+        paths = [f"checkpoint={tmp_path / 'c.pt'}", f"data={tmp_path / 'd.npz'}"]
+        with pytest.raises(ConfigError) as err:
+            validate_evaluate(compose(config_name="evaluate", overrides=[*paths, "max_windows=0"]))
+        assert err.value.key == "max_windows"
+
+
+def test_only_run_values_removed_with_a_tilde_are_refused():
+    """`~seed` or `~trainer.lr` would silently run with the code's default; the env's own options (env.kwargs, the
+    whole node or one key) may go, as may a group (~experiment)."""
+    from worldmodel.config import refuse_deleted_keys
+
+    for override in ("~seed", "~trainer.lr", "~env.id", "~model.head_layers=1", "~buffer.capacity"):
+        with pytest.raises(ConfigError, match="removed with"):
+            refuse_deleted_keys([override])
+    refuse_deleted_keys(["~env.kwargs", "~env.kwargs.g", "~experiment", "seed=3", "trainer.lr=0.1"])
 
 
 def test_env_mistakes_found_from_the_registry_are_refused_before_the_run(tmp_path):

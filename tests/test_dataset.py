@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,9 @@ def nan_in_final_observations(data):
         (lambda d: malformed(d, "actions", d["actions"][:, :-1]), "`actions` has shape"),
         (lambda d: malformed(d, "rewards", d["rewards"][None]), "`rewards` has shape"),
         (lambda d: malformed(d, "lengths", d["lengths"] + 100), "`lengths` must hold"),
+        # An episode of no steps has no transition to store (and no last step to mark as the episode's end).
+        (lambda d: malformed(d, "lengths", np.where(np.arange(len(d["lengths"])) == 1, 0, d["lengths"])),
+         "`lengths` must hold"),
         (lambda d: malformed(d, "actions", d["actions"] + 5), "outside 0..1"),
         # Index 2, one past CartPole's last action, in the first (always valid) step of each episode.
         (lambda d: malformed(d, "actions", np.where(np.arange(d["actions"].shape[1]) == 0, 2, d["actions"])),
@@ -197,5 +202,7 @@ def test_a_dataset_of_the_other_kind_of_actions_is_refused(tmp_path):
         path = tmp_path / f"{env_id}.npz"
         np.savez(path, **data)
         load_dataset(path, spec.obs_dim, spec.action_dim, discrete=discrete)  # its own kind
-        with pytest.raises(DatasetError, match=f"{'Box' if discrete else 'Discrete'} actions: it was recorded from"):
+        held = "integer action indices (a Discrete env's)" if discrete else "action vectors (a Box env's)"
+        expected = f"holds {held}, but this env has {'Box' if discrete else 'Discrete'} actions: it was recorded from"
+        with pytest.raises(DatasetError, match=re.escape(expected)):
             ReplayBuffer(1000, spec.obs_dim, spec.action_dim, dataset=path, discrete_actions=not discrete)

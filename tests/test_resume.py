@@ -393,7 +393,6 @@ def test_a_checkpoint_that_cannot_be_written_is_said_so_and_leaves_no_partial_fi
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == (["step_00000010.pt"] if earlier else [])
     if earlier:
         assert f"checkpoint {tmp_path / 'checkpoints' / 'step_00000010.pt'} is whole" in message
-        assert "trainer.resume=true" in message
         assert torch.equal(load_for_resume(tmp_path, cfg)["model"]["w"], torch.ones(3))
     else:
         assert "before any checkpoint" in message
@@ -402,8 +401,9 @@ def test_a_checkpoint_that_cannot_be_written_is_said_so_and_leaves_no_partial_fi
 def run_on_a_full_disk(args: list[str], saves: int) -> subprocess.CompletedProcess:
     """scripts/train.py ARGS where the disk fills up after `saves` checkpoints (tests/full_disk.py)."""
     code = "import full_disk, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args], cwd=REPO,
-                          env=train_env({"FULL_DISK_AFTER": str(saves)}), capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-c", code, str(REPO / "scripts" / "train.py"), *args]
+    env = train_env({"FULL_DISK_AFTER": str(saves)})
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("saves, sweep", [(1, False), (0, False), (1, True)], ids=["saved", "nothing-saved", "sweep"])
@@ -507,6 +507,79 @@ def test_resume_reads_the_newest_of_several_step_checkpoints(tmp_path):
         payload = load_for_resume(tmp_path, cfg, mmap=mmap)
         assert payload["step"] == 30 and payload["path"] == str(tmp_path / "checkpoints" / "step_00000030.pt")
         assert torch.equal(payload["model"]["w"], torch.full((2,), 30.0))
+
+
+def test_an_unreadable_newest_checkpoint_names_the_previous_one_or_stands_alone(tmp_path):
+    """A truncated newest step file is reported as such, naming the checkpoint just before it (the one to fall back
+    to), not the oldest kept; where it is the only one there is no other to name, and still a one-paragraph error."""
+    from worldmodel.checkpoint import CheckpointUnreadable
+
+    cfg = OmegaConf.create({"trainer": {"steps": 100}})
+    for steps in ([10], [10, 20, 30]):
+        run_dir = tmp_path / str(len(steps))
+        ckpt = Checkpointer(run_dir, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+        for step in steps:
+            newest = ckpt.save({"model": {}}, step=step)
+        newest.write_bytes(newest.read_bytes()[:1000])
+        with pytest.raises(CheckpointUnreadable) as err:
+            load_for_resume(run_dir, cfg)
+        assert str(newest) in str(err.value) and "truncated" in str(err.value)
+        if len(steps) > 1:
+            assert "previous checkpoint is " + str(run_dir / "checkpoints" / "step_00000020.pt") in str(err.value)
+
+
+def test_the_value_that_resumes_a_run_saved_before_a_key_existed_is_written_as_the_command_line_takes_it():
+    """The error's "give model.x=..." must be an override Hydra reads back as the default: true/false and null, not
+    Python's True/False/None."""
+    from worldmodel.resume import AbsentDefault
+
+    assert AbsentDefault(True).override("model.flag") == "model.flag=true"
+    assert AbsentDefault(False).override("model.flag") == "model.flag=false"
+    assert AbsentDefault(None).override("model.x") == "model.x=null"
+    assert AbsentDefault(2).override("model.head_layers") == "model.head_layers=2"
+
+
+def test_periodic_checkpoints_keep_exactly_the_newest_keep_checkpoints(tmp_path):
+    """Pruned at each save, not only at the end: a run killed midway holds trainer.keep_checkpoints files, each with
+    the replay buffer's stored rows."""
+    cfg = OmegaConf.create({"trainer": {"steps": 100}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=2)
+    for step in (10, 20, 30, 40):
+        ckpt.save({"model": {}}, step=step)
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [30, 40]
+
+
+def test_a_run_directory_given_as_a_checkpoint_names_its_last_pt(tmp_path):
+    """evaluate.py checkpoint=<run dir>: the hint is the finished run's last.pt (what README says to evaluate), not
+    one of the step files beside it."""
+    from worldmodel.checkpoint import require_checkpoint
+
+    cfg = OmegaConf.create({"trainer": {"steps": 20}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    ckpt.save({"model": {}}, step=10)
+    ckpt.save({"model": {}}, step=20, final=True)
+    for given in (tmp_path, tmp_path / "checkpoints"):
+        with pytest.raises(WorldModelError, match=f"is a directory; give a checkpoint file, such as "
+                                                  f"{re.escape(str(tmp_path / 'checkpoints' / 'last.pt'))}"):
+            require_checkpoint(given)
+
+
+def test_a_failed_write_names_the_newest_whole_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint to continue from is the newest kept, not the oldest."""
+    from worldmodel.checkpoint import CheckpointWriteFailed
+
+    cfg = OmegaConf.create({"trainer": {"steps": 100}})
+    ckpt = Checkpointer(tmp_path, cfg, EnvSpec("X-v0", 2, 1, False), keep=3)
+    for step in (10, 20):
+        ckpt.save({"model": {}}, step=step)
+
+    def disk_full(obj, f):
+        raise RuntimeError("unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteFailed) as err:
+        ckpt.save({"model": {}}, step=30)
+    assert f"checkpoint {tmp_path / 'checkpoints' / 'step_00000020.pt'} is whole" in str(err.value)
 
 
 def test_a_finished_run_continued_past_its_last_pt_resumes_from_the_newer_step_file(tmp_path):

@@ -101,10 +101,15 @@ def test_job_dirnames_are_readable_one_level_and_valid_hydra_values(tmp_path):
     assert job_dirname(3, "model.latent_dim-64_seed-1") == "3_model.latent_dim-64_seed-1"
     assert job_dirname(0, "") == "0"
     assert job_dirname(2, "trainer.lr-0.0012520653814999472_seed-0") == "2_trainer.lr-0.001252_seed-0"
+    # Only decimals with more than 4 digits after the point are shortened: a value typed with 4 is shown as typed.
+    typed = "trainer.grad_clip-12.5625_trainer.lr-0.0003"
+    assert job_dirname(4, typed) == f"4_{typed}"
     odd = job_dirname(7, "env.id-ALE/Pong-v5_model.sizes-[8,16]_name-'a b=c'")
     assert odd == "7_env.id-ALE-Pong-v5_model.sizes--8-16-_name--a-b-c"
     long = job_dirname(12, "_".join(f"trainer.key{i}-{i}" for i in range(40)))
     assert len(long) <= 160 and long.startswith("12_trainer.key0-0_") and re.fullmatch(r".*-[0-9a-f]{8}", long)
+    exactly = job_dirname(5, "x" * 158)  # 160 characters: the longest name kept whole
+    assert exactly == "5_" + "x" * 158
     for name in (odd, long):
         # `hydra.run.dir=<job dir>` (how a job is resumed as a single run) parses as one plain value
         [override] = OverridesParser.create().parse_overrides([f"hydra.run.dir={tmp_path}/{name}"])
@@ -166,6 +171,49 @@ def test_pruning_before_a_step_drops_that_step_and_later_ones_only(tmp_path):
             logger.log({"val/loss": float(step)}, step=step)
     logger_module.prune_events(tmp_path, before_step=5)
     assert raw_scalars(tmp_path)["val/loss"] == [(4, 4.0)]
+
+
+def test_a_stale_pruning_file_goes_even_where_no_event_file_needs_rewriting(tmp_path):
+    """A kill mid-prune leaves a whole event file's size under .pruning-*.tmp; the next prune removes it even when it
+    has nothing to drop from the event files themselves (it rewrites none, so writes no file of that name)."""
+    from worldmodel import logger as logger_module
+
+    with Logger(tmp_path) as logger:
+        logger.log({"val/loss": 1.0}, step=10)
+    (tmp_path / ".pruning-left-by-a-kill.tmp").write_bytes(b"x" * 1000)
+    logger_module.prune_events(tmp_path, before_step=100)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out.tfevents.")] == []
+
+
+def test_a_fresh_start_in_a_run_directory_drops_everything_logged_there_before(tmp_path):
+    """trainer.resume=auto starts a run stopped before its first checkpoint over (purge_step=0): the stopped attempt's
+    points must leave the files, since TensorBoard's default loader ignores the purge marker."""
+    with Logger(tmp_path) as logger:
+        for step in (10, 20):
+            logger.log({"train/loss": float(step)}, step=step)
+    with Logger(tmp_path, purge_step=0) as logger:
+        logger.log({"train/loss": 5.0}, step=5)
+    assert raw_scalars(tmp_path)["train/loss"] == [(5, 5.0)]
+
+
+def test_only_finite_final_metrics_are_logged_for_the_hparams_tab(tmp_path):
+    """A NaN final metric would sort first or last in the HParams table and in summarize.py: it is left out."""
+    with Logger(tmp_path) as logger:
+        logger.log_hparams({"seed": 0}, {"val/loss": float("nan"), "val/obs": 0.25, "eval/nmse_h15": float("inf")}, 10)
+    assert set(raw_scalars(tmp_path)) == {"hparams/val/obs"}
+
+
+def test_only_the_hparams_summary_marks_a_run_as_finished(tmp_path):
+    """has_hparams tells train.py (trainer.resume=auto) whether a run killed after its final checkpoint still needs
+    its summary: the config text every run writes at its start must not count."""
+    from worldmodel.logger import has_hparams
+
+    with Logger(tmp_path, config="seed: 0") as logger:
+        logger.log({"val/loss": 0.5}, step=10)
+    assert not has_hparams(tmp_path)
+    with Logger(tmp_path) as logger:
+        logger.log_hparams({"seed": 0}, {"val/loss": 0.5}, step=10)
+    assert has_hparams(tmp_path)
 
 
 def test_the_hparams_tab_shows_every_jobs_keys_and_metrics(tmp_path):
@@ -266,6 +314,40 @@ batch size failed lost the key from both the table and the CSV)."""
     assert [len(g.jobs) for g in groups] == [1] and fixed == {"trainer.seq_len": "8"}
     assert sorted(swept) == ["model.latent_dim", "trainer.lr"]  # columns, so the shown job's values are in the table
     assert "1_trainer.lr-1e6 did not finish" in err and "2_trainer.lr-0.01 has a config but no TensorBoard logs" in err
+
+
+def test_summarize_finds_jobs_in_job_number_order_outside_hidden_folders(tmp_path):
+    """Job 10 comes after job 2 (not between 1 and 2, as text would sort it): the CSV's runs column and each group's
+    first job (whose typed values are plotted) follow launch order. Event files under a hidden folder (a copy kept in
+    .old/, say) are not jobs."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import find_job_dirs
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for name in ("10_seed-10", "2_seed-2", "1_seed-1", ".old/3_seed-3", "0_seed-0/.hydra"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "events.out.tfevents.1.host").write_bytes(b"")
+    assert [d.name for d in find_job_dirs(tmp_path)] == ["1_seed-1", "2_seed-2", "10_seed-10"]
+
+
+def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(tmp_path):
+    """Event files written before pruning existed hold a resumed run's purge marker only: a tag whose every point came
+    after the marker's step is still listed, with no points, and must be skipped, not read as [-1]."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import read_finals
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("val/loss", 1.0, 10)
+        writer.add_scalar("val/late", 2.0, 30)
+    with SummaryWriter(str(tmp_path), purge_step=20, filename_suffix=".resumed") as writer:
+        writer.add_scalar("val/loss", 0.5, 20)
+    finals, made = read_finals(tmp_path)
+    assert finals == {"val/loss": 0.5} and made is None
 
 
 def test_summarize_keeps_jobs_with_other_trainer_steps_apart(tmp_path):
@@ -429,6 +511,61 @@ def test_the_grid_check_resolves_each_jobs_interpolations_in_that_job(tmp_path):
     proc = run_train(["-m", *tiny, *grid, f"hydra.sweep.dir={tmp_path / 'sweep'}"], check=False)
     assert proc.returncode == 2, proc.stderr
     assert "error: sweep job 1 (" in proc.stderr and "Invalid config `trainer.lr=-1`" in proc.stderr
+
+
+def grid_check(task: list[str], params: dict | None = None):
+    """check_sweep_jobs on the default config with these sweep overrides (and hydra.sweeper.params), in-process."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict, read_write
+
+    from worldmodel.sweep import check_sweep_jobs
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+        with read_write(cfg.hydra), open_dict(cfg.hydra):
+            cfg.hydra.sweeper.params, cfg.hydra.overrides.task = params, task
+        check_sweep_jobs(cfg)
+
+
+def test_the_grid_check_numbers_jobs_as_the_basic_sweeper_launches_them():
+    """The sweeper takes hydra.sweeper.params before the command line's overrides (an experiment preset's grid, then
+    the user's): job 2 is lr=-1 with latent_dim=8, and the error must name that job."""
+    with pytest.raises(WorldModelError, match=r"sweep job 2 \(trainer.lr=-1 model.latent_dim=8\)"):
+        grid_check(["model.latent_dim=8,16"], {"trainer.lr": "0.001,-1"})
+
+
+def test_a_job_that_resolves_only_where_it_runs_does_not_end_the_grid_check(monkeypatch):
+    """Job 0 reads an environment variable set only on the cluster's nodes, so it cannot be checked here; job 1's bad
+    value must still stop the sweep before it starts."""
+    monkeypatch.delenv("WM_SET_ON_THE_NODES", raising=False)
+    with pytest.raises(WorldModelError, match=r"sweep job 1 \(trainer.val_steps=200 trainer.lr=-1\)"):
+        grid_check(["trainer.val_steps=${oc.env:WM_SET_ON_THE_NODES},200", "trainer.lr=-1"])
+
+
+def test_an_optuna_trial_stopped_in_its_prefill_says_there_is_nothing_to_resume():
+    """No checkpoint yet: no command that resumes the trial can be offered (its run directory is unknown here)."""
+    from worldmodel.cli import _stopped_message
+    from worldmodel.errors import RunInterrupted
+
+    sweep = OmegaConf.create({"sweeper": {"storage": "sqlite:///study.db"}, "launcher": {"_target_": "x.BasicLauncher"},
+                              "sweep": {"dir": "s"}})  # fmt: skip
+    message = _stopped_message(RunInterrupted(15, 0, None), sweep)
+    assert "during the prefill" in message and "nothing to resume" in message
+
+
+def test_a_stopped_joblib_sweep_job_offers_the_sweep_command(tmp_path, monkeypatch):
+    """joblib's workers share the sweep's command line and a stop ends the sweep, as for the basic launcher: the
+    command offered continues the whole sweep with trainer.resume=auto, not the one job as a single run."""
+    from worldmodel.cli import _stopped_message
+    from worldmodel.errors import RunInterrupted
+
+    monkeypatch.setattr("sys.argv", ["scripts/train.py", "-m", "seed=0,1", "trainer.resume=true"])
+    sweep = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
+                                                      "JoblibLauncher"}, "sweep": {"dir": str(tmp_path)}})  # fmt: skip
+    stop = RunInterrupted(2, 30, tmp_path / "0_seed-0" / "checkpoints" / "step_00000030.pt")
+    message = _stopped_message(stop, sweep)
+    assert "Continue the sweep with:" in message
+    assert message.endswith(f"python scripts/train.py -m seed=0,1 hydra.sweep.dir={tmp_path} trainer.resume=auto")
 
 
 def test_the_grid_check_leaves_no_resolved_value_behind_for_the_jobs():

@@ -182,6 +182,27 @@ def test_any_error_in_a_pre_run_check_ends_the_script(capsys):
     assert "RuntimeError: a check's own bug" in err and "nothing was written" in err
 
 
+def test_only_user_mistakes_become_one_line_errors_and_the_debug_flag_keeps_tracebacks(monkeypatch, capsys):
+    """A constructor's own bug (a TypeError inside instantiate) is not the user's mistake: it keeps its traceback. With
+    WORLDMODEL_DEBUG set, a mistake raised in the task keeps its traceback too."""
+    from hydra.errors import InstantiationException
+
+    from worldmodel.errors import WorldModelError
+
+    monkeypatch.delenv("WORLDMODEL_DEBUG", raising=False)
+    with pytest.raises(InstantiationException), user_errors():
+        try:
+            raise TypeError("a bug in the constructor")
+        except TypeError as bug:
+            raise InstantiationException("Error in call to target") from bug
+    with pytest.raises(SystemExit) as stop, user_errors():
+        raise WorldModelError("a mistake")
+    assert stop.value.code == 2 and "error: a mistake" in capsys.readouterr().err
+    monkeypatch.setenv("WORLDMODEL_DEBUG", "1")
+    with pytest.raises(WorldModelError, match="a mistake"), user_errors():
+        raise WorldModelError("a mistake")
+
+
 def test_the_resume_command_names_the_training_script_whatever_process_runs_it(tmp_path, monkeypatch, capsys):
     """In a submitit job sys.argv[0] is submitit's _submit.py: a job stopped by SIGTERM once printed a command that
     ran it, with the run's overrides, and failed."""

@@ -226,6 +226,73 @@ def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
     require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it
 
 
+def test_float16_is_blamed_only_for_non_finite_observations():
+    """A NaN reward in a float16 buffer came from the env (rewards are stored as float32): the message must not send
+    the user to change buffer.obs_dtype."""
+    buffer = ReplayBuffer(10, 2, 1, obs_dtype="float16")
+    buffer.add([0.0, 0.0], [0.0], float("nan"), [0.0, 0.0], False, False)
+    with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them") as err:
+        require_finite(buffer[:], buffer.obs_dtype, "the prefill data")
+    assert "float16" not in str(err.value)
+
+
+def tiny_fit(tmp_path, monkeypatch=None, stop_after_prefill=False, val_env=("CartPole-v1", None), **trainer_args):
+    """A CartPole run of a few updates in this process (about a second), logged into tmp_path. stop_after_prefill: a
+    SIGTERM arrives once the prefill is done, so the loop sees it after its first update. val_env: (id, kwargs) of
+    the env the held-out episodes come from."""
+    torch.manual_seed(0)
+    env, val_env = make_env("CartPole-v1", seed=0), make_env(val_env[0], seed=1, kwargs=val_env[1])
+    spec = env_spec(env)
+    buffer, val_buffer = ReplayBuffer(1000, 4, 2, seed=0), ReplayBuffer(40, 4, 2, seed=1)
+    collector = make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec)
+    val_collector = make_collector(val_env, val_buffer, RandomPolicy(val_env.action_space, 1), seed=1, spec=spec)
+    model = GRUWorldModel(4, 2, latent_dim=8, hidden_dim=16)
+    trainer = Trainer(prefill=100, batch_size=4, seq_len=6, lr=1e-3, val_steps=40, eval_context=2, eval_horizon=3,
+                      eval_figure=False, progress=False, **trainer_args)  # fmt: skip
+    if stop_after_prefill:
+        prefill = trainer._prefill
+
+        def then_stopped(collector, stop):
+            prefill(collector, stop)
+            stop.signum = 15
+
+        monkeypatch.setattr(trainer, "_prefill", then_stopped)
+    with Logger(tmp_path) as logger:
+        return trainer.fit(collector, val_collector, model, logger)
+
+
+def test_non_finite_held_out_data_is_refused_before_training(tmp_path):
+    """NaN observations in the held-out episodes alone (the training env is fine): named as such before any update,
+    not found later as a divergence that blames trainer.lr."""
+    import nan_env  # noqa: F401  registers NanCartPole-v0
+
+    with pytest.raises(WorldModelError, match=r"held-out data \(trainer.val_steps\) holds NaN/inf"):
+        tiny_fit(tmp_path, val_env=("NanCartPole-v0", {"nan_after": 10}), steps=2)
+
+
+def test_the_final_update_is_logged_even_off_the_log_every_schedule(tmp_path):
+    """trainer.steps=3 with log_every=2: train/* at 2 and at 3, the run's last point (else its final losses, and the
+    updates since the last log, would never be shown)."""
+    from conftest import raw_scalars
+
+    tiny_fit(tmp_path, steps=3, log_every=2, eval_every=100)
+    logged = raw_scalars(tmp_path)
+    assert [s for s, _ in logged["train/loss"]] == [2, 3]
+    assert [s for s, _ in logged["val/loss"]] == [0, 3]
+
+
+def test_a_stop_noticed_at_the_final_update_finishes_the_run(tmp_path, monkeypatch):
+    """The final update's checkpoint is the finished run's: a stop that arrives then is not an interruption (which
+    would print a resume command and skip the run's HParams summary). One that arrives earlier is."""
+    from worldmodel.errors import RunInterrupted
+
+    metrics = tiny_fit(tmp_path / "a", monkeypatch, stop_after_prefill=True, steps=1)
+    assert math.isfinite(metrics["val/loss"])
+    with pytest.raises(RunInterrupted) as stopped:
+        tiny_fit(tmp_path / "b", monkeypatch, stop_after_prefill=True, steps=2)
+    assert (stopped.value.signum, stopped.value.step) == (15, 1)
+
+
 def test_throughput_rates_are_those_of_the_interval_since_the_last_read():
     """perf/* are logged every trainer.log_every updates; each point is the rate over that interval alone, so a slow
     stretch (a GPU shared with another job, an eval figure's aftermath) shows where it happened instead of being
