@@ -230,18 +230,25 @@ def test_episode_returns_and_lengths_are_those_of_the_stored_episodes(env_id, nu
     spec = env_spec(env)
     buffer = ReplayBuffer(100_000, spec.obs_dim, spec.action_dim, streams=num_envs, seed=0)
     collector = make_collector(env, buffer, RandomPolicy(env.action_space, 3), seed=3, spec=spec)
+    reported, expected = reported_and_stored_episodes(collector, [1, 7, 1, 40, 1, 1, 200, 3, 90] * 3, num_envs)
+    assert len(expected) >= 5 * num_envs
+    np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)  # float64 sums, in another order
+
+
+def reported_and_stored_episodes(collector, calls: list[int], num_envs: int) -> tuple[list, list]:
+    """(length, return) of each episode the collector reported over calls of `calls` vector steps each, and of each
+    episode its buffer stored (from the rows' done flags and rewards)."""
     reported = []
-    for steps in [1, 7, 1, 40, 1, 1, 200, 3, 90] * 3:
+    for steps in calls:
         stats = collector.collect(steps * num_envs)
         reported += list(zip(stats.episode_lengths, stats.episode_returns))
     expected = []
-    for rows in stream_rows(buffer):
+    for rows in stream_rows(collector.buffer):
         ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
         starts = np.concatenate([[0], ends[:-1] + 1])
         expected += [(int(e - s + 1), float(rows["reward"][s : e + 1].astype(np.float64).sum()))
                      for s, e in zip(starts, ends)]  # fmt: skip
-    assert len(expected) >= 5 * num_envs
-    np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)  # float64 sums, in another order
+    return reported, expected
 
 
 @pytest.mark.parametrize(
@@ -395,15 +402,6 @@ def test_episode_stats_skip_reset_steps_under_a_vector_reward_wrapper_and_one_st
     spec = env_spec(env)
     buffer = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=2)
     collector = VectorCollector(env, buffer, RandomPolicy(env.action_space, 1), seed=1, spec=spec)
-    reported = []
-    for steps in [1] * 150 + [60, 1, 1, 60]:
-        stats = collector.collect(steps * 2)
-        reported += list(zip(stats.episode_lengths, stats.episode_returns))
-    expected = []
-    for rows in stream_rows(buffer):
-        ends = np.flatnonzero(rows["terminated"] | rows["truncated"])
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        expected += [(int(e - s + 1), float(rows["reward"][s : e + 1].astype(np.float64).sum()))
-                     for s, e in zip(starts, ends)]  # fmt: skip
+    reported, expected = reported_and_stored_episodes(collector, [1] * 150 + [60, 1, 1, 60], 2)
     assert len(expected) >= 10
     np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)
