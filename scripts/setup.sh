@@ -2,9 +2,10 @@
 # Creates .venv (if missing) and installs the package with its test tools and the sweep plugins (README, Sweeps).
 # Torch goes in first, from TORCH_SPEC (default: the CPU build these machines carry locally), because a bare
 # `torch` requirement on a machine without torch pulls several GB of CUDA packages. Elsewhere PyPI's Linux wheel of
-# that version is a CUDA build too: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes PyTorch's CPU wheels. pyproject.toml only asks
-# for a range that this build satisfies, so the editable install below adds no other torch (the dev extra's Triton
-# is for tests/test_fused_gru.py, which runs the GRU's CUDA kernels under Triton's CPU interpreter).
+# that version is a CUDA build too: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes PyTorch's CPU wheels.
+# pyproject.toml only asks for a range that this build satisfies, so the editable install below adds no other torch
+# (the dev extra's Triton is for tests/test_fused_gru.py, which runs the GRU's CUDA kernels under Triton's CPU
+# interpreter).
 # GPU users: skip this script and `pip install -e ".[dev,sweep]"` into an environment with your CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
