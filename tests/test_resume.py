@@ -662,10 +662,10 @@ def test_a_model_that_draws_random_numbers_resumes_bit_identical(tmp_path, model
     assert_same_weights(whole, resumed)
 
 
-def test_a_checkpoint_holds_the_stored_rows_in_place_and_one_in_the_earlier_format_still_resumes(tmp_path, one_thread):
+def test_a_checkpoint_holds_the_stored_rows_in_place_and_one_in_the_earlier_format_resumes(tmp_path, one_thread):
     """A checkpoint writes the replay buffer's stored rows from where they are (ReplayBuffer.state_dict(copy=False)),
-    so saving never holds a second copy of a buffer that may fill most of the memory. A checkpoint written before that, with
-    the filled rows copied in logical order, resumes to the same bits."""
+    so saving never holds a second copy of a buffer that may fill most of the memory. A checkpoint written before
+    that, with the filled rows copied in logical order, resumes to the same bits."""
     whole = tiny_run(tmp_path / "whole", "mlp_ensemble", steps=8)
     tiny_run(tmp_path / "run", "mlp_ensemble", steps=4)
     path = tmp_path / "run" / "checkpoints" / "step_00000004.pt"

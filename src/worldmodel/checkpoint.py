@@ -140,9 +140,10 @@ class CheckpointWriteFailed(WorldModelError):
         need = f"; this run's last checkpoint took {sizes[-1] / 2**30:.3g} GiB" if sizes else ""
         then = (f"The run stopped here; its checkpoint {self.kept} is whole" if kept else
                 "The run stopped before any checkpoint of it was written")  # fmt: skip
-        super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0][:200]}); {free}{need}. {then}. Each checkpoint holds "
-                         "the replay buffer's stored rows; trainer.keep_checkpoints=1 keeps only the newest.")  # fmt: skip
+        cause = (str(err).splitlines() or [""])[0][:200]
+        super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: {cause}); {free}{need}. {then}. "
+                         "Each checkpoint holds the replay buffer's stored rows; trainer.keep_checkpoints=1 keeps only "
+                         "the newest.")  # fmt: skip
 
 
 class CheckpointUnreadable(WorldModelError):
