@@ -329,6 +329,22 @@ def test_actions_of_the_wrong_width_are_refused_not_broadcast():
         model.predict(obs, torch.zeros(*obs.shape[:2], 1))
 
 
+def test_the_normalizer_fitted_in_chunks_has_the_statistics_of_the_whole_data():
+    """Chunks of uneven sizes (a large buffer read piecewise) give the mean and std of all rows at once, to float32
+    precision, and a dimension constant in every chunk (123.456, far from 0) stays constant."""
+    rng = np.random.default_rng(1)
+    obs = np.stack([50 + 3 * rng.normal(size=1000), np.full(1000, 123.456)], axis=1).astype(np.float32)
+    action, reward = rng.normal(size=(1000, 1)).astype(np.float32), rng.normal(size=1000).astype(np.float32)
+    next_obs = (obs + rng.normal(0, 0.1, obs.shape)).astype(np.float32)
+    whole, chunked = Normalizer(obs_dim=2, action_dim=1), Normalizer(obs_dim=2, action_dim=1)
+    whole.fit(obs, action, reward, next_obs)
+    cuts = [0, 1, 130, 131, 600, 1000]
+    chunked.fit_chunks((obs[a:b], action[a:b], reward[a:b], next_obs[a:b]) for a, b in zip(cuts, cuts[1:]))
+    for (name, value), (_, expected) in zip(chunked.state_dict().items(), whole.state_dict().items()):
+        torch.testing.assert_close(value, expected, rtol=2e-7, atol=0, msg=name)
+    assert chunked.obs_std[1] == 1.0 and chunked.obs_mean[1] == np.float32(123.456)
+
+
 def test_a_small_but_varying_dimension_keeps_its_own_std_next_to_a_large_mean():
     """A dimension that varies by 1e-4 of its mean (a position far from the origin moving a little) is not constant:
     only float32 rounding (1e-6 of the mean) or an absolute 1e-8 counts as not varying."""

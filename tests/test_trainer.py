@@ -17,7 +17,8 @@ from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger
 from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.rollout import RandomPolicy
-from worldmodel.trainer import Throughput, Trainer, require_finite
+from worldmodel import trainer as trainer_module
+from worldmodel.trainer import Throughput, Trainer, require_finite, row_chunks
 from worldmodel.vector import make_collector
 
 TERMS = ("loss", "obs", "reward")
@@ -173,10 +174,14 @@ def test_validation_loss_weights_every_window_alike():
     assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-5)
 
 
-def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["whole", "in-chunks"])
+def test_the_normalizer_is_fitted_on_the_prefill_data(tmp_path, monkeypatch, chunk_rows):
     """After the prefill, the model's normalizer holds the mean and std of the stored observations, actions, rewards
-    and observation deltas (next_obs - obs), as normalize.py documents. fit leaves the process's flush-to-zero setting
-    as it found it (left on, it broke hypothesis' float strategies in later tests of the same process)."""
+    and observation deltas (next_obs - obs), as normalize.py documents, whether the buffer is read at once or, as a
+    large one is, in chunks (7 rows here: 43 of them, the last shorter). fit leaves the process's flush-to-zero
+    setting as it found it (left on, it broke hypothesis' float strategies in later tests of the same process)."""
+    if chunk_rows:
+        monkeypatch.setattr(trainer_module, "CHUNK_ROWS", chunk_rows)
     torch.set_flush_denormal(False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny run: a second thread only contends for two shared cores
@@ -224,6 +229,18 @@ def test_non_finite_collected_data_is_refused_naming_its_likely_cause():
     with pytest.raises(WorldModelError, match=r"\(reward: 1\).*The env returned them"):
         require_finite(from_env[:], from_env.obs_dtype, "the prefill data")
     require_finite(one_row(ReplayBuffer(10, 2, 1), [1e6, 0.0])[:], "float32", "fine")  # float32 holds it
+
+
+def test_non_finite_rows_are_counted_over_every_chunk_of_a_large_buffer():
+    """The prefill's check reads a large buffer in chunks: a NaN in a later chunk is found, and counted with the
+    others."""
+    buffer = ReplayBuffer(100, 2, 1)
+    for t in range(30):
+        obs = [float("nan") if t in (3, 25) else 0.0, 0.0]
+        buffer.add(obs, [0.0], 0.0, [0.0, 0.0], False, False)
+    with pytest.raises(WorldModelError, match=r"\(obs: 2\)"):
+        require_finite(row_chunks(buffer, rows=8), buffer.obs_dtype, "the prefill data")
+    assert sum(len(chunk["obs"]) for chunk in row_chunks(buffer, rows=8)) == 30
 
 
 def test_float16_is_blamed_only_for_non_finite_observations():

@@ -7,6 +7,8 @@ every checkpoint carries them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,10 +30,29 @@ class Normalizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray) -> None:
-        data = {"obs": obs, "action": action, "delta": next_obs - obs, "reward": np.reshape(reward, (-1, 1))}
-        for name, values in data.items():
-            values = torch.as_tensor(np.asarray(values, dtype=np.float64))
-            mean, std = values.mean(0), values.std(0, correction=0)
+        self.fit_chunks([(obs, action, reward, next_obs)])
+
+    @torch.no_grad()
+    def fit_chunks(self, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """`fit` on data given in row chunks of (obs, action, reward, next_obs): a buffer that fills most of the
+        memory is never copied whole (nor converted to float64 whole). Per chunk, mean and variance in float64;
+        chunks are merged exactly (Chan et al.); one chunk gives, to the bit, the numbers of the data taken at once."""
+        stats: dict[str, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        for obs, action, reward, next_obs in chunks:
+            data = {"obs": obs, "action": action, "delta": next_obs - obs, "reward": np.reshape(reward, (-1, 1))}
+            for name, values in data.items():
+                values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+                n, mean, var = len(values), values.mean(0), values.var(0, correction=0)
+                std = values.std(0, correction=0)  # its last bit can differ from var.sqrt()'s
+                if name in stats:
+                    n0, mean0, var0, _ = stats[name]
+                    total, step = n0 + n, mean - mean0
+                    mean = mean0 + step * (n / total)
+                    var = (n0 * var0 + n * var) / total + step**2 * (n0 * n / total**2)
+                    n, std = total, None
+                stats[name] = (n, mean, var, std)
+        for name, (_, mean, var, std) in stats.items():
+            std = var.sqrt() if std is None else std
             # A dimension that did not vary in the fitted data (CartPole's reward; Acrobot's, -1 until an episode
             # terminates; a one-hot action the prefill never took) is only centered, std 1. A small floor instead
             # (1e-3, once) makes any later value a huge target: one Acrobot termination in the held-out data gave

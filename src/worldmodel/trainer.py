@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +34,18 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 GRAPHED_COMPILE_MODES = COMPILE_MODES[2:]  # they record CUDA graphs of their own: not inside trainer.cuda_graph's
 PREFILL_BLOCK = 10_000  # env steps the prefill collects between looks at the stop flag (well under a second here)
+CHUNK_ROWS = 65_536  # rows per chunk where the whole buffer is read at the start (checks, normalizer): 34 MB at obs 64
 
 
-def require_finite(rows: dict, obs_dtype: str, what: str) -> None:
-    """Refuses NaN/inf in collected rows before anything trains on them: a normalizer fitted on them, and every loss,
-    would be NaN, found only as a divergence (or a traceback from the trajectory figure's axis limits)."""
-    bad = {name: int((~np.isfinite(values)).sum()) for name, values in rows.items() if values.dtype.kind == "f"}
+def require_finite(rows: dict | Iterable[dict], obs_dtype: str, what: str) -> None:
+    """Refuses NaN/inf in collected rows (one dict of columns, or chunks of them) before anything trains on them: a
+    normalizer fitted on them, and every loss, would be NaN, found only as a divergence (or a traceback from the
+    trajectory figure's axis limits)."""
+    bad: dict[str, int] = {}
+    for chunk in [rows] if isinstance(rows, dict) else rows:
+        for name, values in chunk.items():
+            if values.dtype.kind == "f":
+                bad[name] = bad.get(name, 0) + int((~np.isfinite(values)).sum())
     bad = {name: count for name, count in bad.items() if count}
     if bad:
         cause = "The env returned them: check it, or wrap it to clip or replace them."
@@ -48,6 +55,13 @@ def require_finite(rows: dict, obs_dtype: str, what: str) -> None:
         counts = ", ".join(f"{k}: {v}" for k, v in bad.items())
         raise WorldModelError(f"{what} holds NaN/inf values ({counts}), on which no model can train; nothing was "
                               f"trained. {cause}")  # fmt: skip
+
+
+def row_chunks(buffer: ReplayBuffer, rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The buffer's rows in logical order, CHUNK_ROWS at a time (numpy copies of one chunk each)."""
+    rows = rows or CHUNK_ROWS
+    for start in range(0, len(buffer), rows):
+        yield buffer[start : start + rows]
 
 
 def stack_terms(model: WorldModel, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -176,10 +190,10 @@ class Trainer:
         at update 0."""
         self._prefill(collector, stop)
         buffer = collector.buffer
-        stored = buffer[:]
-        require_finite(stored, buffer.obs_dtype, "the prefill data")
+        # In chunks: a buffer.dataset may fill most of the memory, and a copy of it (float64 in the fit) would not fit.
+        require_finite(row_chunks(buffer), buffer.obs_dtype, "the prefill data")
         require_finite(val_buffer[:], val_buffer.obs_dtype, "the held-out data (trainer.val_steps)")
-        model.fit_normalizer(stored["obs"], stored["action"], stored["reward"], stored["next_obs"])
+        model.fit_normalizer_chunks((r["obs"], r["action"], r["reward"], r["next_obs"]) for r in row_chunks(buffer))
         initial = self.evaluate(model, val_buffer)
         self._log_eval(logger, initial, model, val_buffer, step=0)
         return self._loop(model, metrics={"val/loss_initial": initial["val/loss"], **initial})

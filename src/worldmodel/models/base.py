@@ -44,6 +44,10 @@ class WorldModel(nn.Module, ABC):
     def fit_normalizer(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray) -> None:
         self.normalizer.fit(obs, action, reward, next_obs)
 
+    def fit_normalizer_chunks(self, chunks) -> None:
+        """fit_normalizer on (obs, action, reward, next_obs) row chunks (Normalizer.fit_chunks)."""
+        self.normalizer.fit_chunks(chunks)
+
     def check_fitted(self) -> None:
         # Reading the flag from a CUDA tensor would stall every training step on the GPU, so a pass is remembered.
         if not getattr(self, "_fitted_seen", False):
