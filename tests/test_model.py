@@ -338,11 +338,16 @@ def test_the_normalizer_fitted_in_chunks_has_the_statistics_of_the_whole_data():
     next_obs = (obs + rng.normal(0, 0.1, obs.shape)).astype(np.float32)
     whole, chunked = Normalizer(obs_dim=2, action_dim=1), Normalizer(obs_dim=2, action_dim=1)
     whole.fit(obs, action, reward, next_obs)
-    cuts = [0, 1, 130, 131, 600, 1000]
+    cuts = [0, 1, 130, 130, 131, 600, 1000]  # one chunk empty
     chunked.fit_chunks((obs[a:b], action[a:b], reward[a:b], next_obs[a:b]) for a, b in zip(cuts, cuts[1:]))
     for (name, value), (_, expected) in zip(chunked.state_dict().items(), whole.state_dict().items()):
-        torch.testing.assert_close(value, expected, rtol=2e-7, atol=0, msg=name)
+        torch.testing.assert_close(value, expected, rtol=2e-7, atol=0, msg=name)  # an empty chunk adds no NaN
     assert chunked.obs_std[1] == 1.0 and chunked.obs_mean[1] == np.float32(123.456)
+    empty = Normalizer(obs_dim=2, action_dim=1)
+    for nothing in ([], [(obs[:0], action[:0], reward[:0], next_obs[:0])]):  # no rows: refused, not fitted to NaN
+        with pytest.raises(ValueError, match="at least one row"):
+            empty.fit_chunks(nothing)
+    assert not empty.fitted
 
 
 def test_a_small_but_varying_dimension_keeps_its_own_std_next_to_a_large_mean():

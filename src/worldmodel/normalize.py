@@ -39,6 +39,8 @@ class Normalizer(nn.Module):
         chunks are merged exactly (Chan et al.); one chunk gives, to the bit, the numbers of the data taken at once."""
         stats: dict[str, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for obs, action, reward, next_obs in chunks:
+            if len(obs) == 0:  # its mean is NaN, which merging would spread
+                continue
             data = {"obs": obs, "action": action, "delta": next_obs - obs, "reward": np.reshape(reward, (-1, 1))}
             for name, values in data.items():
                 values = torch.as_tensor(np.asarray(values, dtype=np.float64))
@@ -51,6 +53,8 @@ class Normalizer(nn.Module):
                     var = (n0 * var0 + n * var) / total + step**2 * (n0 * n / total**2)
                     n, std = total, None
                 stats[name] = (n, mean, var, std)
+        if not stats:  # the mean of no rows is NaN, which every target would inherit
+            raise ValueError("Normalizer.fit needs at least one row of data")
         for name, (_, mean, var, std) in stats.items():
             std = var.sqrt() if std is None else std
             # A dimension that did not vary in the fitted data (CartPole's reward; Acrobot's, -1 until an episode
