@@ -77,9 +77,14 @@ def failed_before_logging(sweep_dir: Path, logged: set[Path]) -> list[Path]:
 
 def _script(job_dir: Path) -> str | None:
     """The script that wrote the job's directory (hydra.job.name: train, evaluate, collect), or None."""
-    path = job_dir / ".hydra" / "hydra.yaml"
-    name = OmegaConf.select(OmegaConf.load(path), "hydra.job.name") if path.is_file() else None
+    name = _saved(job_dir, "hydra.yaml", "hydra.job.name")
     return None if name is None else str(name)
+
+
+def _saved(job_dir: Path, file: str, key: str):
+    """`key` in the job's .hydra/`file` (config.yaml: the run's values; hydra.yaml: Hydra's own), or None."""
+    path = job_dir / ".hydra" / file
+    return OmegaConf.select(OmegaConf.load(path), key) if path.is_file() else None
 
 
 def _visible(job_dir: Path, sweep_dir: Path) -> bool:
@@ -95,10 +100,8 @@ def read_overrides(job_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     ignored = set(IGNORED_KEYS)
-    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
-        excluded = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.config.override_dirname.exclude_keys")
-        ignored |= set(excluded or []) - STILL_CONFIGURATION
+    excluded = _saved(job_dir, "hydra.yaml", "hydra.job.config.override_dirname.exclude_keys")
+    ignored |= set(excluded or []) - STILL_CONFIGURATION
     texts, typed = {}, {}
     for override in OverridesParser.create().parse_overrides(list(OmegaConf.load(path))):
         key = override.key_or_group
@@ -137,7 +140,7 @@ def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
     for job_dir in find_job_dirs(sweep_dir):
         texts, typed = read_overrides(job_dir)
         finals, made = read_finals(job_dir, also=(metric,))
-        saved = _saved(job_dir, "trainer.steps")
+        saved = _saved(job_dir, "config.yaml", "trainer.steps")
         if made is not None and ("trainer.steps" in texts or saved not in (None, made)):
             # .hydra/ holds the last command's values: a job of a continued sweep that had nothing left to do, or
             # that was continued alone to more updates, made another number of updates than they say.
@@ -145,11 +148,6 @@ def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
         jobs.append(Job(job_dir, texts, typed, finals, made is not None))
     return jobs
 
-
-def _saved(job_dir: Path, key: str):
-    """`key` in the job's .hydra/config.yaml, or None."""
-    path = job_dir / ".hydra" / "config.yaml"
-    return OmegaConf.select(OmegaConf.load(path), key) if path.is_file() else None
 
 
 def group_jobs(jobs: list[Job]) -> tuple[list[Group], list[str], dict[str, str]]:

@@ -129,16 +129,14 @@ class CheckpointWriteFailed(WorldModelError):
     scripts add the command that continues the run, the sweep or the trial (cli.user_errors)."""
 
     def __init__(self, path: Path, err: Exception):
-        self.run_dir = run_dir = path.parent.parent
-        kept = resume_candidates(run_dir)
-        self.kept = kept[-1] if kept else None
+        self.run_dir = path.parent.parent
+        self.kept = next(reversed(resume_candidates(self.run_dir)), None)
         try:
             free = f"{shutil.disk_usage(path.parent).free / 2**30:.3g} GiB are free there"
         except OSError:
             free = "its free space could not be read"
-        sizes = [p.stat().st_size for p in kept]
-        need = f"; this run's last checkpoint took {sizes[-1] / 2**30:.3g} GiB" if sizes else ""
-        then = (f"The run stopped here; its checkpoint {self.kept} is whole" if kept else
+        need = f"; this run's last checkpoint took {self.kept.stat().st_size / 2**30:.3g} GiB" if self.kept else ""
+        then = (f"The run stopped here; its checkpoint {self.kept} is whole" if self.kept else
                 "The run stopped before any checkpoint of it was written")  # fmt: skip
         cause = (str(err).splitlines() or [""])[0][:200]
         super().__init__(f"Could not write checkpoint {path} ({type(err).__name__}: {cause}); {free}{need}. {then}. "

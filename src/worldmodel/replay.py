@@ -289,8 +289,8 @@ class ReplayBuffer:
         ring, sizes = self.ring, np.asarray(state["sizes"], dtype=np.int64)
         if version == TABLES_VERSION:
             ptrs, seg = np.asarray(state["ptrs"], dtype=np.int64), ring.stream_capacity
-            fits = sizes.shape == ptrs.shape == (ring.streams,) and bool(((sizes <= seg) & (ptrs < seg)).all()) \
-                and bool(((sizes >= 0) & (ptrs >= 0)).all())  # fmt: skip
+            fits = sizes.shape == ptrs.shape == (ring.streams,) and bool(
+                ((0 <= sizes) & (sizes <= seg) & (0 <= ptrs) & (ptrs < seg)).all())
             spans = ring.spans(sizes, ptrs) if fits else []
             got = {name: [tuple(piece.shape) for piece in pieces] for name, pieces in state["tables"].items()}
             want = {str(dt): [(n, table.shape[1]) for _, n in spans] for dt, table in ring.tables.items()}
