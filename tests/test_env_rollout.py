@@ -226,6 +226,11 @@ class _NeedsBox2D(gym.Env):
         raise gym.error.DependencyNotInstalled('Box2D is not installed, run `pip install "gymnasium[box2d]"`')
 
 
+class _MovedAway(gym.Env):
+    def __init__(self, **kwargs):
+        raise ImportError("The mujoco v2 and v3 based environments have been moved to the gymnasium-robotics project")
+
+
 class _ShiftedActions(gym.Env):
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
     action_space = gym.spaces.Discrete(2, start=1)
@@ -236,6 +241,16 @@ def test_an_env_whose_dependencies_are_missing_names_env_id():
     with pytest.raises(ConfigError) as err:
         make_env("NeedsBox2D-v0", seed=0)
     assert err.value.key == "env.id" and "dependencies are installed" in str(err.value) and "box2d" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [None, {"frame_skip": 2}])
+def test_an_env_that_raises_a_plain_import_error_names_env_id(kwargs):
+    """gymnasium's MuJoCo v2/v3 and phys2d/ ids raise ImportError, not DependencyNotInstalled; with env.kwargs the
+    first-step check meets it first."""
+    gym.register(id="MovedAway-v0", entry_point=_MovedAway)
+    with pytest.raises(ConfigError) as err:
+        make_env("MovedAway-v0", seed=0, kwargs=kwargs)
+    assert err.value.key == "env.id" and "dependencies are installed" in str(err.value) and "robotics" in str(err.value)
 
 
 def test_discrete_actions_that_do_not_start_at_0_are_refused():

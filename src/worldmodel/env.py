@@ -123,13 +123,18 @@ def make_env(
         _check_options(id, kwargs, options, seed)
     try:
         env = _make(id, kwargs, num_envs, vectorization_mode)
-    except gym.error.DependencyNotInstalled as err:
-        raise ConfigError("env.id", id, f"an env whose dependencies are installed: {err}") from None
+    except (gym.error.DependencyNotInstalled, ImportError) as err:
+        raise _not_installed(id, err) from None
     except TypeError as err:
         raise _unknown_keyword(id, kwargs, err) or err
     env.action_space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
     return env
+
+
+def _not_installed(id: str, err: Exception) -> ConfigError:
+    # A plain ImportError too: gymnasium's moved envs (MuJoCo v2/v3, phys2d/..., tabular/...) raise one.
+    return ConfigError("env.id", id, f"an env whose dependencies are installed: {str(err).rstrip('.')}")
 
 
 def _unknown_keyword(id: str, kwargs: dict, err: TypeError) -> ConfigError | None:
@@ -172,6 +177,8 @@ def _check_options(id: str, kwargs: dict, options: dict, seed: int) -> None:
         try:
             _first_step(id, {k: v for k, v in kwargs.items() if k not in options}, seed)
         except Exception:
+            if isinstance(err, ImportError):
+                raise _not_installed(id, err) from None
             raise err from None  # the env fails without them too: its own problem, shown as it is
         raise ConfigError("env.kwargs", options, f"values {id} can run with: with them its first reset and step "
                           f"failed ({type(err).__name__}: {err}), without them they do") from err
