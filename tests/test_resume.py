@@ -718,7 +718,7 @@ def test_vector_env_run_killed_and_resumed_is_bit_identical(tmp_path, env):
     proc.communicate()
     run_train([*fast, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
     assert_same_run(whole, run_dir)
-    assert scalars(whole)["data/env_steps"][-1][1] > 300 + 3 * 200  # prefill + ~3 env steps per update, all stored
+    assert scalars(whole)["data/env_steps"][-1][1] == 300 + 3 * 240  # prefill + 3 env steps per update, as run
 
 
 def test_a_checkpoint_cut_inside_its_archive_is_reported_not_crashed_on(tmp_path, monkeypatch):

@@ -312,6 +312,22 @@ def test_a_checkpoint_taken_just_after_an_episode_ended_resumes_bit_for_bit():
     assert resumed.total_steps == run.total_steps
 
 
+def test_env_steps_count_every_env_step_run_autoreset_steps_included():
+    """data/env_steps and perf/env_steps_per_s count what trainer.prefill and env_steps_per_update ask for: env steps
+    run. An autoreset step stores no transition, so the stored count (total_steps) falls behind by one per episode."""
+    run = vector_collector("CartPole-v1", 3, seed=4)
+    stats = [run.collect(n) for n in (100, 2, 2, 2, 400)]  # 2 + 2 + 2: a vector step, carried credit, a vector step
+    assert [s.env_steps for s in stats] == [99, 3, 0, 3, 399] and run.env_steps == 504
+    ended = sum(len(s.episode_lengths) for s in stats)
+    assert ended >= 3 and len(run.buffer) == run.total_steps == sum(s.steps for s in stats) < 504  # autoresets skipped
+    old = {k: v for k, v in run.state_dict().items() if k != "env_steps"}  # a checkpoint from before the count
+    resumed = vector_collector("CartPole-v1", 3, seed=4)
+    resumed.load_state_dict(run.state_dict())
+    assert resumed.env_steps == 504
+    resumed.load_state_dict(old)
+    assert resumed.env_steps == run.total_steps
+
+
 def test_an_unsaved_env_resumed_just_after_an_episode_ended_stores_every_fresh_first_step():
     """Resuming without the env (an async vector env) restarts every env with a fresh, run-seeded reset; an env
     whose episode had just ended must not skip that fresh episode's first transition as if it were an autoreset."""

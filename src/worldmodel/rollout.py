@@ -137,7 +137,8 @@ def fresh_env_seed(run_seed: int, total_steps: int) -> int:
 
 @dataclass
 class CollectStats:
-    steps: int = 0
+    steps: int = 0  # transitions stored
+    env_steps: int = 0  # env steps run: a vector env's autoreset steps too, which store nothing
     episode_returns: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
 
@@ -186,8 +187,14 @@ class Collector:
                 self._obs, self._return, self._length = None, 0.0, 0
             else:
                 self._obs = next_obs
+        stats.env_steps = stats.steps
         self.total_steps += stats.steps
         return stats
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps run so far: one env stores each step it runs."""
+        return self.total_steps
 
     def state_dict(self) -> dict:
         """The episode in progress, the env itself and the policy's RNG, so collection continues exactly (see

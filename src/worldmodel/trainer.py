@@ -159,7 +159,7 @@ class Trainer:
                    disable=None if self.progress else True)  # fmt: skip
         for step in range(loop.step + 1, self.steps + 1):
             t0 = time.perf_counter()
-            env_steps = collector.collect(self.env_steps_per_update).steps
+            env_steps = collector.collect(self.env_steps_per_update).env_steps
             t1 = time.perf_counter()
             # sample gives a Batch, or only its rows where a CUDA graph gathers the batch itself (build_update).
             values = update(sample(self.batch_size, self.seq_len))
@@ -204,7 +204,7 @@ class Trainer:
         # On a GPU, update() only queues kernels; reading the losses back waits for those still queued.
         timer.update_s += time.perf_counter() - t0
         scalars.update(timer.read(), **{"data/buffer_size": len(collector.buffer),
-                                        "data/env_steps": collector.total_steps})  # fmt: skip
+                                        "data/env_steps": collector.env_steps})  # fmt: skip
         logger.log(scalars, step)
         return scalars
 

@@ -43,7 +43,8 @@ class VectorCollector:
         self._returns = np.zeros(self.num_envs)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)
         self._credit = 0  # env steps asked for but not yet run (less than one vector step)
-        self.total_steps = 0
+        self.total_steps = 0  # transitions stored: the seed of a replaced env's reset follows from it (rollout.py)
+        self.env_steps = 0  # env steps run, autoreset steps included
         self._eye = np.eye(self.spec.action_dim, dtype=np.float32)
 
     def collect(self, n_steps: int) -> CollectStats:
@@ -95,8 +96,9 @@ class VectorCollector:
             "truncated": truncated,
         }
         self.buffer.extend_streams(valid, **block)
-        stats.steps = int(valid.sum())
+        stats.steps, stats.env_steps = int(valid.sum()), steps * n
         self.total_steps += stats.steps
+        self.env_steps += stats.env_steps
         self._episode_stats(reward, valid, done, stats)  # done implies valid (checked above)
         return stats
 
@@ -132,11 +134,13 @@ class VectorCollector:
             "lengths": self._lengths.tolist(),
             "credit": self._credit,
             "total_steps": self.total_steps,
+            "env_steps": self.env_steps,
             "seed": self._seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.total_steps, self._credit = state["total_steps"], state["credit"]
+        self.env_steps = state.get("env_steps", self.total_steps)  # checkpoints before it counted stored steps only
         env, self._seed = load_env_and_policy(state, self.policy, self._run_seed)
         if env is not None:
             self.env = env
