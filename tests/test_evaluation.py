@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worldmodel import ReplayBuffer
-from worldmodel.evaluation import TrajectoryPlot, episode_window_starts, open_loop, trajectory
+from worldmodel.evaluation import TrajectoryPlot, episode_window_starts, longest_episode, open_loop, trajectory
 from worldmodel.models.base import WorldModel
 
 
@@ -47,6 +47,8 @@ def test_window_starts_stay_inside_episodes():
     assert episode_window_starts(buffer, 3).tolist() == [0, 1, 2, 3, 6, 7]
     assert episode_window_starts(buffer, 6).tolist() == [0]
     assert episode_window_starts(buffer, 7).tolist() == []
+    assert longest_episode(buffer) == 6  # what the trainer's warning names when no evaluation window fits
+    assert longest_episode(ReplayBuffer(10, obs_dim=2, action_dim=1)) == 0
 
 
 def test_window_starts_never_cross_from_one_stream_into_the_next():
@@ -58,6 +60,7 @@ def test_window_starts_never_cross_from_one_stream_into_the_next():
             buffer.add([t, k], [0.0], 0.0, [t + 1, k], False, False, stream=k)
     assert episode_window_starts(buffer, 3).tolist() == [0, 1, 2, 5, 6]
     assert episode_window_starts(buffer, 5).tolist() == [0]
+    assert longest_episode(buffer) == 5  # not 9: the open episodes of two streams are two stretches
 
 
 def test_open_loop_numbers_by_hand():

@@ -26,12 +26,22 @@ def episode_window_starts(buffer: ReplayBuffer, length: int, stride: int = 1) ->
     and to one stream (logical order runs stream after stream, and a stream's newest row may be mid-episode)."""
     if len(buffer) < length:
         return np.zeros(0, dtype=np.int64)
-    rows = buffer[:]
-    boundary = rows["terminated"] | rows["truncated"]
-    boundary[buffer.newest_rows()] = True
-    ends = np.concatenate([[0], np.cumsum(boundary)])
+    ends = _ends_before(buffer)
     starts = np.arange(0, len(buffer) - length + 1, stride)
     return starts[ends[starts + length - 1] - ends[starts] == 0]
+
+
+def longest_episode(buffer: ReplayBuffer) -> int:
+    """Transitions in the longest stretch of one episode that `buffer` holds (0 if empty)."""
+    return int(np.bincount(_ends_before(buffer)[:-1]).max()) if len(buffer) else 0
+
+
+def _ends_before(buffer: ReplayBuffer) -> np.ndarray:
+    """[len + 1]: element i counts the episode ends (and stream ends) among logical rows 0 .. i-1."""
+    flags = buffer[:]
+    boundary = flags["terminated"] | flags["truncated"]
+    boundary[buffer.newest_rows()] = True
+    return np.concatenate([[0], np.cumsum(boundary)])
 
 
 @dataclass

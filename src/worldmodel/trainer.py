@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from worldmodel.checkpoint import Checkpointer, resume_candidates
 from worldmodel.cuda_graph import GraphedUpdate
 from worldmodel.errors import ConfigError, RunInterrupted, WorldModelError
-from worldmodel.evaluation import TrajectoryPlot, open_loop, trajectory
+from worldmodel.evaluation import TrajectoryPlot, longest_episode, open_loop, trajectory
 from worldmodel.logger import Logger
 from worldmodel.loss_window import Diverged, LossWindow
 from worldmodel.models import WorldModel
@@ -312,8 +312,10 @@ class Trainer:
         metrics = {f"val/{name}": float(v) / count for name, v in zip(names, totals)}
         result = open_loop(model, val_buffer, self.eval_context, self.eval_horizon)
         if result is None:
-            log.warning("no held-out episode is %d steps long: eval/* skipped (lower trainer.eval_horizon or "
-                        "raise trainer.val_steps)", self.eval_context + self.eval_horizon - 1)  # fmt: skip
+            log.warning("eval/* skipped: a window of trainer.eval_context + trainer.eval_horizon - 1 = %d steps fits in "
+                        "no held-out episode (the longest holds %d); lower eval_horizon or eval_context (raising "
+                        "trainer.val_steps helps only where it cut the episodes short)",
+                        self.eval_context + self.eval_horizon - 1, longest_episode(val_buffer))  # fmt: skip
             return metrics
         return {**metrics, **result.scalars()}
 
