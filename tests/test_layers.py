@@ -174,3 +174,17 @@ def test_the_cell_loop_after_a_reset_is_a_fresh_start():
     torch.testing.assert_close(last, fresh_last, rtol=0, atol=1e-12)
     torch.testing.assert_close(states[:, :3], carried[:, :3], rtol=0, atol=0)
     assert not torch.allclose(states[:, 3:], carried[:, 3:])  # the history would have mattered
+
+
+def test_a_cell_without_biases_runs_the_cell_loop():
+    """An nn.GRUCell(bias=False) has no bias tensors for _ResetGRU: gru_sequence steps it instead, the same function."""
+    g = torch.Generator().manual_seed(29)
+    cell = nn.GRUCell(3, 4, bias=False).double()
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    first = torch.zeros(2, 5, dtype=torch.bool)
+    first[0, 2] = True
+    h0 = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = values_and_grads(cell_loop, cell, x, first, h0)
+    got = values_and_grads(gru_sequence, cell, x, first, h0)
+    for name, a, b in zip(["states", "last", "x", "h0", "w_ih", "w_hh"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

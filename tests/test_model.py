@@ -255,6 +255,11 @@ def test_open_loop_term_is_imagine_scored_up_to_the_first_reset(head_layers):
     _, terms = model.loss(batch)
     expected = open_loop_by_imagine(model, batch, k)
     torch.testing.assert_close(terms["open_loop"], expected, rtol=1e-7, atol=1e-9)
+    # Its gradients too: they reach the observed rows' steps (the state imagination starts from) as imagine's do.
+    params = list(model.parameters())
+    got_grads = torch.autograd.grad(terms["open_loop"], params, allow_unused=True)
+    for got, want in zip(got_grads, torch.autograd.grad(expected, params, allow_unused=True)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     # The term is what open_loop_steps adds: the other terms are those of the model without it.
     _, closed = fitted_model(head_layers=head_layers).double().loss(batch)
     for name in ("obs", "reward", "terminated"):
@@ -370,3 +375,62 @@ def test_a_dimension_near_zero_that_varies_below_the_absolute_floor_is_constant(
     obs = rng.normal(0, 1e-10, (500, 1))
     norm.fit(obs, rng.normal(size=(500, 1)), rng.normal(size=500), obs + 1.0)
     assert norm.obs_std.tolist() == [1.0]
+
+
+def test_imagine_feeds_its_own_predictions_back_as_observations():
+    """Past the context the GRU observes its own predictions: imagine's horizon k is what predict gives, teacher-
+    forced, on the context followed by imagine's first k - 1 predictions, with the action of the same row."""
+    C, H = 3, 4
+    model = fitted_model()
+    obs, action = random_inputs(t=C + H - 1)
+    with torch.no_grad():
+        out = model.imagine(obs[:, :C], action)
+        fed = model.predict(torch.cat([obs[:, :C], out["obs"][:, :-1]], dim=1), action)
+    for key, fed_key in [("obs", "next_obs"), ("reward", "reward"), ("terminated_prob", "terminated_prob")]:
+        torch.testing.assert_close(out[key], fed[fed_key][:, C - 1 :], msg=key)
+
+
+def test_open_loop_term_is_zero_where_every_imagined_stretch_starts_an_episode():
+    """With a reset at the first imagined row of every window nothing is scored: the term is 0 (no NaN from 0 / 0),
+    and the total is the teacher-forced loss alone."""
+    model = fitted_model(open_loop_steps=3)
+    batch = transition_batch(t=8)
+    batch.first[:, 5] = True
+    total, terms = model.loss(batch)
+    assert terms["open_loop"] == 0
+    torch.testing.assert_close(total, terms["obs"] + terms["reward"] + terms["terminated"])
+
+
+def test_default_heads_are_those_of_checkpoints_saved_before_head_layers():
+    """GRUWorldModel's head_layers defaults to 2 (conf/model/gru.yaml sets 1): a checkpoint saved before the argument
+    existed holds two-layer heads (Linear, LayerNorm, SiLU, Linear) and must load into the model built without it."""
+    keys = GRUWorldModel(3, 2, latent_dim=16, hidden_dim=32).state_dict()
+    for head in ("next_obs_head", "reward_head", "terminated_head"):
+        assert [k for k in keys if k.startswith(head + ".")] == [
+            f"{head}.{k}" for k in ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias")
+        ]
+    assert keys["next_obs_head.0.weight"].shape == (32, 2 * 16 + 2)
+
+
+def test_mlp_is_linear_layernorm_silu_blocks_then_a_linear_output():
+    """models.base.mlp, which every model's encoder and heads use: `layers` Linear layers, each but the last followed
+    by LayerNorm and SiLU (the layout, and so the state_dict keys, checkpoints hold)."""
+    from torch import nn
+
+    from worldmodel.models.base import mlp
+
+    net = mlp(4, 8, 3, layers=3)
+    assert [type(m) for m in net] == [nn.Linear, nn.LayerNorm, nn.SiLU] * 2 + [nn.Linear]
+    assert [m.weight.shape for m in net if isinstance(m, nn.Linear)] == [(8, 4), (8, 8), (3, 8)]
+    assert [type(m) for m in mlp(4, 8, 3, layers=1)] == [nn.Linear]
+
+
+def test_loading_an_unfitted_state_makes_the_model_refuse_to_train_again():
+    """check_fitted remembers a pass (it would stall a GPU every step), but loading a state_dict forgets it: a model
+    that trained and is then given an unfitted normalizer refuses, rather than training on raw units."""
+    model = fitted_model()
+    batch = transition_batch(obs_dim=3, action_dim=2)
+    model.loss(batch)  # passes, and is remembered
+    model.load_state_dict(GRUWorldModel(3, 2, latent_dim=16, hidden_dim=32).state_dict())
+    with pytest.raises(RuntimeError, match="fitted"):
+        model.loss(batch)

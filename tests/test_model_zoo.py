@@ -3,6 +3,8 @@ seeing the future or a previous episode, learns a known linear system open-loop,
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -208,8 +210,11 @@ def test_ensemble_rolls_out_on_its_own_mean_prediction():
     out = model.imagine(context, actions)
     current = context[:, -1]
     for k in range(3):  # Markovian: horizon k+1 is one step from horizon k's prediction with action C-1+k
-        current = model.predict(current, actions[:, 2 + k])["next_obs"]
+        step = model.predict(current, actions[:, 2 + k])
+        current = step["next_obs"]
         torch.testing.assert_close(out["obs"][:, k], current)
+        torch.testing.assert_close(out["reward"][:, k], step["reward"])
+        torch.testing.assert_close(out["terminated_prob"][:, k], step["terminated_prob"])
     model.propagation = "members"
     members = model.imagine(context, actions)
     assert members["obs"].shape == (4, 3, 3)
@@ -331,9 +336,21 @@ def test_ensemble_bootstrap_is_each_member_training_on_its_own_resample():
     out = model(obs_n, act_n)  # [E, N, .]: member e sees only its resampled rows
     nll = 0.5 * ((out["mean"] - target) ** 2 * torch.exp(-out["logvar"]) + out["logvar"]).mean()
     torch.testing.assert_close(terms["nll"], nll)
+    terminated = flat(batch.terminated).float()[idx]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["terminated_logit"], terminated)
+    torch.testing.assert_close(terms["terminated"], bce)  # the termination term is bootstrapped the same way
     model.eval()  # no resampling in validation: every member scores every row
     _, plain = model.loss(batch)
     assert not torch.allclose(plain["nll"], terms["nll"])
+    with torch.no_grad():
+        out = model(norm.normalize("obs", flat(batch.obs)), norm.normalize("action", flat(batch.action)))
+    target = torch.cat([norm.normalize("delta", flat(batch.next_obs - batch.obs)),
+                        norm.normalize("reward", flat(batch.reward).unsqueeze(-1))], dim=-1)  # fmt: skip
+    nll = 0.5 * ((out["mean"] - target) ** 2 * torch.exp(-out["logvar"]) + out["logvar"]).mean()
+    torch.testing.assert_close(plain["nll"], nll)  # the mean over members, rows and dimensions
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["terminated_logit"], flat(batch.terminated).float()
+                                                               .expand(model.ensemble_size, -1))  # fmt: skip
+    torch.testing.assert_close(plain["terminated"], bce)
 
 
 def test_ensemble_logvar_bounds_penalty_is_in_the_training_loss_only():
@@ -385,3 +402,204 @@ def test_compiled_loss_and_gradients_match_eager(name):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+# ---- the loss trains what predict and imagine read, in the normalizer's units --------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_validation_loss_terms_are_the_one_step_errors_of_predict(name):
+    """In eval mode "obs" and "reward" are the mean squared errors of predict's next_obs and reward (the ensemble's:
+    of its mean), in normalized units: obs as the normalized delta next_obs - obs, the reward normalized. So the
+    loss scores exactly what a user of the trained model reads, per element, and not of the row's own obs."""
+    model, batch = fitted(name), random_batch()
+    _, terms = model.loss(batch)
+    pred = model.predict(batch.obs, batch.action, batch.first)
+    norm = model.normalizer
+    delta = lambda next_obs: norm.normalize("delta", next_obs - batch.obs)  # noqa: E731
+    reward = lambda r: norm.normalize("reward", r.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    torch.testing.assert_close(terms["obs"], ((delta(pred["next_obs"]) - delta(batch.next_obs)) ** 2).mean())
+    torch.testing.assert_close(terms["reward"], ((reward(pred["reward"]) - reward(batch.reward)) ** 2).mean())
+    if name in RECURRENT:  # (the ensemble's is the mean of its members' BCEs, not the BCE of their mean)
+        prob, target = pred["terminated_prob"], batch.terminated.float()
+        bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+        torch.testing.assert_close(terms["terminated"], bce)
+
+
+def in_other_units(model: WorldModel, obs_scale, obs_shift, action_scale, action_shift, reward_scale, reward_shift):
+    """A copy of `model` for an env whose obs, actions and rewards are x * scale + shift of `model`'s: its normalizer
+    is refitted to what those units give, and its networks are the same."""
+    other = copy.deepcopy(model)
+    norm = other.normalizer
+    with torch.no_grad():
+        for name, scale, shift in [("obs", obs_scale, obs_shift), ("action", action_scale, action_shift),
+                                   ("reward", reward_scale, reward_shift), ("delta", obs_scale, 0.0)]:  # fmt: skip
+            getattr(norm, f"{name}_mean").mul_(scale).add_(shift)
+            getattr(norm, f"{name}_std").mul_(scale)
+    return other
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_predictions_follow_a_change_of_units_of_the_data(name):
+    """The networks see only normalized inputs and targets: fitted on the same data in other units (obs * a + b,
+    actions * s + u, rewards * c + d), a model predicts the same thing in those units, in predict, in imagine (over
+    every horizon, where predictions are fed back) and in its loss. A value read or returned without its
+    normalization (the raw action fed to a network, a prediction fed back in the wrong units, a reward left
+    normalized) breaks this."""
+    model = fitted(name)
+    a, b = torch.tensor([2.0, 0.5, 3.0]), torch.tensor([10.0, -4.0, 1.0])
+    s, u, c, d = torch.tensor([3.0, 0.25]), torch.tensor([-1.0, 2.0]), 5.0, -7.0
+    other = in_other_units(model, a, b, s, u, c, d)
+    batch = random_batch()
+    first = batch.first[:, :3]
+    close = dict(rtol=1e-4, atol=1e-4)
+    # predict
+    pred = model.predict(batch.obs, batch.action, batch.first)
+    got = other.predict(batch.obs * a + b, batch.action * s + u, batch.first)
+    torch.testing.assert_close(got["next_obs"], pred["next_obs"] * a + b, **close)
+    torch.testing.assert_close(got["reward"], pred["reward"] * c + d, **close)
+    torch.testing.assert_close(got["terminated_prob"], pred["terminated_prob"], **close)
+    # imagine: 4 horizons from 3 context rows
+    out = model.imagine(batch.obs[:, :3], batch.action, first)
+    got = other.imagine(batch.obs[:, :3] * a + b, batch.action * s + u, first)
+    torch.testing.assert_close(got["obs"], out["obs"] * a + b, **close)
+    torch.testing.assert_close(got["reward"], out["reward"] * c + d, **close)
+    torch.testing.assert_close(got["terminated_prob"], out["terminated_prob"], **close)
+    # the loss: the same numbers
+    moved = Batch(**{**vars(batch), "obs": batch.obs * a + b, "next_obs": batch.next_obs * a + b,
+                     "action": batch.action * s + u, "reward": batch.reward * c + d})  # fmt: skip
+    torch.testing.assert_close(torch.stack(list(other.loss(moved)[1].values())),
+                               torch.stack(list(model.loss(batch)[1].values())), **close)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_no_first_flags_mean_each_sequence_is_one_episode(name):
+    """predict's and imagine's first=None is one episode per sequence, starting at its first row: the same numbers
+    as flags set at row 0 alone, and neither call writes into the flags it is given."""
+    model, batch = fitted(name), random_batch()
+    first = torch.zeros(4, 6, dtype=torch.bool)
+    first[:, 0] = True
+    torch.testing.assert_close(model.predict(batch.obs, batch.action), model.predict(batch.obs, batch.action, first))
+    flags = torch.zeros(4, 3, dtype=torch.bool)
+    flags[1, 1] = True
+    given = flags.clone()
+    model.imagine(batch.obs[:, :3], batch.action, flags)
+    model.predict(batch.obs, batch.action, first)
+    assert torch.equal(flags, given) and first[:, 0].all() and not first[:, 1:].any()
+
+
+@torch.no_grad()
+def test_rssm_imagines_in_latent_space_never_feeding_its_predicted_obs_back():
+    """Past the context the RSSM rolls its latent forward on the prior (Dreamer): its predicted observations are a
+    readout that no later step reads, so another next-obs head changes the obs it returns and nothing else. (The
+    GRU, by contrast, feeds its predictions back: there the reward at horizon 2 would move too.)"""
+    model = fitted("rssm")
+    g = torch.Generator().manual_seed(8)
+    context, actions = torch.randn(4, 3, 3, generator=g), torch.randn(4, 7, 2, generator=g)
+    out = model.imagine(context, actions)
+    model.next_obs_head[-1].bias.add_(1.0)
+    moved = model.imagine(context, actions)
+    assert not torch.allclose(moved["obs"], out["obs"])
+    torch.testing.assert_close(moved["reward"], out["reward"], rtol=0, atol=0)
+    torch.testing.assert_close(moved["terminated_prob"], out["terminated_prob"], rtol=0, atol=0)
+    gru = fitted("gru")
+    before = gru.imagine(context, actions)["reward"]
+    gru.next_obs_head[-1].bias.add_(1.0)
+    after = gru.imagine(context, actions)["reward"]
+    torch.testing.assert_close(after[:, 0], before[:, 0])
+    assert not torch.allclose(after[:, 1:], before[:, 1:])
+
+
+@torch.no_grad()
+def test_rssm_latent_std_never_falls_below_min_std():
+    """std = softplus + min_std: however negative the networks' raw output, the posterior and prior std stay at
+    least min_std (conf/model/rssm.yaml), so the KL's log and 1/std stay finite."""
+    model = fitted("rssm")
+    for net in (model.prior_net, model.posterior_net):
+        net[-1].bias[model.stoch_dim :].fill_(-30.0)
+    batch = random_batch()
+    out = model(batch.obs, batch.action, batch.first)
+    for name in ("post", "prior"):
+        std = out[name][1]
+        assert (std >= model.min_std).all(), name
+        torch.testing.assert_close(std.min(), torch.tensor(model.min_std), rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def test_ensemble_members_rollout_is_the_mean_of_each_members_own_rollout():
+    """propagation="members": member e steps from its own previous prediction (never the ensemble mean), and obs,
+    reward and terminated_prob are the averages over the E trajectories of each horizon."""
+    model = fitted("mlp_ensemble")
+    model.propagation = "members"
+    g = torch.Generator().manual_seed(9)
+    context, actions = torch.randn(4, 3, 3, generator=g), torch.randn(4, 6, 2, generator=g)
+    out = model.imagine(context, actions)
+    norm, E = model.normalizer, model.ensemble_size
+    current = context[:, -1].expand(E, 4, 3)
+    for k in range(4):
+        action_n = norm.normalize("action", actions[:, 2 + k]).expand(E, 4, 2)
+        step = model(norm.normalize("obs", current), action_n)  # member e reads its own current[e]
+        current = current + norm.denormalize("delta", step["mean"][..., :3])
+        reward = norm.denormalize("reward", step["mean"][..., 3:]).squeeze(-1)
+        torch.testing.assert_close(out["obs"][:, k], current.mean(0))
+        torch.testing.assert_close(out["reward"][:, k], reward.mean(0))
+        torch.testing.assert_close(out["terminated_prob"][:, k], torch.sigmoid(step["terminated_logit"]).mean(0))
+    assert not torch.allclose(current[0], current[1])  # the members' trajectories did part
+
+
+@torch.no_grad()
+def test_ensemble_log_variance_is_soft_clamped_into_its_bounds():
+    """PETS' soft clamp: a raw log-variance below min_logvar comes out a softplus above it (not cut to it, where
+    neither the bound nor the head would get a gradient); one above max_logvar a softplus below it."""
+    model = fitted("mlp_ensemble")
+    obs, action = torch.randn(8, 3), torch.randn(8, 2)
+    D1 = model.out_dim
+    model.head.weight[..., D1:].zero_()  # the raw log-variance is its bias alone
+    for raw in (-12.0, 3.0):  # min_logvar = -10, max_logvar = 0.5
+        model.head.bias[..., D1:].fill_(raw)
+        logvar = model(obs, action)["logvar"]
+        lo, hi = model.min_logvar, model.max_logvar
+        upper = hi - torch.nn.functional.softplus(hi - raw)
+        torch.testing.assert_close(logvar, (lo + torch.nn.functional.softplus(upper - lo)).expand_as(logvar))
+        assert ((logvar > lo) & (logvar < hi)).all()
+
+
+@torch.no_grad()
+def test_rssm_rows_prior_posterior_and_reconstruction_never_read_the_rows_action():
+    """Row t's prior p(z_t | h_t) reads only earlier rows; its posterior q(z_t | h_t, obs_t) adds obs_t; the decoder
+    reconstructs obs_t from (h_t, z_t). None of them reads action_t, which only the transition to h_{t+1} (and so
+    the row's next-step heads) takes. Another action at row 3 moves those pieces from row 4 on, never at row 3."""
+    model, batch = fitted("rssm"), random_batch()
+    first = torch.zeros(4, 6, dtype=torch.bool)
+    first[:, 0] = True
+    base = model(batch.obs, batch.action, first)
+    action = batch.action.clone()
+    action[:, 3] += 2.0
+    moved = model(batch.obs, action, first)
+    obs = batch.obs.clone()
+    obs[:, 3] += 2.0
+    seen = model(obs, batch.action, first)
+    pieces = lambda out: {"prior": out["prior"][0], "post": out["post"][0], "recon": out["recon"]}  # noqa: E731
+    for key, value in pieces(base).items():
+        torch.testing.assert_close(pieces(moved)[key][:, :4], value[:, :4], msg=key)
+        assert not torch.allclose(pieces(moved)[key][:, 4:], value[:, 4:]), key
+    torch.testing.assert_close(seen["prior"][0][:, :4], base["prior"][0][:, :4])  # the prior of row 3 is blind to obs_3
+    assert not torch.allclose(seen["post"][0][:, 3], base["post"][0][:, 3])  # its posterior is not
+    assert not torch.allclose(moved["delta"][:, 3], base["delta"][:, 3])  # the row's heads do read action_3
+
+
+def test_rssm_predict_uses_the_latent_means_in_training_mode_too():
+    """predict and imagine set every latent to its mean (rssm.py): in training mode too, where the loss samples, they
+    are deterministic, draw nothing from the global RNG, and give the eval-mode numbers."""
+    model, batch = fitted("rssm"), random_batch()
+    expected = model.predict(batch.obs, batch.action, batch.first)
+    model.train()
+    torch.manual_seed(0)
+    got = model.predict(batch.obs, batch.action, batch.first)
+    imagined = model.imagine(batch.obs[:, :3], batch.action)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(imagined, model.eval().imagine(batch.obs[:, :3], batch.action), rtol=0, atol=0)
