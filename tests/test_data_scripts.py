@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY, run_train
@@ -142,3 +143,90 @@ def test_collect_refuses_an_env_that_returns_nan_and_writes_no_dataset(tmp_path)
                                  f"out={data}", f"hydra.run.dir={tmp_path / 'c'}"])  # fmt: skip
     assert proc.returncode == 2 and "NanCartPole-v0 returned NaN/inf values" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not data.exists()
+
+
+def script_module(name: str):
+    """scripts/NAME.py imported in this process: its Hydra main takes a composed config as cfg_passthrough."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_script(name: str, overrides: list[str], hydra: bool = False):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=hydra)
+
+
+def test_collect_records_the_episodes_of_its_seeded_env_and_policy(tmp_path, capsys):
+    """collect.py seed=S policy=sticky sticky_prob=P: the episodes that make_env and StickyRandomPolicy seeded with
+    S + DATASET_SEED_OFFSET and repeat_prob=P give, and a summary of them."""
+    from worldmodel.dataset import collect_episodes
+    from worldmodel.env import env_spec
+    from worldmodel.rollout import StickyRandomPolicy
+    from worldmodel.runtime import DATASET_SEED_OFFSET
+
+    data = tmp_path / "d.npz"
+    cfg = compose_script("collect", ["env=cartpole", "episodes=4", "policy=sticky", "sticky_prob=0.3", "seed=4",
+                                     f"out={data}"])  # fmt: skip
+    script_module("collect").main(cfg)
+    seed = 4 + DATASET_SEED_OFFSET
+    env = make_env("CartPole-v1", seed=seed)
+    expected = collect_episodes(env, env_spec(env), StickyRandomPolicy(env.action_space, seed, repeat_prob=0.3), 4,
+                                seed=seed)  # fmt: skip
+    episodes = np.load(data)
+    for key in ("obs", "actions", "rewards", "lengths"):
+        np.testing.assert_array_equal(episodes[key], expected[key], err_msg=key)
+    lengths = expected["lengths"]
+    assert lengths.min() < lengths.max()  # so the summary's range has a direction
+    out = capsys.readouterr().out
+    assert (f"wrote {data}: 4 episodes of CartPole-v1 (sticky policy), {lengths.sum()} transitions, "
+            f"length {lengths.min()}..{lengths.max()} (mean {lengths.mean():.1f})") in out
+
+
+def test_evaluate_scores_a_checkpoint_and_writes_its_metrics(tmp_path, monkeypatch, capsys):
+    """evaluate.py in this process, on a checkpoint of an untrained model and a dataset of short episodes: every
+    window scored (none capped), metrics.json naming the checkpoint, data and env, and the same metrics returned."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from worldmodel.checkpoint import FORMAT_VERSION
+    from worldmodel.dataset import collect_episodes, save_dataset
+    from worldmodel.env import env_spec
+
+    env = make_env("Pendulum-v1", seed=0, max_episode_steps=10)
+    spec = env_spec(env)
+    data, ckpt, out_dir = tmp_path / "d.npz", tmp_path / "last.pt", tmp_path / "e"
+    save_dataset(data, collect_episodes(env, spec, RandomPolicy(env.action_space, 0), 3, seed=0))
+    model_cfg = compose_config(["env=pendulum"]).model
+    model = instantiate(model_cfg, obs_dim=3, action_dim=1)
+    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(),
+                "config": {"model": OmegaConf.to_container(model_cfg)},
+                "env_spec": {"id": spec.id, "obs_dim": 3, "action_dim": 1, "discrete": False}}, ckpt)  # fmt: skip
+    cfg = compose_script("evaluate", [f"checkpoint={ckpt}", f"data={data}", "context=3", "horizon=4", "device=cpu",
+                                      f"hydra.run.dir={out_dir}"], hydra=True)  # fmt: skip
+    cfg.hydra.runtime.output_dir = str(out_dir)
+    out_dir.mkdir()
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    evaluate = script_module("evaluate")
+    metrics = evaluate.main(cfg)
+    assert json.loads((out_dir / "metrics.json").read_text()) == metrics
+    assert (metrics["checkpoint"], metrics["data"], metrics["env"]) == (str(ckpt), str(data), "Pendulum-v1")
+    assert metrics["windows"] == metrics["windows_available"] == 3 * (10 - 6 + 1)  # windows of 3 + 4 - 1 steps
+    printed = capsys.readouterr().out
+    assert "Pendulum-v1: 15 windows, context 3\n" in printed and "evenly spread" not in printed
+    cfg.horizon = 9  # 3 + 9 - 1 = 11 steps: longer than every 10-step episode
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(cfg)
+    assert stop.value.code == 2 and "no episode is 11 steps long, so no window of context 3 + horizon 9" in capsys.readouterr().err

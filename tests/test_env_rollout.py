@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worldmodel import Collector, ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
+from worldmodel import Collector, ConfigError, EnvSpec, RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.rollout import StickyRandomPolicy
 from worldmodel.runtime import seed_everything
 
@@ -355,3 +355,124 @@ def test_a_collector_restored_mid_episode_reports_the_whole_episodes_return_and_
     for key, value in run.buffer[:].items():
         np.testing.assert_array_equal(resumed.buffer[:][key], value, err_msg=key)
     assert resumed.total_steps == run.total_steps == 400
+
+
+class _Spaces(gym.Env):
+    """An env of the given spaces, read by env_spec only (never reset or stepped)."""
+
+    def __init__(self, observation_space, action_space):
+        self.observation_space, self.action_space = observation_space, action_space
+
+
+def test_env_spec_flattens_observation_and_action_boxes_of_any_shape():
+    image = gym.spaces.Box(-1.0, 1.0, (2, 3))
+    assert env_spec(_Spaces(image, gym.spaces.Discrete(5))) == EnvSpec("_Spaces", 6, 5, discrete=True)
+    assert env_spec(_Spaces(image, gym.spaces.Box(-1.0, 1.0, (2, 2)))) == EnvSpec("_Spaces", 6, 4, discrete=False)
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Discrete(3, start=-1), gym.spaces.MultiDiscrete([2, 3]),
+                                   gym.spaces.MultiBinary(2)], ids=["start-1", "multidiscrete", "multibinary"])
+def test_env_spec_refuses_actions_it_cannot_encode(space):
+    """Discrete(3, start=-1) would store action -1 in the last one-hot slot; MultiDiscrete and MultiBinary have no
+    encoding at all."""
+    with pytest.raises(ConfigError, match="env.id"):
+        env_spec(_Spaces(gym.spaces.Box(-1.0, 1.0, (2,)), space))
+
+
+def test_encode_action_gives_float32_one_hots_and_flat_vectors_of_the_spec_width():
+    one_hot = EnvSpec("x", 4, 3, discrete=True).encode_action(np.int64(2))
+    assert one_hot.dtype == np.float32 and one_hot.tolist() == [0.0, 0.0, 1.0]
+    box = EnvSpec("x", 4, 2, discrete=False)
+    vector = box.encode_action(np.array([[0.5], [-1.0]]))
+    assert vector.dtype == np.float32 and vector.tolist() == [0.5, -1.0]
+    with pytest.raises(ValueError):  # an action of another width is a bug, not something to store
+        box.encode_action(np.zeros(3))
+
+
+def test_env_id_mistakes_get_a_suggestion_and_a_missing_package_the_path_hint():
+    from worldmodel.env import check_env_id
+
+    with pytest.raises(ConfigError, match="Did you mean CartPole-v1"):
+        check_env_id("Cartpole-v1")
+    # A package of one's own not on the path, named by its submodule: the same hint as a missing top-level module.
+    with pytest.raises(ConfigError, match=r"must be on the path: PYTHONPATH=\. python"):
+        check_env_id("no_such_package_xyz.envs:MyEnv-v0")
+
+
+class _CountsInstances(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+    made = 0
+
+    def __init__(self, scale: float = 1.0):
+        _CountsInstances.made += 1
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+
+def test_env_kwargs_are_checked_once_per_process_and_only_when_given(monkeypatch):
+    """The throwaway env of the check is made for env.kwargs only (not for max_episode_steps alone), and once per id
+    and options: the run's held-out env, made with the same ones, is not checked again."""
+    monkeypatch.setattr("worldmodel.env._CHECKED", set())
+    gym.register(id="CountsInstances-v0", entry_point=_CountsInstances)
+    made = []
+    cases = ((None, 5), ({}, None), ({"scale": 2.5}, None), ({"scale": 2.5}, None), ({"scale": 2.5}, 7), ({"scale": 2.5}, 7))
+    for kwargs, steps in cases:
+        before = _CountsInstances.made
+        make_env("CountsInstances-v0", seed=0, kwargs=kwargs, max_episode_steps=steps).close()
+        made.append(_CountsInstances.made - before)
+    assert made == [1, 1, 2, 1, 2, 1]
+
+
+def test_env_kwargs_blamed_for_a_failed_first_step_are_those_given():
+    """max_episode_steps is make_env's own argument, not one of env.kwargs: it is neither named nor left out."""
+    given = {"g": "abc"}
+    with pytest.raises(ConfigError) as err:
+        make_env("Pendulum-v1", seed=0, kwargs=given, max_episode_steps=5)
+    assert err.value.key == "env.kwargs" and "{'g': 'abc'}" in str(err.value) and given == {"g": "abc"}
+
+
+def test_an_unknown_keyword_is_named_as_one_the_constructor_does_not_accept():
+    """Not as a value the env cannot run with: the constructor refused the keyword before any step."""
+    with pytest.raises(ConfigError, match="keyword arguments that Pendulum-v1's constructor accepts") as err:
+        make_env("Pendulum-v1", seed=0, kwargs={"g": 9.81, "gravity": 9.81})
+    assert err.value.key == "env.kwargs" and "gravity" in str(err.value)
+
+
+class _NarrowVectorEnv(gym.vector.VectorEnv):
+    """A batched implementation that takes fewer keywords than the single env: only there is `scale` refused."""
+
+    def __init__(self, num_envs: int, max_episode_steps: int | None = None):
+        raise AssertionError("not reached: `scale` is refused first")
+
+
+def test_a_keyword_only_the_vector_env_refuses_names_env_kwargs():
+    gym.register(id="NarrowVector-v0", entry_point=_CountsInstances, vector_entry_point=_NarrowVectorEnv)
+    with pytest.raises(ConfigError, match="keyword arguments that NarrowVector-v0's constructor accepts") as err:
+        make_env("NarrowVector-v0", seed=0, kwargs={"scale": 3.5}, num_envs=2)  # the single env takes it
+    assert err.value.key == "env.kwargs" and "scale" in str(err.value)
+
+
+def test_make_env_seeds_the_action_space_it_returns():
+    """Code that samples env.action_space directly draws the same actions in every run of the same seed."""
+    for num_envs in (1, 3):
+        spaces = [make_env("Pendulum-v1", seed=s, num_envs=num_envs).action_space for s in (5, 5, 6)]
+        draws = [[space.sample() for _ in range(3)] for space in spaces]
+        np.testing.assert_array_equal(draws[0], draws[1])
+        assert not np.array_equal(draws[0], draws[2])
+
+
+def test_the_package_exports_the_pipeline_by_name():
+    """`from worldmodel import *` gives the pipeline's pieces (the module docstring's), each one importable."""
+    import worldmodel
+
+    namespace = {}
+    exec("from worldmodel import *", namespace)
+    expected = {"make_env", "env_spec", "EnvSpec", "Collector", "RandomPolicy", "RingBuffer", "ReplayBuffer", "Batch",
+                "WorldModel", "GRUWorldModel", "ConfigError", "NotEnoughDataError", "WorldModelError"}  # fmt: skip
+    assert set(worldmodel.__all__) == expected and expected <= set(namespace)

@@ -421,3 +421,17 @@ def test_episode_stats_skip_reset_steps_under_a_vector_reward_wrapper_and_one_st
     reported, expected = reported_and_stored_episodes(collector, [1] * 150 + [60, 1, 1, 60], 2)
     assert len(expected) >= 10
     np.testing.assert_allclose(sorted(reported), sorted(expected), rtol=1e-9)
+
+
+def test_a_sync_vector_env_pickles_with_its_state():
+    """Pendulum has no batched implementation: its SyncVectorEnv is built from a partial, not make_vec's closure, so a
+    checkpoint holds the envs themselves, and the copy steps on exactly as the original."""
+    import pickle
+
+    env = make_env("Pendulum-v1", seed=0, num_envs=2)
+    assert isinstance(env, gym.vector.SyncVectorEnv)
+    env.reset(seed=0)
+    copy = pickle.loads(pickle.dumps(env))
+    actions = np.full((2, 1), 0.5, np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(copy.step(actions)[0], env.step(actions)[0])
