@@ -603,3 +603,12 @@ def test_rssm_predict_uses_the_latent_means_in_training_mode_too():
     assert torch.equal(torch.rand(1), after)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(imagined, model.eval().imagine(batch.obs[:, :3], batch.action), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_an_untrained_ensemble_starts_from_almost_never_terminates():
+    """The termination head starts near p = 5%, not 0.5: the first updates' large BCE gradients would otherwise fill
+    Adam's second moments in the shared trunk and slow the rest of training (see ensemble.py)."""
+    model, batch = fitted("mlp_ensemble"), random_batch()
+    prob = model.predict(batch.obs, batch.action)["terminated_prob"]
+    assert 0.02 < float(prob.mean()) < 0.1 and float(prob.max()) < 0.2
