@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from worldmodel.checkpoint import load_world_model
 from worldmodel.cli import user_errors
 from worldmodel.config import validate_evaluate
-from worldmodel.dataset import episodes_to_buffer, load_dataset
+from worldmodel.dataset import DatasetFile, fill_buffer
 from worldmodel.errors import WorldModelError
 from worldmodel.evaluation import open_loop
 from worldmodel.replay import ReplayBuffer
@@ -32,10 +32,10 @@ def main(cfg: DictConfig) -> dict:
         model, payload = load_world_model(cfg.checkpoint, device)
         spec = payload["env_spec"]
         # The dataset goes through the same buffer as training data, so windows follow the same episode rules.
-        episodes = load_dataset(cfg.data, spec["obs_dim"], spec["action_dim"], key="data", discrete=spec["discrete"])
-        buffer = ReplayBuffer(int(episodes["lengths"].sum()), spec["obs_dim"], spec["action_dim"], device=device,
-                              capacity_key=f"the transitions in data={cfg.data}", device_key="device")  # fmt: skip
-        episodes_to_buffer(buffer, episodes)
+        with DatasetFile(cfg.data, spec["obs_dim"], spec["action_dim"], key="data", discrete=spec["discrete"]) as data:
+            buffer = ReplayBuffer(int(data.lengths.sum()), spec["obs_dim"], spec["action_dim"], device=device,
+                                  capacity_key=f"the transitions in data={cfg.data}", device_key="device")  # fmt: skip
+            fill_buffer(buffer, data)
         result = open_loop(model, buffer, cfg.context, cfg.horizon, max_windows=cfg.max_windows)
         if result is None:
             raise WorldModelError(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from worldmodel import RandomPolicy, ReplayBuffer, make_env
-from worldmodel.dataset import (DatasetError, buffer_to_episodes, collect_episodes, episodes_to_buffer, load_dataset,
-                                require_dataset, save_dataset)
+from worldmodel.dataset import (DatasetError, DatasetFile, buffer_to_episodes, collect_episodes, episodes_to_buffer,
+                                fill_buffer, load_dataset, require_dataset, save_dataset)
 from worldmodel.env import env_spec
 from worldmodel.errors import ConfigError
 
@@ -206,3 +206,75 @@ def test_a_dataset_of_the_other_kind_of_actions_is_refused(tmp_path):
         expected = f"holds {held}, but this env has {'Box' if discrete else 'Discrete'} actions: it was recorded from"
         with pytest.raises(DatasetError, match=re.escape(expected)):
             ReplayBuffer(1000, spec.obs_dim, spec.action_dim, dataset=path, discrete_actions=not discrete)
+
+
+def buffers_equal(a: ReplayBuffer, b: ReplayBuffer) -> None:
+    assert (a.ring.sizes == b.ring.sizes).all()
+    for key, value in a[:].items():
+        np.testing.assert_array_equal(b[:][key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_a_dataset_read_a_few_episodes_at_a_time_fills_the_buffer_as_one_read_does(tmp_path, env_id):
+    """A buffer reads its dataset a block at a time, so a file as large as the ring is never held whole beside it.
+    Blocks of 1 to 3 episodes (of 7, over 3 streams) must deal every episode to the stream a single read gives it."""
+    spec, data = record(env_id, 7)
+    save_dataset(tmp_path / "d.npz", data)
+    whole = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=3)
+    episodes_to_buffer(whole, load_dataset(tmp_path / "d.npz", spec.obs_dim, spec.action_dim))
+    t = data["obs"].shape[1]
+    for episodes in (1, 2, 3):
+        with DatasetFile(tmp_path / "d.npz", spec.obs_dim, spec.action_dim, block_rows=episodes * t) as file:
+            assert [len(b["lengths"]) for b in file.blocks()] == [episodes] * (7 // episodes) + [7 % episodes] * (
+                7 % episodes > 0)
+        blocks = ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=3)
+        with DatasetFile(tmp_path / "d.npz", spec.obs_dim, spec.action_dim, block_rows=episodes * t) as file:
+            fill_buffer(blocks, file)
+        buffers_equal(whole, blocks)
+    buffers_equal(whole, ReplayBuffer(10_000, spec.obs_dim, spec.action_dim, streams=3, dataset=tmp_path / "d.npz"))
+
+
+def test_non_finite_values_are_counted_over_every_block_before_the_file_is_refused(tmp_path):
+    """NaN in episodes 0 and 5 of 6, read one episode at a time: the message counts both, as a single read does."""
+    spec, data = record("CartPole-v1", 6)
+    obs = data["obs"].copy()
+    obs[[0, 5], 1] = np.nan
+    np.savez(tmp_path / "nan.npz", **malformed(data, "obs", obs))
+    expected = "key `obs` holds 8 NaN/inf value(s) in valid steps"  # 2 episodes x 4 CartPole dims
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        load_dataset(tmp_path / "nan.npz", spec.obs_dim, spec.action_dim)
+    with DatasetFile(tmp_path / "nan.npz", spec.obs_dim, spec.action_dim, block_rows=1) as file:
+        with pytest.raises(DatasetError, match=re.escape(expected)):
+            list(file.blocks())
+
+
+def test_column_major_big_endian_and_uncompressed_arrays_read_as_they_were_saved(tmp_path):
+    """np.savez keeps what it is given: a transposed (column-major) array, another byte order, no compression."""
+    spec, data = record("Pendulum-v1", 3)
+    odd = {**data, "obs": np.asfortranarray(data["obs"]), "rewards": data["rewards"].astype(">f8"),
+           "actions": np.asfortranarray(data["actions"]).astype(">f4")}  # fmt: skip
+    assert odd["obs"].flags.f_contiguous and not odd["obs"].flags.c_contiguous
+    np.savez(tmp_path / "odd.npz", **odd)
+    with DatasetFile(tmp_path / "odd.npz", spec.obs_dim, spec.action_dim, block_rows=1) as file:
+        blocks = list(file.blocks())
+    assert len(blocks) == 3
+    for key in ("obs", "actions", "rewards"):
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), data[key], err_msg=key)
+
+
+def test_a_file_cut_short_or_holding_objects_is_not_readable(tmp_path):
+    spec, data = record("CartPole-v1", 3)
+    save_dataset(tmp_path / "d.npz", data)
+    whole = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DatasetError, match="not a readable .npz"):
+        load_dataset(tmp_path / "cut.npz", spec.obs_dim, spec.action_dim)
+    np.savez(tmp_path / "plain.npz", **data)  # stored, not deflated: a changed byte reaches the CRC check as it is
+    plain = bytearray((tmp_path / "plain.npz").read_bytes())
+    plain[plain.index(data["obs"].tobytes()[:64]) + 100] ^= 0xFF
+    (tmp_path / "changed.npz").write_bytes(bytes(plain))
+    with pytest.raises(DatasetError, match="not a readable .npz.*CRC"):
+        load_dataset(tmp_path / "changed.npz", spec.obs_dim, spec.action_dim)
+    np.savez(tmp_path / "objects.npz", **malformed(data, "rewards", data["rewards"].astype(object)))
+    with pytest.raises(DatasetError, match="not a readable .npz.*Python objects"):
+        load_dataset(tmp_path / "objects.npz", spec.obs_dim, spec.action_dim)

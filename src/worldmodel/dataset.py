@@ -14,6 +14,7 @@ Episode i's valid transitions are steps 0 .. lengths[i]-1: (obs[i, t], actions[i
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -85,60 +86,157 @@ def require_dataset(path: str | Path, key: str = "buffer.dataset") -> Path:
 
 def load_dataset(path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset",
                  discrete: bool | None = None) -> dict[str, np.ndarray]:  # fmt: skip
-    """Reads and checks a dataset file against the env's dimensions (and, given `discrete`, the kind of its actions:
-    action index 0 of a Discrete env would otherwise pass as a 1-wide Box action); every problem names the file and
-    the key."""
-    path = require_dataset(path, key)
-    where = f"{key}={path}"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            found = {k: data[k] for k in data.files}
-    except Exception as err:
-        raise DatasetError(f"Dataset {where} is not a readable .npz file ({type(err).__name__}: {err}).") from None
-    missing = [k for k in KEYS if k not in found]
-    if missing:
-        raise DatasetError(f"Dataset {where} is missing key(s) {missing}; a dataset holds {list(KEYS)}.")
-    obs, actions, lengths = found["obs"], found["actions"], found["lengths"]
+    """A whole dataset file, read and checked (see DatasetFile): for small files and tests; a buffer reads its
+    dataset a block at a time (fill_buffer)."""
+    with DatasetFile(path, obs_dim, action_dim, key, discrete, block_rows=None) as data:
+        (episodes,) = data.blocks()
+        return {**episodes, "discrete": np.array(data.discrete)}
 
-    def expect(name: str, ok: bool, shape: str) -> None:
+
+#: Padded steps read at a time: a dataset file as large as the replay buffer is never held whole beside it.
+BLOCK_ROWS = 65536
+
+
+class DatasetFile:
+    """A dataset file checked against the env's dimensions (and, given `discrete`, the kind of its actions: action
+    index 0 of a Discrete env would otherwise pass as a 1-wide Box action), then read a block of episodes at a time.
+    Every problem names the file and the config `key`. Shapes, kinds and lengths are checked on opening; values as
+    the blocks are read, so a block already handed out may come from a file refused at a later one."""
+
+    def __init__(self, path: str | Path, obs_dim: int, action_dim: int, key: str = "buffer.dataset",
+                 discrete: bool | None = None, block_rows: int | None = BLOCK_ROWS):  # fmt: skip
+        self.path = require_dataset(path, key)
+        self.where = f"{key}={self.path}"
+        self.action_dim = int(action_dim)
+        self._block_rows = block_rows
+        self._zip = self._readable(zipfile.ZipFile, self.path)
+        try:
+            self._check_shapes(int(obs_dim), discrete)
+        except BaseException:
+            self.close()
+            raise
+
+    def _readable(self, read, *args):
+        try:
+            return read(*args)
+        except Exception as err:
+            raise DatasetError(f"Dataset {self.where} is not a readable .npz file ({type(err).__name__}: {err}).") \
+                from None  # fmt: skip
+
+    def _check_shapes(self, obs_dim: int, discrete: bool | None) -> None:
+        members = {name[: -len(".npy")] for name in self._zip.namelist() if name.endswith(".npy")}
+        if missing := [k for k in KEYS if k not in members]:
+            raise DatasetError(f"Dataset {self.where} is missing key(s) {missing}; a dataset holds {list(KEYS)}.")
+        self._arrays = {k: self._readable(_Member, self._zip, k) for k in KEYS}
+        self._shape = {k: (m.shape, m.dtype) for k, m in self._arrays.items()}
+        obs, actions = self._shape["obs"][0], self._shape["actions"]
+        self._expect("obs", len(obs) == 3 and obs[1] >= 2, f"[N, T+1, {obs_dim}] floats")
+        n, t = self.n, self.t = obs[0], obs[1] - 1
+        self._expect("obs", obs[2] == obs_dim, f"[N, T+1, {obs_dim}]: obs_dim {obs_dim} is the env's observation size")
+        if discrete is not None and discrete != np.issubdtype(actions[1], np.integer):
+            kinds = ("action vectors (a Box env's)", "integer action indices (a Discrete env's)")
+            raise DatasetError(f"Dataset {self.where} holds {kinds[not discrete]}, but this env has "
+                               f"{'Discrete' if discrete else 'Box'} actions: it was recorded from another env.")  # fmt: skip
+        self.discrete = bool(np.issubdtype(actions[1], np.integer))
+        if self.discrete:
+            ok = actions[0] in ((n, t), (n, t, 1))
+            self._expect("actions", ok, f"[{n}, {t}] or [{n}, {t}, 1] integer action indices (Discrete env)")
+        else:
+            self._expect("actions", actions[0] == (n, t, self.action_dim), f"[{n}, {t}, {self.action_dim}] floats "
+                         f"(Box actions), or [{n}, {t}] integer action indices (Discrete actions)")  # fmt: skip
+        for name in ("rewards", "terminated", "truncated"):
+            self._expect(name, self._shape[name][0] == (n, t), f"[{n}, {t}]")
+        for name in ("terminated", "truncated"):
+            dtype = self._shape[name][1]
+            numeric = dtype == bool or np.issubdtype(dtype, np.number)
+            self._expect(name, numeric, f"[{n}, {t}] booleans (or 0/1 numbers)")
+        lengths = self._shape["lengths"]
+        self._expect("lengths", lengths[0] == (n,) and np.issubdtype(lengths[1], np.integer), f"[{n}] integers")
+        self.lengths = self._readable(self._arrays["lengths"].read, n)
+        if n == 0 or self.lengths.min() < 1 or self.lengths.max() > t:
+            raise DatasetError(f"Dataset {self.where}: key `lengths` must hold N >= 1 values in 1..{t} (the padded "
+                               "length).")  # fmt: skip
+
+    def _expect(self, name: str, ok: bool, shape: str) -> None:
         if not ok:
-            raise DatasetError(
-                f"Dataset {where}: key `{name}` has shape {list(found[name].shape)} (dtype {found[name].dtype}), "
-                f"expected {shape}."
-            )
+            found, dtype = self._shape[name]
+            raise DatasetError(f"Dataset {self.where}: key `{name}` has shape {list(found)} (dtype {dtype}), "
+                               f"expected {shape}.")  # fmt: skip
 
-    expect("obs", obs.ndim == 3 and obs.shape[1] >= 2, f"[N, T+1, {obs_dim}] floats")
-    n, t = obs.shape[0], obs.shape[1] - 1
-    expect("obs", obs.shape[2] == obs_dim, f"[N, T+1, {obs_dim}]: obs_dim {obs_dim} is the env's observation size")
-    if discrete is not None and discrete != np.issubdtype(actions.dtype, np.integer):
-        kinds = ("action vectors (a Box env's)", "integer action indices (a Discrete env's)")
-        raise DatasetError(f"Dataset {where} holds {kinds[not discrete]}, but this env has "
-                           f"{'Discrete' if discrete else 'Box'} actions: it was recorded from another env.")  # fmt: skip
-    discrete = np.issubdtype(actions.dtype, np.integer)
-    if discrete:
-        ok = actions.shape in ((n, t), (n, t, 1))
-        expect("actions", ok, f"[{n}, {t}] or [{n}, {t}, 1] integer action indices (Discrete env)")
-        actions = actions.reshape(n, t)
-    else:
-        expect("actions", actions.shape == (n, t, action_dim), f"[{n}, {t}, {action_dim}] floats (Box actions), or "
-               f"[{n}, {t}] integer action indices (Discrete actions)")  # fmt: skip
-    for name in ("rewards", "terminated", "truncated"):
-        expect(name, found[name].shape == (n, t), f"[{n}, {t}]")
-    for name in ("terminated", "truncated"):
-        flags = found[name]
-        numeric = flags.dtype == bool or np.issubdtype(flags.dtype, np.number)
-        expect(name, numeric and bool(np.isin(flags, (0, 1)).all()), f"[{n}, {t}] booleans (or 0/1 numbers)")
-        found[name] = flags.astype(bool)
-    expect("lengths", lengths.shape == (n,) and np.issubdtype(lengths.dtype, np.integer), f"[{n}] integers")
-    if n == 0 or lengths.min() < 1 or lengths.max() > t:
-        raise DatasetError(f"Dataset {where}: key `lengths` must hold N >= 1 values in 1..{t} (the padded length).")
-    if bad := non_finite({**found, "obs": obs, "actions": actions}):
-        counts = "; ".join(f"key `{k}` holds {v} NaN/inf value(s)" for k, v in bad.items())
-        raise DatasetError(f"Dataset {where}: {counts} in valid steps.")
-    valid = np.arange(t)[None, :] < lengths[:, None]  # [N, T]
-    if discrete and (actions[valid].min() < 0 or actions[valid].max() >= action_dim):
-        raise DatasetError(f"Dataset {where}: key `actions` holds indices outside 0..{action_dim - 1}.")
-    return {**found, "actions": actions, "discrete": np.array(discrete)}
+    def blocks(self):
+        """Checked blocks of whole episodes, in file order: obs, actions ([n, T] indices if Discrete), rewards,
+        terminated and truncated (bool), lengths. NaN/inf in valid steps are counted over the whole file and refused
+        after the last block; other bad values at the block that holds them."""
+        per_block = self.n if self._block_rows is None else max(1, self._block_rows // (self.t + 1))
+        bad, out_of_range = dict.fromkeys(("obs", "actions", "rewards"), 0), False
+        for first in range(0, self.n, per_block):
+            count = min(per_block, self.n - first)
+            block = {k: self._readable(self._arrays[k].read, count) for k in KEYS if k != "lengths"}
+            block["lengths"] = self.lengths[first : first + count]
+            for name in ("terminated", "truncated"):
+                if not np.isin(block[name], (0, 1)).all():
+                    self._expect(name, False, f"[{self.n}, {self.t}] booleans (or 0/1 numbers)")
+                block[name] = block[name].astype(bool)
+            if self.discrete:
+                block["actions"] = block["actions"].reshape(count, self.t)
+            for name, found in non_finite(block).items():
+                bad[name] += found
+            if self.discrete:
+                valid = np.arange(self.t)[None, :] < block["lengths"][:, None]  # [n, T]
+                out_of_range |= bool(((block["actions"] < 0) | (block["actions"] >= self.action_dim))[valid].any())
+            if not any(bad.values()) and not out_of_range:  # a refused file is read on only to count its NaN/inf
+                yield block
+        if any(bad.values()):
+            counts = "; ".join(f"key `{k}` holds {v} NaN/inf value(s)" for k, v in bad.items() if v)
+            raise DatasetError(f"Dataset {self.where}: {counts} in valid steps.")
+        if out_of_range:
+            raise DatasetError(f"Dataset {self.where}: key `actions` holds indices outside 0..{self.action_dim - 1}.")
+
+    def close(self) -> None:
+        for member in getattr(self, "_arrays", {}).values():
+            member.close()
+        self._zip.close()
+
+    def __enter__(self) -> DatasetFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Member:
+    """One .npy array of a zip, read sequentially along its first axis (a deflated member cannot seek cheaply)."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str):
+        self._file = archive.open(f"{name}.npy")
+        version = np.lib.format.read_magic(self._file)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise ValueError(f"member {name}.npy: .npy format version {version} is not supported")
+        self.shape, fortran_order, self.dtype = header[version](self._file)
+        if self.dtype.hasobject:
+            raise ValueError(f"member {name}.npy holds Python objects, which are not loaded (allow_pickle=False)")
+        self._whole = self._read_whole() if fortran_order and len(self.shape) > 1 else None
+
+    def _read_whole(self) -> np.ndarray:
+        """A column-major array (np.savez of a transposed array) has no contiguous rows: it is read whole, as the rows
+        of its transpose."""
+        return np.ascontiguousarray(self._fill(np.empty(self.shape[::-1], self.dtype)).T)
+
+    def read(self, rows: int) -> np.ndarray:
+        """The next `rows` rows."""
+        if self._whole is not None:
+            block, self._whole = self._whole[:rows], self._whole[rows:]
+            return block
+        return self._fill(np.empty((rows, *self.shape[1:]), self.dtype))
+
+    def _fill(self, array: np.ndarray) -> np.ndarray:
+        if (got := self._file.readinto(memoryview(array.reshape(-1).view(np.uint8)))) != array.nbytes:
+            raise EOFError(f"the file ends {array.nbytes - got} bytes early")
+        return array
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def non_finite(episodes: dict[str, np.ndarray]) -> dict[str, int]:
@@ -152,10 +250,18 @@ def non_finite(episodes: dict[str, np.ndarray]) -> dict[str, int]:
     return {name: count for name, count in counts.items() if count}
 
 
-def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) -> None:
-    """Writes every valid transition into `buffer`, episode by episode (dealt to its streams in turn). An episode that
-    ends with neither flag set (cut short when it was recorded) is stored as truncated, which keeps consecutive rows
-    consecutive steps."""
+def fill_buffer(buffer: ReplayBuffer, data: DatasetFile) -> None:
+    """Writes every episode of `data` into `buffer`, a block of episodes at a time (see episodes_to_buffer)."""
+    first = 0
+    for block in data.blocks():
+        episodes_to_buffer(buffer, block, first)
+        first += len(block["lengths"])
+
+
+def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray], first: int = 0) -> None:
+    """Writes every valid transition into `buffer`, episode by episode, dealt to its streams in turn (`first`: the
+    number of the first episode, for a dataset written a block at a time). An episode that ends with neither flag set
+    (cut short when it was recorded) is stored as truncated, which keeps consecutive rows consecutive steps."""
     discrete = bool(episodes.get("discrete", np.issubdtype(episodes["actions"].dtype, np.integer)))
     for i, length in enumerate(episodes["lengths"]):
         length = int(length)
@@ -171,7 +277,7 @@ def episodes_to_buffer(buffer: ReplayBuffer, episodes: dict[str, np.ndarray]) ->
             next_obs=episodes["obs"][i, 1 : length + 1],
             terminated=episodes["terminated"][i, :length],
             truncated=truncated,
-            stream=i % buffer.streams,
+            stream=(first + i) % buffer.streams,
         )
 
 

@@ -354,17 +354,18 @@ class ReplayBuffer:
         return list(zip((np.cumsum(sizes) - sizes).tolist(), sizes.tolist()))
 
     def _load_dataset(self, path: str | Path, asked: int, discrete: bool | None) -> None:
-        from worldmodel.dataset import episodes_to_buffer, load_dataset  # dataset.py builds on this module
+        from worldmodel.dataset import DatasetFile, fill_buffer  # dataset.py builds on this module
 
-        episodes = load_dataset(path, self.obs_dim, self.action_dim, discrete=discrete)
-        # Episodes are dealt to the streams in turn, so each stream holds whole episodes.
-        per_stream = [int(episodes["lengths"][k :: self.streams].sum()) for k in range(self.streams)]
-        if max(per_stream) > self.ring.stream_capacity:
-            need = max(per_stream) * self.streams
-            raise ConfigError("buffer.capacity", asked, f"at least {need} to hold the {sum(per_stream)} transitions "
-                              f"of dataset {path} dealt over {self.streams} stream(s) (whole episodes per stream, each "
-                              f"stream holding capacity // streams = {self.ring.stream_capacity} rows)")  # fmt: skip
-        episodes_to_buffer(self, episodes)
+        with DatasetFile(path, self.obs_dim, self.action_dim, discrete=discrete) as data:
+            # Episodes are dealt to the streams in turn, so each stream holds whole episodes.
+            per_stream = [int(data.lengths[k :: self.streams].sum()) for k in range(self.streams)]
+            if max(per_stream) > self.ring.stream_capacity:
+                need = max(per_stream) * self.streams
+                raise ConfigError("buffer.capacity", asked, f"at least {need} to hold the {sum(per_stream)} "
+                                  f"transitions of dataset {path} dealt over {self.streams} stream(s) (whole episodes "
+                                  f"per stream, each stream holding capacity // streams = {self.ring.stream_capacity} "
+                                  "rows)")  # fmt: skip
+            fill_buffer(self, data)
 
     def _window_counts(self, seq_len: int) -> np.ndarray:
         """Number of windows of seq_len that start in each stream; refuses when there are none at all."""
