@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -435,3 +437,14 @@ def test_a_sync_vector_env_pickles_with_its_state():
     actions = np.full((2, 1), 0.5, np.float32)
     for _ in range(3):
         np.testing.assert_array_equal(copy.step(actions)[0], env.step(actions)[0])
+
+
+@pytest.mark.parametrize("env_id, mode", [("CartPole-v1", None), ("CartPole-v1", "sync"), ("Pendulum-v1", "sync")])
+def test_two_vector_envs_of_one_seed_pickle_to_the_same_bytes(env_id, mode):
+    """A checkpoint pickles the vector env: its spaces, which seed themselves from the OS when a vector env is built,
+    must not make two runs of one config write different files."""
+    envs = [make_env(env_id, seed=5, num_envs=3, vectorization_mode=mode) for _ in range(2)]
+    for env in envs:
+        env.reset(seed=5)
+        env.step(env.action_space.sample())
+    assert pickle.dumps(envs[0]) == pickle.dumps(envs[1])

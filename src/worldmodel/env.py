@@ -128,6 +128,14 @@ def make_env(
     except TypeError as err:
         raise _unknown_keyword(id, kwargs, err) or err
     env.action_space.seed(seed)
+    # The other spaces seed themselves from the OS when first touched (a vector env touches them as it is built), and
+    # a checkpoint pickles them: seeded, two runs of one config write the same bytes. Nothing samples them.
+    spaces = [env.observation_space, getattr(env, "single_action_space", None),
+              getattr(env, "single_observation_space", None)]  # fmt: skip
+    for one in getattr(env, "envs", []):  # a sync vector env's own envs
+        spaces += [one.action_space, one.observation_space]
+    for space in filter(None, spaces):
+        space.seed(seed)
     env_spec(env)  # refuse unsupported spaces now, not at the first sample
     return env
 
