@@ -261,3 +261,50 @@ def test_an_episode_dataset_loaded_as_a_saved_buffer_is_not_called_truncated(tmp
     with pytest.raises(WrongFile) as err:
         buffer().load(path)
     assert "truncated" not in str(err.value)
+
+
+def counting_buffer(capacity: int, n: int) -> ReplayBuffer:
+    """Row i holds reward i and obs (i, 0)."""
+    buf = ReplayBuffer(capacity, obs_dim=2, action_dim=1)
+    for i in range(n):
+        buf.add(obs=[i, 0], action=[0], reward=i, next_obs=[i + 0.5, 0], terminated=False, truncated=False)
+    return buf
+
+
+@pytest.mark.parametrize("index", [1, -1, np.int64(1), np.array(1), torch.tensor(1)])
+def test_a_row_read_by_an_integer_index_is_a_copy(index):
+    """torch reads a 0-d index as a view of the table: neither a change to what was read may reach the buffer, nor a
+    later write reach what was read."""
+    buf = counting_buffer(3, 3)
+    row = buf[index]
+    before = {k: v.copy() for k, v in row.items()}
+    for v in row.values():
+        v[...] = 1
+    assert buf[index]["reward"] == before["reward"] and buf[index]["obs"].tolist() == before["obs"].tolist()
+    row = buf[index]
+    buf.update(index, reward=99.0, obs=[7, 7])
+    assert row["reward"] == before["reward"] and row["obs"].tolist() == before["obs"].tolist()
+
+
+def test_rows_listed_by_iteration_do_not_change_when_the_ring_wraps():
+    buf = counting_buffer(3, 3)
+    rows = list(buf)
+    for i in range(3):
+        buf.add(obs=[100 + i, 0], action=[0], reward=100 + i, next_obs=[0, 0], terminated=False, truncated=False)
+    assert [float(r["reward"]) for r in rows] == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint64, torch.int8, torch.int16])
+def test_index_arrays_of_any_integer_dtype_read_update_and_gather(dtype):
+    """300 rows: more than int8 and uint8 count (numpy 2 casts the row count to the index's dtype)."""
+    buf = counting_buffer(300, 300)
+    index = torch.tensor([5, 7], dtype=dtype) if isinstance(dtype, torch.dtype) else np.array([5, 7], dtype=dtype)
+    assert buf[index]["reward"].tolist() == [5.0, 7.0]
+    buf.update(index, reward=-1.0)
+    assert buf[[5, 6, 7]]["reward"].tolist() == [-1.0, 6.0, -1.0]
+    assert buf.gather(index, 2).reward.tolist() == [[-1.0, 6.0], [-1.0, 8.0]]
+
+
+def test_an_unsigned_index_past_the_end_is_out_of_range_not_a_wrapped_negative():
+    with pytest.raises(IndexError):
+        counting_buffer(8, 5)[np.array([2**64 - 1], np.uint64)]

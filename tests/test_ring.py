@@ -423,3 +423,11 @@ def test_a_write_as_on_gpu_is_one_copy_per_table(monkeypatch):
     tables = list(buf.ring.tables.values())
     assert len(tables) == 2 and len(targets) == 3 * len(tables)
     assert all(any(dst is table for table in tables) for dst in targets)
+
+
+def test_drop_oldest_refuses_a_negative_count_and_changes_nothing():
+    ring = RingBuffer(4, {"x": ((), np.float32)})
+    ring.extend(x=np.arange(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        ring.drop_oldest(-2)
+    assert len(ring) == 2 and ring.read(slice(None))["x"].tolist() == [0.0, 1.0]

@@ -196,6 +196,8 @@ class RingBuffer:
         size = len(self)
         if logical.size and (logical.min() < -size or logical.max() >= size):
             raise IndexError(f"index out of range for a ring holding {size} rows")
+        # After the bounds check (a huge uint64 would wrap to -1): int8 + size overflows, uint64 - int64 is float64.
+        logical = logical.astype(np.int64, copy=False)
         logical = np.where(logical < 0, logical + size, logical)
         ends = np.cumsum(self.sizes)
         stream = np.searchsorted(ends, logical, side="right")
@@ -234,6 +236,8 @@ class RingBuffer:
         """Rows at logical `index` as numpy arrays (a copy, on the host; bfloat16, which numpy lacks, as float32)."""
         rows = self._device_rows(index)
         out = {name: self.columns[name][rows] for name in (names or self.columns)}
+        if rows.dim() == 0:  # torch reads a 0-d index as it does an int: a view of the table, where an array copies
+            out = {name: v.clone() for name, v in out.items()}
         return {name: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for name, v in out.items()}
 
     def write(self, index, **fields) -> None:
@@ -278,7 +282,9 @@ class RingBuffer:
         is the one `size` rows behind the write pointer, so a smaller size is all it takes: nothing moves, and later
         writes reuse the rows as they would any free one."""
         stream = stream_index(stream, self.streams)
-        dropped = min(int(n), int(self.sizes[stream]))
+        if (n := operator.index(n)) < 0:  # a negative count would grow the ring over stale rows
+            raise ValueError(f"drop_oldest: n must be an integer >= 0, got {n}")
+        dropped = min(n, int(self.sizes[stream]))
         self.sizes[stream] -= dropped
         return dropped
 
