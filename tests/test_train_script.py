@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY, images, run_script, run_train, scalars
+from conftest import REPO, TINY, images, run_script, run_train, scalars, train_env
 from worldmodel import RandomPolicy, ReplayBuffer, env_spec, make_env
 from worldmodel.checkpoint import load_world_model
 from worldmodel.cli import user_errors
@@ -147,6 +149,18 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and "already holds another run" in proc.stderr
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # checkpoint, events, .hydra/config.yaml and train.log all untouched
+    # Output into a pipe whose reader has gone (`2>&1 | true`): the refusal cannot be printed, and must still stop
+    # the run. Hydra makes an exception raised in its callback a warning and goes on to write the directory.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        gone = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *TINY, "trainer.steps=20", "seed=5",
+                               f"hydra.run.dir={run_dir}"], cwd=REPO, env=train_env(), stdout=write, stderr=write,
+                              timeout=600)  # fmt: skip
+    finally:
+        os.close(write)
+    assert gone.returncode != 0
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_a_value_that_cannot_be_read_is_refused_and_a_finished_run_keeps_its_files(tmp_path):
@@ -201,6 +215,35 @@ def test_only_user_mistakes_become_one_line_errors_and_the_debug_flag_keeps_trac
     monkeypatch.setenv("WORLDMODEL_DEBUG", "1")
     with pytest.raises(WorldModelError, match="a mistake"), user_errors():
         raise WorldModelError("a mistake")
+
+
+class _ReaderGone:
+    """stderr piped into a process that has exited."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    flush = write
+
+
+def test_an_error_that_cannot_be_printed_still_exits(monkeypatch):
+    """In a Hydra callback an exception is a warning, after which the refused run writes its directory: the print's
+    BrokenPipeError must not replace the exit."""
+    from worldmodel.errors import WorldModelError
+
+    monkeypatch.delenv("WORLDMODEL_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stderr", _ReaderGone())
+    for callback in (False, True):
+        with pytest.raises(SystemExit) as stop, user_errors(callback=callback):
+            raise WorldModelError("a mistake")
+        assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop, user_errors(callback=True):
+        raise RuntimeError("a bug in a check")  # its traceback cannot be printed either
+    assert stop.value.code == 2
+    monkeypatch.setenv("WORLDMODEL_DEBUG", "1")
+    with pytest.raises(SystemExit) as stop, user_errors(callback=True):
+        raise WorldModelError("a mistake")
+    assert stop.value.code == 2
 
 
 def test_the_resume_command_names_the_training_script_whatever_process_runs_it(tmp_path, monkeypatch, capsys):

@@ -53,7 +53,7 @@ def user_errors(job: bool = True, callback: bool = False, script: str | None = N
     except (WorldModelError, InstantiationException, gym.error.DependencyNotInstalled, OmegaConfBaseException) as err:
         mistake = _as_user_error(err)
         if os.environ.get(DEBUG_ENV) and callback and isinstance(mistake, WorldModelError):
-            traceback.print_exc()
+            _say(traceback.format_exc().rstrip())
             sys.exit(2)
         if os.environ.get(DEBUG_ENV) or not isinstance(mistake, WorldModelError):
             if callback:
@@ -62,12 +62,12 @@ def user_errors(job: bool = True, callback: bool = False, script: str | None = N
         text = str(mistake)
         if isinstance(mistake, CheckpointWriteFailed):
             text += f"\n{_after_failed_save(mistake, _sweep_job() if job else None, script)}"
-        print(f"error: {text}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        _say(f"error: {text}\n(set {DEBUG_ENV}=1 for the traceback)")
         if job and _sweep_job() is not None:
             raise JobFailed(text) from None
         sys.exit(2)
     except RunInterrupted as stop:
-        print(_stopped_message(stop, _sweep_job() if job else None, script), file=sys.stderr)
+        _say(_stopped_message(stop, _sweep_job() if job else None, script))
         sys.exit(128 + stop.signum)
     except Exception:
         if not callback:
@@ -94,9 +94,19 @@ def _as_user_error(err: Exception) -> Exception:
 def _exit_from_callback() -> None:
     """An unexpected error in a check made before the run: Hydra would print it as a warning and go on to write the
     run directory, over what may be another run's saved config."""
-    traceback.print_exc()
-    print("error: the checks made before the run failed on the error above; nothing was written.", file=sys.stderr)
+    _say(f"{traceback.format_exc()}error: the checks made before the run failed on the error above; nothing was "
+         "written.")  # fmt: skip
     sys.exit(2)
+
+
+def _say(text: str) -> None:
+    """Prints to stderr as far as it can: with the reader of a pipe gone (`2>&1 | true`) the print raises, and the
+    exit after it must still happen. In a Hydra callback an exception is only a warning: the refused run would go on
+    to write its directory, over another run's."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _stopped_message(stop: RunInterrupted, sweep: DictConfig | None, script: str | None = None) -> str:
