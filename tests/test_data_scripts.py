@@ -230,3 +230,11 @@ def test_evaluate_scores_a_checkpoint_and_writes_its_metrics(tmp_path, monkeypat
     with pytest.raises(SystemExit) as stop:
         evaluate.main(cfg)
     assert stop.value.code == 2 and "no episode is 11 steps long, so no window of context 3 + horizon 9" in capsys.readouterr().err
+    # A dataset of another env's kind of actions (Discrete indices for this Box env), named by evaluate's own key.
+    indices = {**np.load(data), "actions": np.zeros((3, 10), np.int64)}
+    np.savez(tmp_path / "indices.npz", **indices)
+    cfg.horizon, cfg.data = 4, str(tmp_path / "indices.npz")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(cfg)
+    expected = f"Dataset data={tmp_path / 'indices.npz'} holds integer action indices (a Discrete env's), but this env"
+    assert stop.value.code == 2 and expected in capsys.readouterr().err

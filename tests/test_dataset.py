@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from worldmodel import RandomPolicy, ReplayBuffer, make_env
 from worldmodel.dataset import (DatasetError, DatasetFile, buffer_to_episodes, collect_episodes, episodes_to_buffer,
-                                fill_buffer, load_dataset, require_dataset, save_dataset)
+                                fill_buffer, load_dataset, non_finite, require_dataset, save_dataset)
 from worldmodel.env import env_spec
 from worldmodel.errors import ConfigError
 
@@ -278,3 +279,241 @@ def test_a_file_cut_short_or_holding_objects_is_not_readable(tmp_path):
     np.savez(tmp_path / "objects.npz", **malformed(data, "rewards", data["rewards"].astype(object)))
     with pytest.raises(DatasetError, match="not a readable .npz.*Python objects"):
         load_dataset(tmp_path / "objects.npz", spec.obs_dim, spec.action_dim)
+
+
+# ---- the reader's edges: what a hand-written or foreign .npz may hold -----------------------------------------------
+
+
+def write_npz(path, arrays: dict[str, np.ndarray], raw: dict[str, bytes] | None = None) -> None:
+    """An uncompressed .npz of `arrays`, with the .npy bytes of the members in `raw` as given instead."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, value in arrays.items():
+            npy = io.BytesIO()
+            np.save(npy, value)
+            archive.writestr(f"{key}.npy", (raw or {}).get(key, npy.getvalue()))
+
+
+def discrete_dataset(lengths: list[int]) -> dict[str, np.ndarray]:
+    """small_dataset with action indices of a 2-action Discrete env: actions[i, t] = (i + t) % 2."""
+    data = small_dataset(lengths)
+    n, t = data["rewards"].shape
+    return {**data, "actions": (np.arange(n)[:, None] + np.arange(t)[None, :]) % 2}
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: malformed(d, "obs", d["obs"][:, :, 0]), "`obs` has shape [3, 6]"),  # no obs axis
+        # T = 0: one observation per episode and no step at all.
+        (lambda d: {**{k: v[:, :0] for k, v in d.items() if k != "lengths"}, "obs": d["obs"][:, :1],
+                    "lengths": d["lengths"]}, "`obs` has shape [3, 1, 1]"),  # fmt: skip
+        (lambda d: malformed(d, "actions", np.zeros((3, 5, 2), np.float32)), "`actions` has shape [3, 5, 2]"),
+        (lambda d: malformed(d, "lengths", d["lengths"].astype(np.float64)), "`lengths` has shape [3] (dtype float64)"),
+        (lambda d: malformed(d, "lengths", np.array([3, 6, 2])), "`lengths` must hold"),  # 6 > T = 5
+        (lambda d: {k: v[:0] for k, v in d.items()}, "`lengths` must hold N >= 1"),  # no episode at all
+    ],
+)
+def test_malformed_box_datasets_name_the_key(tmp_path, break_it, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **break_it(small_dataset([3, 5, 2])))
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path, 1, 1)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_flags_that_are_not_numbers_are_refused_on_opening_before_any_block(tmp_path):
+    path = tmp_path / "flags.npz"
+    data = small_dataset([3, 5, 2])
+    np.savez(path, **malformed(data, "terminated", data["terminated"].astype(str)))
+    expected = "`terminated` has shape [3, 5] (dtype <U5), expected [3, 5] booleans"
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        DatasetFile(path, 1, 1)
+
+
+def test_discrete_actions_stored_as_n_t_1_read_as_indices(tmp_path):
+    data = discrete_dataset([3, 5, 2])
+    path = tmp_path / "d.npz"
+    np.savez(path, **malformed(data, "actions", data["actions"][:, :, None].astype(np.int32)))
+    loaded = load_dataset(path, 1, 2, discrete=True)
+    assert loaded["actions"].shape == (3, 5) and np.array_equal(loaded["actions"], data["actions"])
+    buffer = ReplayBuffer(100, 1, 2, dataset=path, discrete_actions=True)
+    expected = [a for i, n in enumerate([3, 5, 2]) for a in data["actions"][i, :n]]
+    assert buffer[:]["action"].argmax(1).tolist() == expected and set(buffer[:]["action"].sum(1)) == {1.0}
+
+
+def test_action_indices_are_checked_in_valid_steps_only(tmp_path):
+    """Padding may hold any index (here one past the last action, at step lengths[i]); a valid -1 is refused too,
+    also when the buffer reads the file (the one-hot of an index outside the env's actions is never taken)."""
+    data = discrete_dataset([3, 5, 2])
+    actions = data["actions"].copy()
+    actions[[0, 2], [3, 2]] = 2
+    np.savez(tmp_path / "padding.npz", **malformed(data, "actions", actions))
+    assert np.array_equal(load_dataset(tmp_path / "padding.npz", 1, 2)["actions"], actions)
+    for index in (-1, 2):
+        actions = data["actions"].copy()
+        actions[1, 4] = index  # the last valid step of episode 1
+        np.savez(tmp_path / "bad.npz", **malformed(data, "actions", actions))
+        with pytest.raises(DatasetError, match=re.escape("`actions` holds indices outside 0..1")):
+            load_dataset(tmp_path / "bad.npz", 1, 2)
+        with pytest.raises(DatasetError, match=re.escape("`actions` holds indices outside 0..1")):
+            ReplayBuffer(100, 1, 2, dataset=tmp_path / "bad.npz")
+
+
+def test_non_finite_values_in_padding_are_not_counted(tmp_path):
+    data = small_dataset([3, 5, 2])
+    obs, rewards = data["obs"].copy(), data["rewards"].copy()
+    obs[0, 4:], obs[2, 3:] = np.nan, np.inf  # after each episode's final observation obs[i, lengths[i]]
+    rewards[0, 3:], rewards[2, 2:] = np.nan, -np.inf  # from step lengths[i] on
+    assert non_finite({**data, "obs": obs, "rewards": rewards}) == {}  # what collect.py checks before writing
+    np.savez(tmp_path / "d.npz", **{**data, "obs": obs, "rewards": rewards})
+    assert len(ReplayBuffer(100, 1, 1, dataset=tmp_path / "d.npz")) == 10
+    rewards[1, 4] = np.nan  # episode 1's last step
+    assert non_finite({**data, "obs": obs, "rewards": rewards}) == {"rewards": 1}
+
+
+def test_no_block_of_a_file_with_bad_values_is_handed_out(tmp_path):
+    """Values are refused at the end of the file (NaN/inf, counted over all blocks, named first when indices are bad
+    too), but no block is handed out after the first bad one: the episodes before it come out, none from it on."""
+    data = discrete_dataset([3, 5, 2, 4])
+    obs = data["obs"].copy()
+    obs[1, 0] = np.nan
+    actions = data["actions"].copy()
+    actions[1, 0] = 7
+    for name, bad, message in (("nan", {"obs": obs}, "NaN/inf"), ("index", {"actions": actions}, "outside 0..1"),
+                               ("both", {"obs": obs, "actions": actions}, "`obs` holds 1 NaN/inf")):
+        np.savez(tmp_path / f"{name}.npz", **{**data, **bad})
+        handed_out = []
+        with DatasetFile(tmp_path / f"{name}.npz", 1, 2, block_rows=6) as file:  # one episode (T + 1 = 6 rows) a block
+            with pytest.raises(DatasetError, match=message):
+                for block in file.blocks():
+                    handed_out.append(block["obs"][:, 0, 0].tolist())
+        assert handed_out == [[0.0]]  # episode 0 alone
+
+
+def test_block_rows_count_every_padded_step_and_the_final_observation(tmp_path):
+    """block_rows is a number of rows of obs: T + 1 per episode."""
+    path = tmp_path / "d.npz"
+    save_dataset(path, small_dataset([3, 5, 2, 4, 1]))  # T + 1 = 6 rows per episode
+    for rows, episodes in ((11, [1] * 5), (12, [2, 2, 1]), (17, [2, 2, 1]), (18, [3, 2]), (1, [1] * 5), (10**6, [5])):
+        with DatasetFile(path, 1, 1, block_rows=rows) as file:
+            assert [len(b["lengths"]) for b in file.blocks()] == episodes, rows
+
+
+def test_two_dimensional_column_major_arrays_read_as_they_were_saved(tmp_path):
+    data = discrete_dataset([3, 5, 2, 4])
+    data["rewards"] = np.arange(20, dtype=np.float32).reshape(4, 5)
+    odd = {**data, "rewards": np.asfortranarray(data["rewards"]), "actions": np.asfortranarray(data["actions"]),
+           "terminated": np.asfortranarray(data["terminated"])}  # fmt: skip
+    assert odd["rewards"].flags.f_contiguous and not odd["rewards"].flags.c_contiguous
+    np.savez(tmp_path / "odd.npz", **odd)
+    with DatasetFile(tmp_path / "odd.npz", 1, 2, block_rows=6) as file:
+        blocks = list(file.blocks())
+    for key in ("actions", "rewards", "terminated"):
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), data[key], err_msg=key)
+
+
+@pytest.mark.parametrize("key", ["rewards", "lengths"])
+def test_a_member_shorter_than_its_header_says_is_not_readable(tmp_path, key):
+    """A .npy header that promises more rows than the member holds: refused, never filled with whatever memory held."""
+    import io
+
+    data = small_dataset([3, 5, 2])
+    npy = io.BytesIO()
+    np.save(npy, data[key])
+    cut = data[key][-1].nbytes  # the last row
+    write_npz(tmp_path / "short.npz", data, raw={key: npy.getvalue()[:-cut]})
+    with pytest.raises(DatasetError, match=re.escape(f"not a readable .npz file (EOFError: the file ends {cut} bytes")):
+        load_dataset(tmp_path / "short.npz", 1, 1)
+
+
+def test_an_unknown_npy_version_is_not_readable(tmp_path):
+    import io
+
+    data = small_dataset([3, 5, 2])
+    npy = io.BytesIO()
+    np.save(npy, data["rewards"])
+    v3 = bytearray(npy.getvalue())
+    v3[6] = 3  # the major version byte after the magic string
+    write_npz(tmp_path / "v3.npz", data, raw={"rewards": bytes(v3)})
+    with pytest.raises(DatasetError, match=re.escape("rewards.npy: .npy format version (3, 0) is not supported")):
+        load_dataset(tmp_path / "v3.npz", 1, 1)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_the_file_is_closed_after_use_and_after_a_shape_error(tmp_path):
+    save_dataset(tmp_path / "d.npz", small_dataset([3, 5, 2]))
+    before = open_fds()
+    with DatasetFile(tmp_path / "d.npz", 1, 1, block_rows=6) as file:
+        next(file.blocks())  # left after one block
+        assert open_fds() == before + 1
+    assert open_fds() == before  # `file` is still referenced: closing it closed its file
+    data = small_dataset([3, 5, 2])
+    np.savez(tmp_path / "bad.npz", **malformed(data, "rewards", data["rewards"][:, :-1]))
+    with pytest.raises(DatasetError, match="`rewards` has shape") as err:
+        DatasetFile(tmp_path / "bad.npz", 1, 1)
+    assert err.value.__traceback__ is not None and open_fds() == before  # while the error (and its frames) live
+
+
+def test_an_episode_ended_by_both_flags_keeps_both():
+    data = small_dataset([3, 2])
+    data["truncated"] = data["terminated"].copy()  # a time limit reached on the terminating step
+    buffer = ReplayBuffer(100, 1, 1)
+    episodes_to_buffer(buffer, data)
+    rows = buffer[:]
+    assert rows["terminated"].tolist() == rows["truncated"].tolist() == [False, False, True, False, True]
+
+
+def test_a_failed_save_leaves_the_existing_dataset_whole(tmp_path):
+    path = tmp_path / "d.npz"
+    save_dataset(path, small_dataset([3, 5, 2]))
+    with pytest.raises(KeyError):
+        save_dataset(path, {k: v for k, v in small_dataset([4]).items() if k != "lengths"})
+    assert load_dataset(path, 1, 1)["lengths"].tolist() == [3, 5, 2]
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_a_member_that_fails_to_open_leaves_no_file_open(tmp_path):
+    """Every member holds the zip's file open: one opened before the member that fails must be closed too, even
+    while the error (and its traceback) is alive."""
+    spec, data = record("CartPole-v1", 2)
+    np.savez(tmp_path / "objects.npz", **malformed(data, "rewards", data["rewards"].astype(object)))
+    before = open_files()
+    with pytest.raises(DatasetError):
+        DatasetFile(tmp_path / "objects.npz", spec.obs_dim, spec.action_dim)
+    assert open_files() == before
+
+
+@pytest.mark.parametrize("key, value", [("obs", "a"), ("obs", "1.5"), ("rewards", 1 + 2j), ("actions", "0.5")])
+def test_values_that_are_not_real_numbers_are_refused_naming_the_key(tmp_path, key, value):
+    """Text failed deep in the NaN check with numpy's own message (or, where it reads as a number, loaded)."""
+    spec, data = record("Pendulum-v1", 2)
+    np.savez(tmp_path / "d.npz", **malformed(data, key, np.full(data[key].shape, value)))
+    with pytest.raises(DatasetError, match=f"key `{key}` has shape .* expected real numbers"):
+        load_dataset(tmp_path / "d.npz", spec.obs_dim, spec.action_dim)
+
+
+def test_a_save_that_fails_leaves_no_temporary_file(tmp_path):
+    spec, data = record("CartPole-v1", 2)
+    with pytest.raises(KeyError):
+        save_dataset(tmp_path / "d.npz", {k: v for k, v in data.items() if k != "lengths"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dataset_file_is_read_once(tmp_path):
+    spec, data = record("CartPole-v1", 2)
+    save_dataset(tmp_path / "d.npz", data)
+    with DatasetFile(tmp_path / "d.npz", spec.obs_dim, spec.action_dim) as file:
+        assert len(list(file.blocks())) == 1
+        with pytest.raises(RuntimeError, match="reads the file once"):
+            list(file.blocks())  # not "the file ends ... bytes early", which would blame a good file

@@ -71,9 +71,13 @@ def save_dataset(path: str | Path, episodes: dict[str, np.ndarray]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **{k: episodes[k] for k in KEYS})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: episodes[k] for k in KEYS})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the half-written file would keep it full
+        raise
 
 
 def require_dataset(path: str | Path, key: str = "buffer.dataset") -> Path:
@@ -108,7 +112,7 @@ class DatasetFile:
         self.path = require_dataset(path, key)
         self.where = f"{key}={self.path}"
         self.action_dim = int(action_dim)
-        self._block_rows = block_rows
+        self._block_rows, self._read = block_rows, False
         self._zip = self._readable(zipfile.ZipFile, self.path)
         try:
             self._check_shapes(int(obs_dim), discrete)
@@ -127,10 +131,16 @@ class DatasetFile:
         members = {name[: -len(".npy")] for name in self._zip.namelist() if name.endswith(".npy")}
         if missing := [k for k in KEYS if k not in members]:
             raise DatasetError(f"Dataset {self.where} is missing key(s) {missing}; a dataset holds {list(KEYS)}.")
-        self._arrays = {k: self._readable(_Member, self._zip, k) for k in KEYS}
+        self._arrays = {}  # filled one by one, so that close() reaches the members opened before one that fails
+        for k in KEYS:
+            self._arrays[k] = self._readable(_Member, self._zip, k)
         self._shape = {k: (m.shape, m.dtype) for k, m in self._arrays.items()}
         obs, actions = self._shape["obs"][0], self._shape["actions"]
         self._expect("obs", len(obs) == 3 and obs[1] >= 2, f"[N, T+1, {obs_dim}] floats")
+        for name in ("obs", "actions", "rewards"):  # text, dates or complex numbers would fail (or pass) as floats
+            dtype = self._shape[name][1]
+            self._expect(name, dtype == bool or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating),
+                         "real numbers (a float, integer or bool dtype)")  # fmt: skip
         n, t = self.n, self.t = obs[0], obs[1] - 1
         self._expect("obs", obs[2] == obs_dim, f"[N, T+1, {obs_dim}]: obs_dim {obs_dim} is the env's observation size")
         if discrete is not None and discrete != np.issubdtype(actions[1], np.integer):
@@ -167,6 +177,9 @@ class DatasetFile:
         """Checked blocks of whole episodes, in file order: obs, actions ([n, T] indices if Discrete), rewards,
         terminated and truncated (bool), lengths. NaN/inf in valid steps are counted over the whole file and refused
         after the last block; other bad values at the block that holds them."""
+        if self._read:
+            raise RuntimeError("DatasetFile.blocks() reads the file once; open it again to read it again")
+        self._read = True
         per_block = self.n if self._block_rows is None else max(1, self._block_rows // (self.t + 1))
         bad, out_of_range = dict.fromkeys(("obs", "actions", "rewards"), 0), False
         for first in range(0, self.n, per_block):
@@ -209,14 +222,18 @@ class _Member:
 
     def __init__(self, archive: zipfile.ZipFile, name: str):
         self._file = archive.open(f"{name}.npy")
-        version = np.lib.format.read_magic(self._file)
-        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in header:
-            raise ValueError(f"member {name}.npy: .npy format version {version} is not supported")
-        self.shape, fortran_order, self.dtype = header[version](self._file)
-        if self.dtype.hasobject:
-            raise ValueError(f"member {name}.npy holds Python objects, which are not loaded (allow_pickle=False)")
-        self._whole = self._read_whole() if fortran_order and len(self.shape) > 1 else None
+        try:
+            version = np.lib.format.read_magic(self._file)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in header:
+                raise ValueError(f"member {name}.npy: .npy format version {version} is not supported")
+            self.shape, fortran_order, self.dtype = header[version](self._file)
+            if self.dtype.hasobject:
+                raise ValueError(f"member {name}.npy holds Python objects, which are not loaded (allow_pickle=False)")
+            self._whole = self._read_whole() if fortran_order and len(self.shape) > 1 else None
+        except BaseException:
+            self._file.close()  # each member holds the zip's file open
+            raise
 
     def _read_whole(self) -> np.ndarray:
         """A column-major array (np.savez of a transposed array) has no contiguous rows: it is read whole, as the rows
