@@ -376,3 +376,16 @@ def test_a_dataset_too_large_for_the_buffer_names_the_capacity_given(tmp_path):
     ReplayBuffer(600, 3, 1, streams=3, dataset=tmp_path / "d.npz")  # 200-step episodes, one per stream: fits
     with pytest.raises(ConfigError, match=r"`buffer.capacity=601`: expected at least 800 .* 4 stream\(s\)"):
         ReplayBuffer(601, 3, 1, streams=4, dataset=tmp_path / "d.npz")  # 150 rows per stream
+
+
+@pytest.mark.parametrize("key", ["model.latent_dim", "model.hidden_dim", "buffer.obs_dtype", "buffer.device", "trainer.precision",
+                                 "trainer.cuda_graph", "env.kwargs", "buffer.dataset"])
+def test_a_key_left_unset_is_named_as_one_with_no_value(key):
+    """`???` once read as None in the check of the constructor's declared types ('model.latent_dim=None: expected an
+    integer', a value the user never gave), or as the check's default (buffer.obs_dtype: float32), to fail in the run
+    after Hydra wrote its directory. OmegaConf's error names the key, and cli says it has no usable value."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue) as err:
+        validate_config(compose_config([f"{key}=???"]))
+    assert err.value.full_key == key

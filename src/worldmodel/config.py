@@ -27,6 +27,13 @@ from worldmodel.runtime import resolve_device
 from worldmodel.trainer import COMPILE_MODES, GRAPHED_COMPILE_MODES, PRECISIONS
 
 
+def _select(cfg: DictConfig, key: str, default=None):
+    """cfg's value at `key` (`default` where there is no such key); a `???` left unset raises OmegaConf's error, which
+    names the key: read as the default, it once passed the checks and failed in the run, after Hydra had written the
+    run's directory."""
+    return OmegaConf.select(cfg, key, default=default, throw_on_missing=True)
+
+
 def _not_a_string(value) -> str:
     """What to add to a message when a number or a bool arrived as a string (quoted on the command line, or read with
     ${oc.env:...}, which gives strings), since the value itself then prints as the number would."""
@@ -34,7 +41,7 @@ def _not_a_string(value) -> str:
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, why: str = "") -> int:
-    value = OmegaConf.select(cfg, key, throw_on_missing=True)  # its errors name the key (cfg[...]'s may not)
+    value = _select(cfg, key)  # its errors name the key (cfg[...]'s may not)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, value, f"an integer >= {minimum}{why}{_not_a_string(value)}")
     return value
@@ -49,7 +56,7 @@ def _seed(cfg: DictConfig, key: str) -> int:
 
 
 def _number(cfg: DictConfig, key: str, valid: str, ok=lambda v: True) -> None:
-    value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    value = _select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
         raise ConfigError(key, value, valid + _not_a_string(value))
 
@@ -83,7 +90,7 @@ def can_write_in(directory: Path) -> bool:
 
 
 def _path(cfg: DictConfig, key: str, what: str) -> str:
-    value = OmegaConf.select(cfg, key)
+    value = _select(cfg, key)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, value, f"{what}: a path")
     return value
@@ -148,7 +155,7 @@ def _declared_types(cfg: DictConfig, group: str) -> None:
     except Exception:  # an annotation that names what only a type checker imports: no types to hold the keys to
         return
     for key in node:
-        kind, value = hints.get(str(key)), OmegaConf.select(cfg, f"{group}.{key}")
+        kind, value = hints.get(str(key)), _select(cfg, f"{group}.{key}")
         number = not isinstance(value, bool) and isinstance(value, int | float)
         declared = f"({target} declares {getattr(kind, '__name__', kind)}){_not_a_string(value)}"
         if kind is bool and not isinstance(value, bool):
@@ -163,15 +170,15 @@ def validate_env(cfg: DictConfig) -> int:
     """The env group's values (conf/env/*.yaml), for every script that makes an env; returns env.num_envs."""
     _known_keys(cfg, "env")
     check_env_id(cfg.env.id)
-    kwargs = OmegaConf.select(cfg, "env.kwargs")
+    kwargs = _select(cfg, "env.kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError("env.kwargs", kwargs, "a mapping of keyword arguments for the env's constructor, e.g. "
                           "+env.kwargs.g=9.81 or 'env.kwargs={g: 9.81}'")  # fmt: skip
     envs = _int(cfg, "env.num_envs", 1) if "num_envs" in cfg.env else 1
-    mode = OmegaConf.select(cfg, "env.vectorization_mode")
+    mode = _select(cfg, "env.vectorization_mode")
     if mode is not None and mode not in VECTORIZATION_MODES:
         raise ConfigError("env.vectorization_mode", mode, f"null (automatic) or one of {', '.join(VECTORIZATION_MODES)}")
-    if OmegaConf.select(cfg, "env.max_episode_steps") is not None:
+    if _select(cfg, "env.max_episode_steps") is not None:
         _int(cfg, "env.max_episode_steps", 1, " or null (the env's own time limit)")
     return envs
 
@@ -186,18 +193,18 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     seq_len = _int(cfg, "trainer.seq_len", 1)
     envs = validate_env(cfg)
     if envs > 1:  # here, not in validate_env: collect.py refuses more than one env
-        vectorization(cfg.env.id, OmegaConf.select(cfg, "env.vectorization_mode"))
+        vectorization(cfg.env.id, _select(cfg, "env.vectorization_mode"))
     _int(cfg, "buffer.capacity", envs * seq_len, f" (env.num_envs={envs} streams x trainer.seq_len={seq_len}: each "
          "env's stream must hold one sequence)")  # fmt: skip
-    resolve_device(OmegaConf.select(cfg, "buffer.device", default="auto"), key="buffer.device", here=here)
-    obs_storage_dtype(OmegaConf.select(cfg, "buffer.obs_dtype", default="float32"))
+    resolve_device(_select(cfg, "buffer.device", default="auto"), key="buffer.device", here=here)
+    obs_storage_dtype(_select(cfg, "buffer.obs_dtype", default="float32"))
     _int(cfg, "trainer.steps", 1)
     _int(cfg, "trainer.batch_size", 1)
-    if OmegaConf.select(cfg, "buffer.dataset") is not None:
+    if _select(cfg, "buffer.dataset") is not None:
         _path(cfg, "buffer.dataset", "null (collect with the env) or an .npz episode dataset (scripts/collect.py)")
         _int(cfg, "trainer.prefill", 0)
         # A file is there or not on this machine only; and a resumed run does not read it again (it may have moved).
-        if here and OmegaConf.select(cfg, "trainer.resume", default=False) is False:
+        if here and _select(cfg, "trainer.resume", default=False) is False:
             require_dataset(cfg.buffer.dataset)
     else:
         _int(cfg, "trainer.prefill", envs * seq_len, f" (at least env.num_envs={envs} x trainer.seq_len={seq_len}, so "
@@ -213,16 +220,16 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
                           f"held-out steps of one episode (or raise trainer.val_steps)")  # fmt: skip
     _int(cfg, "trainer.checkpoint_every", 1)
     _int(cfg, "trainer.keep_checkpoints", 1)
-    if not (isinstance(OmegaConf.select(cfg, "trainer.resume", default=False), bool) or t.resume == "auto"):
+    if not (isinstance(_select(cfg, "trainer.resume", default=False), bool) or t.resume == "auto"):
         raise ConfigError("trainer.resume", t.resume, "true, false or auto (resume where the run directory holds a "
                           "checkpoint, else start fresh: for continuing a sweep)")  # fmt: skip
     for key in ("trainer.compile", "trainer.eval_figure", "trainer.progress", "model.bootstrap"):
-        value = OmegaConf.select(cfg, key, default=False)
+        value = _select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise ConfigError(key, value, f"true or false{_not_a_string(value)}")
-    if OmegaConf.select(cfg, "trainer.precision", default="fp32") not in PRECISIONS:
+    if _select(cfg, "trainer.precision", default="fp32") not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
-    mode = OmegaConf.select(cfg, "trainer.compile_mode", default="default")
+    mode = _select(cfg, "trainer.compile_mode", default="default")
     if mode not in COMPILE_MODES:
         raise ConfigError("trainer.compile_mode", mode, f"one of {', '.join(COMPILE_MODES)}")
     _validate_model(cfg)
@@ -233,7 +240,7 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
     for key in ("trainer.lr", "trainer.grad_clip"):
         _number(cfg, key, "a finite number > 0", lambda v: v > 0)
     device = resolve_device(t.device, here=here)
-    graph = OmegaConf.select(cfg, "trainer.cuda_graph", default=False)
+    graph = _select(cfg, "trainer.cuda_graph", default=False)
     if not (isinstance(graph, bool) or graph == "auto"):
         raise ConfigError("trainer.cuda_graph", graph, "auto (on with a CUDA device), true or false")
     if graph is True:
