@@ -39,8 +39,9 @@ def case(batch, steps, features, hidden, first_p, seed, dtype=torch.float64, dev
 def values_and_grads(fn, cell, x, first, h0, seed=0):
     states, last = fn(cell, x, first, h0)
     g = torch.Generator().manual_seed(seed)
-    # A random linear function of every state and of the last one, so every output's gradient path is exercised.
-    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in (states, last)]
+    # A random linear function of every state and of the last one, so every output's gradient path is exercised;
+    # drawn in float32 whatever the dtype, so that a float64 reference has the same objective.
+    weights = [torch.randn(t.shape, generator=g).to(t.dtype).to(t.device) for t in (states, last)]
     objective = (states * weights[0]).sum() + (last * weights[1]).sum()
     grads = torch.autograd.grad(objective, [x, h0, *cell.parameters()])
     return (states.detach(), last.detach(), *grads)
