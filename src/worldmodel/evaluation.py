@@ -38,7 +38,7 @@ def longest_episode(buffer: ReplayBuffer) -> int:
 
 def _ends_before(buffer: ReplayBuffer) -> np.ndarray:
     """[len + 1]: element i counts the episode ends (and stream ends) among logical rows 0 .. i-1."""
-    flags = buffer[:]
+    flags = buffer.ring.read(slice(None), names=("terminated", "truncated"))  # not obs: a dataset's may be large
     boundary = flags["terminated"] | flags["truncated"]
     boundary[buffer.newest_rows()] = True
     return np.concatenate([[0], np.cumsum(boundary)])
