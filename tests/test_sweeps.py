@@ -440,6 +440,7 @@ def test_grid_sweep_names_jobs_logs_hparams_and_summarizes(tmp_path):
 
     jobs = job_dirs(sweep)
     assert len(jobs) == 4
+    assert (sweep / "multirun.yaml").is_file()  # README, Where a sweep goes: the sweep's config (basic sweeper)
     finals, key_sets = {}, set()
     for num, (dim, seed) in enumerate([(8, 0), (8, 1), (16, 0), (16, 1)]):
         # 0_model.latent_dim-8_seed-0_trainer.batch_size-8_trainer.prefill-200_trainer.seq_len-8_trainer.val_steps-100
@@ -637,6 +638,8 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
         hp = hparams_of(job)
         assert hp["hparams"]["trainer.lr"] == pytest.approx(float(params["trainer.lr"]))
         finals.append(scalars(job)["val/loss"][-1][1])
+    # README, Where a sweep goes: the Optuna sweeper writes optimization_results.yaml and no multirun.yaml.
+    assert not (sweep / "multirun.yaml").exists()
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == searched
     assert results["best_value"] == pytest.approx(min(finals))  # train.py's return value is what Optuna minimized
@@ -655,6 +658,23 @@ def test_a_diverged_optuna_trial_is_recorded_as_failed_and_the_study_goes_on(tmp
     assert len(job_dirs(sweep)) == 3
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_params"]["trainer.lr"] == 0.001 and math.isfinite(results["best_value"])
+
+
+def test_an_optuna_study_whose_every_trial_fails_ends_with_no_trials_completed(tmp_path):
+    """README (Overrides and sweeps): a failed trial is recorded as failed and the search goes on; only if every trial
+    fails does it end with Optuna's "No trials are completed yet". Every value of this searched lr is refused inside
+    its trial (a searched key is left to the trials, not checked before the first), so each trial fails at once."""
+    need("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    proc = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer.lr=choice(-1, -2)",
+                      *SWEEP_TINY, f"hydra.sweep.dir={sweep}"], check=False, env_vars=ONE_THREAD)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "No job was started" not in proc.stderr  # not refused up front: both trials ran, and failed
+    assert proc.stderr.count("error: Invalid config `trainer.lr=-") == 2
+    assert (proc.stdout + proc.stderr).count("Failed experiment: Invalid config `trainer.lr=-") == 2  # Hydra's log
+    assert "No trials are completed yet" in proc.stderr.strip().splitlines()[-1]
+    assert len(job_dirs(sweep)) == 2 and not list(sweep.rglob("events.out.tfevents.*"))
+    assert not (sweep / "optimization_results.yaml").exists() and not (sweep / "multirun.yaml").exists()
 
 
 def test_joblib_runs_jobs_in_parallel_processes(tmp_path):
