@@ -829,6 +829,16 @@ def test_a_value_every_optuna_trial_shares_is_refused_before_the_first(tmp_path)
         cfg = compose("config", overrides=["hparams_search=optuna", "trainer.log_every=0"], return_hydra_config=True)
         with pytest.raises(WorldModelError, match="trainer.log_every.*No job was started"):
             check_sweep_jobs(cfg)
+        # A searched key fixed on the command line ("fix one searched key", README) is every trial's value: a bad one
+        # failed each of the n_trials in turn, then ended with "No trials are completed yet".
+        for fixed in ("trainer.lr=-1", "trainer.batch_size=0"):
+            cfg = compose("config", overrides=["hparams_search=optuna", fixed], return_hydra_config=True)
+            with pytest.raises(WorldModelError, match=f"{re.escape(fixed)}.*No job was started"):
+                check_sweep_jobs(cfg)
+        # Fixed but fine, with a shared value that is bad only with a key still searched: left to the trials.
+        cfg = compose("config", overrides=["hparams_search=optuna", "trainer.batch_size=32", "trainer.prefill=10"],
+                      return_hydra_config=True)  # fmt: skip
+        check_sweep_jobs(cfg)
 
 
 def test_a_stopped_optuna_trial_with_saved_storage_offers_the_trial_alone(tmp_path):

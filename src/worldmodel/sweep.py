@@ -109,11 +109,17 @@ def task_config(config: DictConfig) -> DictConfig:
 def _check_shared_values(config: DictConfig, here: bool) -> None:
     """A sweeper that draws each job's values as the job starts (Optuna): the values every job shares are checked
     before the first, since each job would fail on them in turn (20 failed trials, or SLURM jobs). An error that
-    involves a searched key is left to the trials: some of its values may be fine."""
+    involves a searched key is left to the trials: some of its values may be fine. A key of the search space that
+    the command line fixes (trainer.lr=0.001, as the Optuna sweeper reads its params and then the command line, the
+    last value winning) is no longer searched: every trial shares its value."""
     searched = {str(k) for k in OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}}
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
     with contextlib.suppress(HydraException):
-        searched |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+        for override in OverridesParser.create().parse_overrides(task):
+            if override.is_sweep_override():
+                searched.add(override.key_or_group)
+            else:
+                searched.discard(override.key_or_group)
     try:
         validate_config(task_config(config), here=here)
     except OmegaConfBaseException:  # e.g. ${hydra:job.num}, which only a job can resolve: left to the trials
