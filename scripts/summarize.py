@@ -41,6 +41,7 @@ class Job:
     typed: dict[str, object]  # key -> parsed value (numbers as numbers), for sorting and plotting
     finals: dict[str, float]  # tag -> last logged value
     finished: bool  # made all its updates (not diverged, failed, or still running)
+    seed: str | None = None  # the seed it ran with (from .hydra/config.yaml), None where unknown
 
 
 @dataclass
@@ -145,7 +146,8 @@ def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
             # .hydra/ holds the last command's values: a job of a continued sweep that had nothing left to do, or
             # that was continued alone to more updates, made another number of updates than they say.
             texts["trainer.steps"], typed["trainer.steps"] = str(made), made
-        jobs.append(Job(job_dir, texts, typed, finals, made is not None))
+        seed = _saved(job_dir, "config.yaml", "seed")
+        jobs.append(Job(job_dir, texts, typed, finals, made is not None, None if seed is None else str(seed)))
     return jobs
 
 
@@ -189,6 +191,12 @@ def summarize(sweep_dir: Path, metric: str, higher_is_better: bool = False
     if not sweep_dir.is_dir():
         raise SummaryError(f"{sweep_dir} is not a directory. Pass a sweep's directory: outputs/multirun/<date>/<time>.")
     jobs = load_jobs(sweep_dir, metric)
+    if not jobs and (unlogged := failed_before_logging(sweep_dir, set())):
+        raise SummaryError(
+            f"None of the {len(unlogged)} runs under {sweep_dir} logged anything: each has a config (.hydra/) but no "
+            f"TensorBoard event file, so each failed before training (its train.log says why; e.g. {unlogged[0]}), "
+            "or is still starting."
+        )
     if not jobs:
         raise SummaryError(
             f"{sweep_dir} holds no runs: no TensorBoard event files (events.out.tfevents.*) were found in it or its "
@@ -217,6 +225,16 @@ def summarize(sweep_dir: Path, metric: str, higher_is_better: bool = False
             print(f"note: {job.dir} did not finish (diverged, failed or still running); left out", file=sys.stderr)
         elif job not in done:
             print(f"note: {job.dir} has no {metric}; left out", file=sys.stderr)
+    # An Optuna study may propose the same values twice (all searched keys categorical, say): a second run of one
+    # configuration with the same seed is no second seed, and would show as n=2 with a spread of 0.
+    first: dict[tuple, Job] = {}
+    for job in list(done):
+        if job.seed is None:
+            continue
+        same = first.setdefault((tuple(sorted(job.overrides.items())), job.seed), job)
+        if same is not job:
+            print(f"note: {job.dir} ran the configuration and seed of {same.dir.name}; counted once", file=sys.stderr)
+            done.remove(job)
     groups, swept, fixed = group_jobs(done)
     # A value shared by the jobs shown is not "fixed" if the jobs left out (logged or not) had others.
     every = [j.overrides for j in jobs] + [read_overrides(d)[0] for d in unlogged]
@@ -310,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(csv_path, groups, swept, tags, args.metric)
     print(f"wrote {csv_path}")
     n_runs = sum(len(g.jobs) for g in groups)
-    title = f"{args.sweep_dir.name}: final {args.metric}, mean ± std over seeds ({n_runs} runs)"
+    title = f"{args.sweep_dir.resolve().name}: final {args.metric}, mean ± std over seeds ({n_runs} runs)"
     write_plot(png_path, groups, swept, args.metric, title)
     print(f"wrote {png_path}")
     return 0

@@ -398,6 +398,30 @@ def test_summarize_labels_a_job_with_the_updates_it_made_not_the_last_commands_t
     assert "evaluate_run" not in capsys.readouterr().err
 
 
+def test_summarize_counts_a_configuration_run_twice_with_one_seed_once(tmp_path, capsys):
+    """An Optuna study whose searched keys are all categorical (trainer.lr fixed) may propose the same values twice:
+    the two trials ran the same seed, so they are one sample, not n=2 "over seeds" with a spread of 0. Another seed
+    of that configuration still counts."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from summarize import summarize as summarize_dir
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for num, (dim, seed, loss) in enumerate([(32, 1, 0.5), (64, 0, 0.25), (32, 1, 0.5), (32, 2, 0.75)]):
+        job = tmp_path / f"{num}_model.latent_dim-{dim}_seed-{seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- model.latent_dim={dim}\n- seed={seed}\n")
+        (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  steps: 10\n")
+        with Logger(job) as logger:
+            logger.log({"val/loss": loss}, step=10)
+            logger.log_hparams({"seed": seed}, {"val/loss": loss}, step=10)
+    groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
+    assert {dict(g.config)["model.latent_dim"]: [j.dir.name[0] for j in g.jobs] for g in groups} == {
+        "64": ["1"], "32": ["0", "3"]}  # fmt: skip
+    assert "2_model.latent_dim-32_seed-1 ran the configuration and seed of 0_model.latent_dim-32_seed-1" in (
+        capsys.readouterr().err)  # fmt: skip
+
+
 def test_summarize_ranks_by_any_scalar_tag(tmp_path):
     """val/loss is each model's own objective (the ensemble's an NLL); eval/nmse_h15 is the same figure for all."""
     sys.path.insert(0, str(REPO / "scripts"))
@@ -427,6 +451,18 @@ def test_summarize_refuses_a_directory_without_runs(tmp_path):
     assert proc.returncode == 2 and "holds no runs" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "summary.csv").exists()
+
+
+def test_summarize_says_so_when_every_job_of_a_sweep_failed_before_logging(tmp_path):
+    """A sweep whose every job failed before its logger started (an Optuna study whose trials all drew a refused
+    value) is a sweep directory: the error says the jobs failed, not that this is no sweep's directory."""
+    for num in range(2):
+        (tmp_path / str(num) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(num) / ".hydra" / "overrides.yaml").write_text(f"- trainer.lr=-{num + 1}\n")
+    proc = summarize(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "None of the 2 runs" in proc.stderr and "failed before training" in proc.stderr
+    assert "holds no runs" not in proc.stderr
 
 
 # --- real sweeps ------------------------------------------------------------------------------------------------------
