@@ -66,8 +66,9 @@ if [[ $parts == *" tests "* ]]; then
     # Its own limit: it starts seven short training runs and compiles a loss twice.
     workers=()
     [[ ${PARALLEL:-} == 1 ]] && "$python" -c "import xdist" 2>/dev/null && workers=(-n 4)
-    limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -p no:cacheprovider -m "slow or not slow" \
-        "${workers[@]}" tests/test_cuda.py tests/test_fused_gru.py
+    # -o addopts= drops pyproject.toml's "-n auto", which needs pytest-xdist (not in every GPU image).
+    limit=${TESTS_TIMEOUT:-480} check cuda_tests "$python" -m pytest -q -o addopts= -p no:cacheprovider \
+        -m "slow or not slow" "${workers[@]}" tests/test_cuda.py tests/test_fused_gru.py
 fi
 if [[ $parts == *" runs "* ]]; then
     # On CUDA every run but two replays its update as one CUDA graph (trainer.cuda_graph=auto, the default).

@@ -8,11 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (pyproject.toml: -n auto), and the scripts the tests run use one thread each (train_env):
+    # a second torch thread in a worker would only contend for a core another process is using.
+    torch.set_num_threads(1)
 
 #: Overrides that make a real run take seconds: enough updates for the loss to fall, tiny prefill and validation.
 TINY = [
