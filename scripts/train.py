@@ -23,17 +23,19 @@ from worldmodel.env import env_spec
 from worldmodel.logger import Logger, has_hparams
 from worldmodel.resume import RunFinished, resume_payload
 from worldmodel.rollout import RandomPolicy
+from worldmodel.run_lock import only_process_in
 from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 from worldmodel.vector import make_collector
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    with user_errors(script=__file__):  # how to resume, if stopped, names this file (under submitit too)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # How to resume, if stopped, names this file (under submitit too). Only one process works in a run dir at a time.
+    with user_errors(script=__file__), only_process_in(run_dir):
         # 1. Check every value, and the checkpoint to resume from, before any work starts. (For a single run,
         #    worldmodel.cli.PreflightChecks made these checks even earlier, before Hydra wrote into the run dir.)
         validate_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             # None: a fresh start. The file is mapped, not read: its replay buffer goes from the file into the new
             # ring, never held in memory twice.

@@ -23,6 +23,7 @@ from worldmodel.checkpoint import CheckpointWriteFailed, resume_candidates
 from worldmodel.config import nearest_existing, refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.resume import RunFinished, resume_payload
+from worldmodel.run_lock import LOCK_FILE, hold, refuse_in_use
 from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
 #: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them
@@ -181,13 +182,14 @@ class PreflightChecks(Callback):
 
     Hydra saves .hydra/config.yaml and overrides.yaml into the output directory before the task starts, so a check
     made inside the task comes too late to leave an existing run's directory untouched. Here, in on_run_start, it
-    refuses bad values, a directory holding another run's checkpoints (unless trainer.resume=true) or, without
+    refuses bad values, a directory another train.py process is working in (run_lock.py; this one then holds its
+    lock until it ends), a directory holding another run's checkpoints (unless trainer.resume=true) or, without
     checkpoints, its TensorBoard logs (a run stopped before its first checkpoint), and a resume
     whose config would change the experiment (trainer.resume=auto: a resume where checkpoints are, a fresh start
-    where none are). For sweeps, on_multirun_start refuses a sweep directory that holds earlier jobs' checkpoints
-    (unless trainer.resume=auto continues that sweep) and, for the basic sweeper, any job with a bad value, before the
-    first job starts (its values are checked again in the task, as are those of an Optuna trial, which are drawn as
-    the trial starts).
+    where none are). For sweeps, on_multirun_start refuses a sweep directory in which a job is still running, or
+    that holds earlier jobs' checkpoints (unless trainer.resume=auto continues that sweep) and, for the basic
+    sweeper, any job with a bad value, before the first job starts (its values are checked again in the task, as are
+    those of an Optuna trial, which are drawn as the trial starts).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -199,6 +201,7 @@ class PreflightChecks(Callback):
         logs = sorted(run_dir.glob("events.out.tfevents.*")) if run_dir.is_dir() else []
         with user_errors(callback=True):
             _refuse_file(run_dir, "hydra.run.dir")
+            refuse_in_use(run_dir, "hydra.run.dir")  # before reading what a running process is writing
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             validate_config(task_cfg)
             _refuse_other_scripts_dir(run_dir, str(OmegaConf.select(config, "hydra.job.name")))
@@ -219,12 +222,17 @@ class PreflightChecks(Callback):
                     "checkpoint to resume from; nothing was changed. Choose a new directory (drop the hydra.run.dir "
                     "override), or add trainer.resume=auto to start that run over there (what it logged is dropped)."
                 )
+            hold(run_dir)  # last: a refused run leaves no directory. Held until the process ends (run_lock.py).
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
         finished = sorted(sweep_dir.glob("**/checkpoints/*.pt")) if sweep_dir.is_dir() else []
         with user_errors(job=False, callback=True):
             _refuse_file(sweep_dir, "hydra.sweep.dir")
+            # A job of this sweep still running (a detached joblib worker, a SLURM job): continuing the sweep would
+            # start that job a second time in its directory.
+            for lock in sorted(sweep_dir.glob(f"*/{LOCK_FILE}")) if sweep_dir.is_dir() else []:
+                refuse_in_use(lock.parent, "a job of hydra.sweep.dir: hydra.run.dir")
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             if finished and not continues_sweep(config):
                 raise WorldModelError(

@@ -1,0 +1,125 @@
+"""One training process per run directory.
+
+Two processes training in one directory interleave their checkpoints and TensorBoard events, and the second one's
+.hydra/ replaces the first one's saved config: the same resume command typed in two terminals, or a sweep continued
+while a job of it still runs (a joblib worker left behind by a signal to the sweep's parent alone, a SLURM job not yet
+ended). So train.py holds an exclusive lock on `<run dir>/.run.lock` for as long as it works there, and a second
+process is refused before Hydra writes anything. The lock is flock(2)'s: the kernel drops it when the process ends,
+however it ends, so a killed run leaves no stale lock behind. On a filesystem without locks (ENOLCK, ENOSYS,
+EOPNOTSUPP: some Lustre mounts) runs go on without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from worldmodel.errors import WorldModelError
+
+LOCK_FILE = ".run.lock"
+
+#: Run directories this process holds: {resolved dir: open file descriptor of its lock}.
+_held: dict[Path, int] = {}
+
+
+class RunDirInUse(WorldModelError):
+    """Another process holds the run directory's lock."""
+
+
+def refuse_in_use(run_dir: Path, key: str) -> None:
+    """Raises RunDirInUse if another process holds `run_dir`'s lock. Creates nothing: a run refused later on another
+    ground leaves no directory behind."""
+    lock = Path(run_dir) / LOCK_FILE
+    if Path(run_dir).resolve() in _held or not lock.is_file():
+        return
+    fd = _open(lock, create=False)
+    if fd is not None:
+        try:
+            _try_lock(fd, lock, key)
+        finally:
+            os.close(fd)  # closing the descriptor releases the probe's own lock, if it got one
+
+
+def hold(run_dir: Path, key: str = "hydra.run.dir") -> bool:
+    """Locks `run_dir` (made if missing) until `release` or the end of the process. False if this process held it
+    already (nothing to release then) or the filesystem has no locks."""
+    if Path(run_dir).resolve() in _held:
+        return False
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    lock = Path(run_dir) / LOCK_FILE
+    fd = _open(lock, create=True)
+    if fd is None:
+        return False
+    try:
+        locked = _try_lock(fd, lock, key)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not locked:
+        os.close(fd)
+        return False
+    _held[Path(run_dir).resolve()] = fd
+    return True
+
+
+def release(run_dir: Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def only_process_in(run_dir: Path, key: str = "hydra.run.dir") -> Iterator[None]:
+    """Holds `run_dir` for the block (a job of a sweep: the next job's directory is another); a lock this process
+    already held (train.py's single run, locked by worldmodel.cli.PreflightChecks) stays held."""
+    acquired = hold(run_dir, key)
+    try:
+        yield
+    finally:
+        if acquired:
+            release(run_dir)
+
+
+def _open(lock: Path, create: bool) -> int | None:
+    try:
+        # Read-write: over NFS, flock is emulated with a write lock, which needs a descriptor open for writing.
+        return os.open(lock, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        return None
+    except PermissionError:  # another user's run directory: its own permissions keep this process out anyway
+        return None
+
+
+def _try_lock(fd: int, lock: Path, key: str) -> bool:
+    """True once locked; False where the filesystem has no locks; RunDirInUse where another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(fd)
+        who = f"process {pid}" if pid is not None else "another process"
+        raise RunDirInUse(
+            f"{key}={lock.parent} is in use: {who} is training in it (it holds {lock}); nothing was changed. Two "
+            "runs in one directory would write over each other's checkpoints and logs. Wait for that run to end, or "
+            "stop it (SIGTERM saves a checkpoint) and then resume it with trainer.resume=true; or choose a new "
+            "directory (drop the override)."
+        ) from None
+    except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
+        return False
+    return True
+
+
+def _holder(fd: int) -> int | None:
+    """The pid holding the flock on fd's file, from /proc/locks (Linux, local filesystems), else None."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after the number
+            fields = [f for f in fields if f != "->"]
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+                return int(fields[4])
+    return None
