@@ -877,6 +877,37 @@ def test_a_value_every_optuna_trial_shares_is_refused_before_the_first(tmp_path)
         check_sweep_jobs(cfg)
 
 
+def test_resume_auto_does_not_continue_an_optuna_study_kept_in_storage(tmp_path, capsys):
+    """Rerun in its directory, a stored study adds n_trials new trials numbered from job 0 again: one drawing the
+    values of the earlier trial with its number would find that trial's finished directory and report its result to
+    the study a second time. So trainer.resume=auto is refused there (an in-memory study replays its seeded trials,
+    and resume=auto continues it; a new sweep directory is a fresh start)."""
+    need("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_dir
+
+    from worldmodel.cli import PreflightChecks
+
+    sweep = tmp_path / "study"
+    (sweep / "0_trainer.lr-0.001" / ".hydra").mkdir(parents=True)
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'db'}"
+
+    def preflight(*overrides: str) -> int:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # check_sweep_jobs composes
+            cfg = compose("config", overrides=["hparams_search=optuna", *overrides], return_hydra_config=True)
+            try:
+                PreflightChecks().on_multirun_start(cfg)
+            except SystemExit as stop:
+                return stop.code
+        return 0
+
+    assert preflight(storage, f"hydra.sweep.dir={sweep}", "trainer.resume=auto") == 2
+    err = capsys.readouterr().err
+    assert "trainer.resume=auto does not continue an Optuna study kept in storage" in err and "Nothing was" in err
+    assert preflight(f"hydra.sweep.dir={sweep}", "trainer.resume=auto") == 0  # in memory
+    assert preflight(storage, f"hydra.sweep.dir={tmp_path / 'new'}", "trainer.resume=auto") == 0  # nothing to repeat
+    assert preflight(storage, f"hydra.sweep.dir={sweep}") == 0  # no checkpoint there yet: trials are added
+
+
 def test_a_stopped_optuna_trial_with_saved_storage_offers_the_trial_alone(tmp_path):
     """Rerun, a study kept in storage adds n_trials new trials (numbered from job 0 again, so a finished job would
     count twice) and leaves the stopped one RUNNING: the sweep command with trainer.resume=auto is not offered; the

@@ -234,6 +234,7 @@ class PreflightChecks(Callback):
             for lock in sorted(sweep_dir.glob(f"*/{LOCK_FILE}")) if sweep_dir.is_dir() else []:
                 refuse_in_use(lock.parent, "a job of hydra.sweep.dir: hydra.run.dir")
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+            _refuse_continuing_a_stored_study(config, sweep_dir)
             if finished and not continues_sweep(config):
                 raise WorldModelError(
                     f"hydra.sweep.dir={sweep_dir} already holds checkpoints of {len({p.parent for p in finished})} "
@@ -242,6 +243,25 @@ class PreflightChecks(Callback):
                     "trainer.resume=auto to continue that sweep; nothing was changed."
                 )
             check_sweep_jobs(config)
+
+
+def _refuse_continuing_a_stored_study(config: DictConfig, sweep_dir: Path) -> None:
+    """trainer.resume=auto in the directory of an Optuna study kept in storage. The sweeper reloads the study and adds
+    n_trials new trials, numbered from job 0 again in the same directory: a new trial that drew the values of the
+    earlier trial with its number (as a seeded sampler's random startup trials may) would find that trial's finished
+    directory and report its result a second time, and the others would mix with the earlier trials' directories.
+    (An in-memory study replays its seeded trials instead, so resume=auto continues it.)"""
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    if storage is not None and jobs and continues_sweep(config):
+        raise WorldModelError(
+            f"trainer.resume=auto does not continue an Optuna study kept in storage (hydra.sweeper.storage={storage}): "
+            f"the sweeper would add hydra.sweeper.n_trials new trials to it, numbered from job 0 again in "
+            f"hydra.sweep.dir={sweep_dir}, and a new trial that drew the values of the earlier trial with its number "
+            "would report that trial's finished result a second time. Nothing was started. To add trials to the "
+            "study, rerun the sweep command without trainer.resume=auto, with a new hydra.sweep.dir and another "
+            "hydra.sweeper.sampler.seed; a trial that was stopped continues alone with the command its stop printed."
+        )
 
 
 def _refuse_file(run_dir: Path, key: str) -> None:
