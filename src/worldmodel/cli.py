@@ -231,7 +231,8 @@ class PreflightChecks(Callback):
             _refuse_file(sweep_dir, "hydra.sweep.dir")
             # A job of this sweep still running (a detached joblib worker, a SLURM job): continuing the sweep would
             # start that job a second time in its directory.
-            for lock in sorted(sweep_dir.glob(f"*/{LOCK_FILE}")) if sweep_dir.is_dir() else []:
+            # (rglob: hydra.sweep.subdir may nest a job's directory deeper.)
+            for lock in sorted(sweep_dir.rglob(LOCK_FILE)) if sweep_dir.is_dir() else []:
                 refuse_in_use(lock.parent, "a job of hydra.sweep.dir: hydra.run.dir")
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             _refuse_continuing_a_stored_study(config, sweep_dir)

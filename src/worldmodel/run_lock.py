@@ -20,6 +20,10 @@ from pathlib import Path
 from worldmodel.errors import WorldModelError
 
 LOCK_FILE = ".run.lock"
+NOTHING_CHANGED = "nothing was changed"
+#: What a sweep job refused in its own process says instead: Hydra saves a job's config before the job starts.
+JOB_CONFIG_REPLACED = ("Hydra had already saved this job's config into its .hydra/ (replacing the running job's "
+                       "copy there); its checkpoints and logs were not changed")  # fmt: skip
 
 #: Run directories this process holds: {resolved dir: open file descriptor of its lock}.
 _held: dict[Path, int] = {}
@@ -43,9 +47,9 @@ def refuse_in_use(run_dir: Path, key: str) -> None:
             os.close(fd)  # closing the descriptor releases the probe's own lock, if it got one
 
 
-def hold(run_dir: Path, key: str = "hydra.run.dir") -> bool:
+def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED) -> bool:
     """Locks `run_dir` (made if missing) until `release` or the end of the process. False if this process held it
-    already (nothing to release then) or the filesystem has no locks."""
+    already (nothing to release then) or the filesystem has no locks. `changed`: what a refusal says was changed."""
     if Path(run_dir).resolve() in _held:
         return False
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -54,7 +58,7 @@ def hold(run_dir: Path, key: str = "hydra.run.dir") -> bool:
     if fd is None:
         return False
     try:
-        locked = _try_lock(fd, lock, key)
+        locked = _try_lock(fd, lock, key, changed)
     except BaseException:
         os.close(fd)
         raise
@@ -72,10 +76,10 @@ def release(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def only_process_in(run_dir: Path, key: str = "hydra.run.dir") -> Iterator[None]:
+def only_process_in(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED) -> Iterator[None]:
     """Holds `run_dir` for the block (a job of a sweep: the next job's directory is another); a lock this process
     already held (train.py's single run, locked by worldmodel.cli.PreflightChecks) stays held."""
-    acquired = hold(run_dir, key)
+    acquired = hold(run_dir, key, changed)
     try:
         yield
     finally:
@@ -84,16 +88,21 @@ def only_process_in(run_dir: Path, key: str = "hydra.run.dir") -> Iterator[None]
 
 
 def _open(lock: Path, create: bool) -> int | None:
+    """The lock file, opened read-write: over NFS, flock is emulated with a write lock, which needs a descriptor open
+    for writing. Made with mode 0o666 less the umask, so that the group of a shared run directory can lock it too.
+    Where it may only be read (another user made it with a stricter umask), read-only: a local flock still works,
+    so a run there is still refused while its owner trains. None where it cannot be opened at all."""
     try:
-        # Read-write: over NFS, flock is emulated with a write lock, which needs a descriptor open for writing.
-        return os.open(lock, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        return os.open(lock, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            return os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
-        return None
-    except PermissionError:  # another user's run directory: its own permissions keep this process out anyway
-        return None
+        pass
+    return None
 
 
-def _try_lock(fd: int, lock: Path, key: str) -> bool:
+def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED) -> bool:
     """True once locked; False where the filesystem has no locks; RunDirInUse where another process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,7 +110,7 @@ def _try_lock(fd: int, lock: Path, key: str) -> bool:
         pid = _holder(fd)
         who = f"process {pid}" if pid is not None else "another process"
         raise RunDirInUse(
-            f"{key}={lock.parent} is in use: {who} is training in it (it holds {lock}); nothing was changed. Two "
+            f"{key}={lock.parent} is in use: {who} is training in it (it holds {lock}); {changed}. Two "
             "runs in one directory would write over each other's checkpoints and logs. Wait for that run to end, or "
             "stop it (SIGTERM saves a checkpoint) and then resume it with trainer.resume=true; or choose a new "
             "directory (drop the override)."
