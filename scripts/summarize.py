@@ -245,7 +245,8 @@ def summarize(sweep_dir: Path, metric: str, higher_is_better: bool = False
     return groups, swept, fixed, tags
 
 
-def write_table(groups, swept, fixed, tags, metric, out=sys.stdout, higher_is_better: bool = False) -> None:
+def write_table(groups, swept, fixed, tags, metric, out=None, higher_is_better: bool = False) -> None:
+    # out=None prints to sys.stdout as it is at the call (a default of sys.stdout would be the one at import)
     header = [*swept, "n", *tags]
     rows = [
         [*(shown_value(g, k) for k in swept), str(len(g.values(metric))), *(fmt(*mean_std(g.values(t))) for t in tags)]

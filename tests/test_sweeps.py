@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,6 +421,50 @@ def test_summarize_counts_a_configuration_run_twice_with_one_seed_once(tmp_path,
         "64": ["1"], "32": ["0", "3"]}  # fmt: skip
     assert "2_model.latent_dim-32_seed-1 ran the configuration and seed of 0_model.latent_dim-32_seed-1" in (
         capsys.readouterr().err)  # fmt: skip
+
+
+def _summarize_module():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import summarize as module
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return module
+
+
+def _logged_job(job: Path, overrides: list[str], seed: int | None, loss: float) -> None:
+    """A finished job's directory: its overrides, its config's seed (none: no config.yaml), and its last val/loss."""
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if seed is not None:
+        (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  steps: 10\n")
+    with Logger(job) as logger:
+        logger.log({"val/loss": loss}, step=10)
+        logger.log_hparams({"seed": seed or 0}, {"val/loss": loss}, step=10)
+
+
+def test_summarize_counts_two_configurations_that_ran_one_seed_and_jobs_of_unknown_seed_apart(tmp_path, capsys):
+    """Only the same configuration with the same seed is one sample: two configurations with seed 0 are two, and jobs
+    whose seed is unknown (no .hydra/config.yaml) are never taken for repeats of each other."""
+    for num, (dim, seed, loss) in enumerate([(32, 0, 0.5), (64, 0, 0.25), (16, None, 0.75), (16, None, 0.5)]):
+        _logged_job(tmp_path / f"{num}_model.latent_dim-{dim}", [f"model.latent_dim={dim}"], seed, loss)
+    groups, swept, fixed, tags = _summarize_module().summarize(tmp_path, "val/loss")
+    assert {dict(g.config)["model.latent_dim"]: [j.dir.name[0] for j in g.jobs] for g in groups} == {
+        "64": ["1"], "32": ["0"], "16": ["2", "3"]}  # fmt: skip
+    assert "counted once" not in capsys.readouterr().err
+
+
+def test_summarize_titles_the_plot_with_the_sweeps_own_name_when_given_as_a_dot(tmp_path, monkeypatch):
+    """`summarize.py .` run inside the sweep's directory: the title names that directory, not an empty name."""
+    sweep = tmp_path / "12-00-00"
+    for num in range(2):
+        _logged_job(sweep / f"{num}_model.latent_dim-{8 * (num + 1)}", [f"model.latent_dim={8 * (num + 1)}"], 0, 0.5)
+    module = _summarize_module()
+    titles = []
+    monkeypatch.setattr(module, "write_plot", lambda path, groups, swept, metric, title: titles.append(title))
+    monkeypatch.chdir(sweep)
+    assert module.main(["."]) == 0
+    assert titles == ["12-00-00: final val/loss, mean ± std over seeds (2 runs)"]
 
 
 def test_summarize_ranks_by_any_scalar_tag(tmp_path):
