@@ -4,7 +4,8 @@ Two processes training in one directory interleave their checkpoints and TensorB
 .hydra/ replaces the first one's saved config: the same resume command typed in two terminals, or a sweep continued
 while a job of it still runs (a joblib worker left behind by a signal to the sweep's parent alone, a SLURM job not yet
 ended). So train.py holds an exclusive lock on `<run dir>/.run.lock` for as long as it works there, and a second
-process is refused before Hydra writes anything. The lock is flock(2)'s: the kernel drops it when the process ends,
+process is refused before Hydra writes anything (worldmodel.cli.PreflightChecks; only a sweep job whose directory
+another process took after the sweep started is refused later, in train.py). The lock is flock(2)'s: the kernel drops it when the process ends,
 however it ends, so a killed run leaves no stale lock behind. On a filesystem without locks (ENOLCK, ENOSYS,
 EOPNOTSUPP: some Lustre mounts) runs go on without one.
 """
