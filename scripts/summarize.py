@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 METRIC_PREFIX = "val/"
 FINISHED_PREFIX = "hparams/"  # train.py logs hparams/* once, when a run has made all its updates
@@ -82,10 +82,15 @@ def _script(job_dir: Path) -> str | None:
     return None if name is None else str(name)
 
 
-def _saved(job_dir: Path, file: str, key: str):
-    """`key` in the job's .hydra/`file` (config.yaml: the run's values; hydra.yaml: Hydra's own), or None."""
+def _hydra_file(job_dir: Path, file: str) -> DictConfig:
+    """The job's .hydra/`file` (config.yaml: the run's values; hydra.yaml: Hydra's own); empty where it has none."""
     path = job_dir / ".hydra" / file
-    return OmegaConf.select(OmegaConf.load(path), key) if path.is_file() else None
+    return OmegaConf.load(path) if path.is_file() else OmegaConf.create()
+
+
+def _saved(job_dir: Path, file: str, key: str):
+    """`key` in the job's .hydra/`file`, or None."""
+    return OmegaConf.select(_hydra_file(job_dir, file), key)
 
 
 def _visible(job_dir: Path, sweep_dir: Path) -> bool:
@@ -141,12 +146,12 @@ def load_jobs(sweep_dir: Path, metric: str = "") -> list[Job]:
     for job_dir in find_job_dirs(sweep_dir):
         texts, typed = read_overrides(job_dir)
         finals, made = read_finals(job_dir, also=(metric,))
-        saved = _saved(job_dir, "config.yaml", "trainer.steps")
+        config = _hydra_file(job_dir, "config.yaml")  # read once: its trainer.steps and seed
+        saved, seed = OmegaConf.select(config, "trainer.steps"), OmegaConf.select(config, "seed")
         if made is not None and ("trainer.steps" in texts or saved not in (None, made)):
             # .hydra/ holds the last command's values: a job of a continued sweep that had nothing left to do, or
             # that was continued alone to more updates, made another number of updates than they say.
             texts["trainer.steps"], typed["trainer.steps"] = str(made), made
-        seed = _saved(job_dir, "config.yaml", "seed")
         jobs.append(Job(job_dir, texts, typed, finals, made is not None, None if seed is None else str(seed)))
     return jobs
 

@@ -253,8 +253,9 @@ def _refuse_continuing_a_stored_study(config: DictConfig, sweep_dir: Path) -> No
     directory and report its result a second time, and the others would mix with the earlier trials' directories.
     (An in-memory study replays its seeded trials instead, so resume=auto continues it.)"""
     storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
-    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.is_dir() else []
-    if storage is not None and jobs and continues_sweep(config):
+    if storage is None or not continues_sweep(config) or not sweep_dir.is_dir():
+        return
+    if any((p / ".hydra").is_dir() for p in sweep_dir.iterdir()):  # earlier trials' directories
         raise WorldModelError(
             f"trainer.resume=auto does not continue an Optuna study kept in storage (hydra.sweeper.storage={storage}): "
             f"the sweeper would add hydra.sweeper.n_trials new trials to it, numbered from job 0 again in "

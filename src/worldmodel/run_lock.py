@@ -5,9 +5,9 @@ Two processes training in one directory interleave their checkpoints and TensorB
 while a job of it still runs (a joblib worker left behind by a signal to the sweep's parent alone, a SLURM job not yet
 ended). So train.py holds an exclusive lock on `<run dir>/.run.lock` for as long as it works there, and a second
 process is refused before Hydra writes anything (worldmodel.cli.PreflightChecks; only a sweep job whose directory
-another process took after the sweep started is refused later, in train.py). The lock is flock(2)'s: the kernel drops it when the process ends,
-however it ends, so a killed run leaves no stale lock behind. On a filesystem without locks (ENOLCK, ENOSYS,
-EOPNOTSUPP: some Lustre mounts) runs go on without one.
+another process took after the sweep started is refused later, in train.py). The lock is flock(2)'s: the kernel
+drops it when the process ends, however it ends, so a killed run leaves no stale lock behind. On a filesystem without
+locks (ENOLCK, ENOSYS, EOPNOTSUPP: some Lustre mounts) runs go on without one.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class RunDirInUse(WorldModelError):
 def refuse_in_use(run_dir: Path, key: str) -> None:
     """Raises RunDirInUse if another process holds `run_dir`'s lock. Creates nothing: a run refused later on another
     ground leaves no directory behind."""
-    lock = Path(run_dir) / LOCK_FILE
-    if Path(run_dir).resolve() in _held or not lock.is_file():
+    run_dir = Path(run_dir)
+    lock = run_dir / LOCK_FILE
+    if run_dir.resolve() in _held or not lock.is_file():
         return
     fd = _open(lock, create=False)
     if fd is not None:
@@ -51,10 +52,11 @@ def refuse_in_use(run_dir: Path, key: str) -> None:
 def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED) -> bool:
     """Locks `run_dir` (made if missing) until `release` or the end of the process. False if this process held it
     already (nothing to release then) or the filesystem has no locks. `changed`: what a refusal says was changed."""
-    if Path(run_dir).resolve() in _held:
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _held:
         return False
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    lock = Path(run_dir) / LOCK_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
     fd = _open(lock, create=True)
     if fd is None:
         return False
@@ -66,7 +68,7 @@ def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANG
     if not locked:
         os.close(fd)
         return False
-    _held[Path(run_dir).resolve()] = fd
+    _held[run_dir.resolve()] = fd
     return True
 
 
