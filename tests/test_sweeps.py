@@ -93,6 +93,27 @@ def summarize(sweep_dir, *args):
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+def _summarize_module():
+    """scripts/summarize.py imported as a module (scripts/ is no package), for tests of its functions."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import summarize as module
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return module
+
+
+def _logged_job(job: Path, overrides: list[str], seed: int | None, loss: float) -> None:
+    """A finished job's directory: its overrides, its config's seed (none: no config.yaml), and its last val/loss."""
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if seed is not None:
+        (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  steps: 10\n")
+    with Logger(job) as logger:
+        logger.log({"val/loss": loss}, step=10)
+        logger.log_hparams({"seed": seed or 0}, {"val/loss": loss}, step=10)
+
+
 # --- no training: names, presets, hparams summaries, summarize's error ---------------------------------------------
 
 
@@ -261,11 +282,7 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
     # order. Here four writers share one process, named by a process-wide counter within one second: started at 0 for
     # this test, it stays one digit, so name order is creation order (9 < 10 would not be, as strings).
     monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import read_finals
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    read_finals = _summarize_module().read_finals
     with Logger(tmp_path) as logger:
         logger.log({"val/loss": 0.5}, step=0)
         logger.log({"val/loss": 0.25}, step=10)
@@ -295,11 +312,7 @@ def test_summarize_names_every_job_it_leaves_out_and_calls_fixed_only_what_no_jo
     (varied by the diverged job) and latent_dim (by the job that failed before logging), though the one job shown has
     a single value of each, are not reported as fixed but shown as columns (an Optuna study whose one trial with another
 batch size failed lost the key from both the table and the CSV)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import summarize as summarize_dir
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    summarize_dir = _summarize_module().summarize
     for num, lr in enumerate(["0.001", "1e6", "0.01"]):
         job = tmp_path / f"{num}_trainer.lr-{lr}"
         (job / ".hydra").mkdir(parents=True)
@@ -321,11 +334,7 @@ def test_summarize_finds_jobs_in_job_number_order_outside_hidden_folders(tmp_pat
     """Job 10 comes after job 2 (not between 1 and 2, as text would sort it): the CSV's runs column and each group's
     first job (whose typed values are plotted) follow launch order. Event files under a hidden folder (a copy kept in
     .old/, say) are not jobs."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import find_job_dirs
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    find_job_dirs = _summarize_module().find_job_dirs
     for name in ("10_seed-10", "2_seed-2", "1_seed-1", ".old/3_seed-3", "0_seed-0/.hydra"):
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "events.out.tfevents.1.host").write_bytes(b"")
@@ -337,11 +346,7 @@ def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(t
     after the marker's step is still listed, with no points, and must be skipped, not read as [-1]."""
     from torch.utils.tensorboard import SummaryWriter
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import read_finals
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    read_finals = _summarize_module().read_finals
     with SummaryWriter(str(tmp_path)) as writer:
         writer.add_scalar("val/loss", 1.0, 10)
         writer.add_scalar("val/late", 2.0, 30)
@@ -354,11 +359,7 @@ def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(t
 def test_summarize_keeps_jobs_with_other_trainer_steps_apart(tmp_path):
     """trainer.steps is left out of job directory names (a continued sweep finds its jobs again), not out of what
     makes a configuration: a sweep over it was once averaged into one row as if its jobs were seeds."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import summarize as summarize_dir
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    summarize_dir = _summarize_module().summarize
     for num, steps in enumerate([20, 40]):
         job = tmp_path / str(num)
         (job / ".hydra").mkdir(parents=True)
@@ -377,11 +378,7 @@ def test_summarize_labels_a_job_with_the_updates_it_made_not_the_last_commands_t
     job's .hydra/; a job continued alone to 80, then the sweep again without trainer.steps, saves the default. The
     table labels each job with the updates its final summary was logged at. A directory of another script
     (evaluate.py, met under outputs/) is no training run that failed before logging: not reported as one."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import summarize as summarize_dir
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    summarize_dir = _summarize_module().summarize
     for num, (override, saved, made) in enumerate([("- trainer.steps=20\n", 20, 40), ("", 10000, 80)]):
         job = tmp_path / str(num)
         (job / ".hydra").mkdir(parents=True)
@@ -403,44 +400,15 @@ def test_summarize_counts_a_configuration_run_twice_with_one_seed_once(tmp_path,
     """An Optuna study whose searched keys are all categorical (trainer.lr fixed) may propose the same values twice:
     the two trials ran the same seed, so they are one sample, not n=2 "over seeds" with a spread of 0. Another seed
     of that configuration still counts."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import summarize as summarize_dir
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    summarize_dir = _summarize_module().summarize
     for num, (dim, seed, loss) in enumerate([(32, 1, 0.5), (64, 0, 0.25), (32, 1, 0.5), (32, 2, 0.75)]):
-        job = tmp_path / f"{num}_model.latent_dim-{dim}_seed-{seed}"
-        (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- model.latent_dim={dim}\n- seed={seed}\n")
-        (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  steps: 10\n")
-        with Logger(job) as logger:
-            logger.log({"val/loss": loss}, step=10)
-            logger.log_hparams({"seed": seed}, {"val/loss": loss}, step=10)
+        _logged_job(tmp_path / f"{num}_model.latent_dim-{dim}_seed-{seed}", [f"model.latent_dim={dim}", f"seed={seed}"],
+                    seed, loss)  # fmt: skip
     groups, swept, fixed, tags = summarize_dir(tmp_path, "val/loss")
     assert {dict(g.config)["model.latent_dim"]: [j.dir.name[0] for j in g.jobs] for g in groups} == {
         "64": ["1"], "32": ["0", "3"]}  # fmt: skip
     assert "2_model.latent_dim-32_seed-1 ran the configuration and seed of 0_model.latent_dim-32_seed-1" in (
         capsys.readouterr().err)  # fmt: skip
-
-
-def _summarize_module():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import summarize as module
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    return module
-
-
-def _logged_job(job: Path, overrides: list[str], seed: int | None, loss: float) -> None:
-    """A finished job's directory: its overrides, its config's seed (none: no config.yaml), and its last val/loss."""
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    if seed is not None:
-        (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  steps: 10\n")
-    with Logger(job) as logger:
-        logger.log({"val/loss": loss}, step=10)
-        logger.log_hparams({"seed": seed or 0}, {"val/loss": loss}, step=10)
 
 
 def test_summarize_counts_two_configurations_that_ran_one_seed_and_jobs_of_unknown_seed_apart(tmp_path, capsys):
@@ -469,11 +437,7 @@ def test_summarize_titles_the_plot_with_the_sweeps_own_name_when_given_as_a_dot(
 
 def test_summarize_ranks_by_any_scalar_tag(tmp_path):
     """val/loss is each model's own objective (the ensemble's an NLL); eval/nmse_h15 is the same figure for all."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from summarize import summarize as summarize_dir
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    summarize_dir = _summarize_module().summarize
     for num, (model, loss, nmse) in enumerate([("gru", 0.05, 0.02), ("mlp_ensemble", -2.6, 0.04)]):
         job = tmp_path / str(num)
         (job / ".hydra").mkdir(parents=True)
