@@ -23,7 +23,7 @@ from worldmodel.env import env_spec
 from worldmodel.logger import Logger, has_hparams
 from worldmodel.resume import RunFinished, resume_payload
 from worldmodel.rollout import RandomPolicy
-from worldmodel.run_lock import JOB_CONFIG_REPLACED, only_process_in
+from worldmodel.run_lock import CONTINUE_SWEEP, JOB_CONFIG_REPLACED, only_process_in
 from worldmodel.runtime import VAL_SEED_OFFSET, resolve_device, seed_everything
 from worldmodel.vector import make_collector
 
@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float:
     # How to resume, if stopped, names this file (under submitit too). Only one process works in a run dir at a time:
     # a single run holds it since its pre-run checks, so only a sweep job can be refused here, after Hydra saved its
     # config (worldmodel.cli.PreflightChecks refuses the sweep earlier where its jobs' directories are in use).
-    with user_errors(script=__file__), only_process_in(run_dir, changed=JOB_CONFIG_REPLACED):
+    with user_errors(script=__file__), only_process_in(run_dir, changed=JOB_CONFIG_REPLACED, then=CONTINUE_SWEEP):
         # 1. Check every value, and the checkpoint to resume from, before any work starts. (For a single run,
         #    worldmodel.cli.PreflightChecks made these checks even earlier, before Hydra wrote into the run dir.)
         validate_config(cfg)

@@ -51,7 +51,7 @@ def test_a_directory_another_process_holds_is_refused_and_freed_when_that_proces
                 check()
             message = str(refused.value)
             assert message.startswith(f"hydra.run.dir={run_dir} is in use: process {other.pid} is training in it")
-            assert "nothing was changed" in message
+            assert "nothing was changed" in message and "resume it with trainer.resume=true" in message
         assert run_dir.resolve() not in run_lock._held
     finally:
         other.kill()  # SIGKILL: no chance to clean up, and still no stale lock
@@ -109,6 +109,8 @@ def test_continuing_a_sweep_while_one_of_its_jobs_runs_is_refused(tmp_path, caps
         assert stop.value.code == 2
         err = capsys.readouterr().err
         assert f"a job of hydra.sweep.dir: hydra.run.dir={job} is in use: process {other.pid}" in err
+        # The job is continued with its sweep, not resumed alone (which would leave it outside the sweep).
+        assert "continue the sweep: its own command with trainer.resume=auto" in err and "resume=true" not in err
     finally:
         other.kill()
         other.wait()
@@ -333,7 +335,8 @@ def test_a_sweep_job_refused_in_its_own_process_says_what_hydra_had_written(tmp_
     Hydra has saved the job's config there: the error says so, rather than "nothing was changed"."""
     other = other_process_holds(tmp_path / LOCK_FILE)
     try:
-        with pytest.raises(RunDirInUse) as refused, only_process_in(tmp_path, changed=run_lock.JOB_CONFIG_REPLACED):
+        with pytest.raises(RunDirInUse) as refused, only_process_in(tmp_path, changed=run_lock.JOB_CONFIG_REPLACED,
+                                                                    then=run_lock.CONTINUE_SWEEP):
             pass
     finally:
         other.kill()
@@ -341,3 +344,4 @@ def test_a_sweep_job_refused_in_its_own_process_says_what_hydra_had_written(tmp_
     message = str(refused.value)
     assert "Hydra had already saved this job's config into its .hydra/" in message
     assert "nothing was changed" not in message
+    assert "continue the sweep" in message and "resume=true" not in message

@@ -23,7 +23,7 @@ from worldmodel.checkpoint import CheckpointWriteFailed, resume_candidates
 from worldmodel.config import nearest_existing, refuse_deleted_keys, validate_config
 from worldmodel.errors import RunInterrupted, WorldModelError
 from worldmodel.resume import RunFinished, resume_payload
-from worldmodel.run_lock import LOCK_FILE, hold, refuse_in_use
+from worldmodel.run_lock import CONTINUE_SWEEP, LOCK_FILE, hold, refuse_in_use
 from worldmodel.sweep import check_sweep_jobs, continues_sweep, launcher_class, task_config
 
 #: Launchers whose jobs run in processes that share the sweep's command line (sys.argv): Hydra's basic one runs them
@@ -233,7 +233,7 @@ class PreflightChecks(Callback):
             # start that job a second time in its directory.
             # (rglob: hydra.sweep.subdir may nest a job's directory deeper.)
             for lock in sorted(sweep_dir.rglob(LOCK_FILE)) if sweep_dir.is_dir() else []:
-                refuse_in_use(lock.parent, "a job of hydra.sweep.dir: hydra.run.dir")
+                refuse_in_use(lock.parent, "a job of hydra.sweep.dir: hydra.run.dir", then=CONTINUE_SWEEP)
             refuse_deleted_keys(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
             _refuse_continuing_a_stored_study(config, sweep_dir)
             if finished and not continues_sweep(config):

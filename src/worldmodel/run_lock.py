@@ -25,6 +25,10 @@ NOTHING_CHANGED = "nothing was changed"
 #: What a sweep job refused in its own process says instead: Hydra saves a job's config before the job starts.
 JOB_CONFIG_REPLACED = ("Hydra had already saved this job's config into its .hydra/ (replacing the running job's "
                        "copy there); its checkpoints and logs were not changed")  # fmt: skip
+#: What to do once the process holding a directory has stopped: a single run is resumed, a sweep's job is continued
+#: by the sweep's own command (the job's directory alone, resumed with trainer.resume=true, would leave the sweep).
+RESUME_RUN = "resume it with trainer.resume=true"
+CONTINUE_SWEEP = "continue the sweep: its own command with trainer.resume=auto"
 
 #: Run directories this process holds: {resolved dir: open file descriptor of its lock}.
 _held: dict[Path, int] = {}
@@ -34,7 +38,7 @@ class RunDirInUse(WorldModelError):
     """Another process holds the run directory's lock."""
 
 
-def refuse_in_use(run_dir: Path, key: str) -> None:
+def refuse_in_use(run_dir: Path, key: str, then: str = RESUME_RUN) -> None:
     """Raises RunDirInUse if another process holds `run_dir`'s lock. Creates nothing: a run refused later on another
     ground leaves no directory behind."""
     run_dir = Path(run_dir)
@@ -44,14 +48,15 @@ def refuse_in_use(run_dir: Path, key: str) -> None:
     fd = _open(lock, create=False)
     if fd is not None:
         try:
-            _try_lock(fd, lock, key)
+            _try_lock(fd, lock, key, then=then)
         finally:
             os.close(fd)  # closing the descriptor releases the probe's own lock, if it got one
 
 
-def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED) -> bool:
+def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED, then: str = RESUME_RUN) -> bool:
     """Locks `run_dir` (made if missing) until `release` or the end of the process. False if this process held it
-    already (nothing to release then) or the filesystem has no locks. `changed`: what a refusal says was changed."""
+    already (nothing to release then) or the filesystem has no locks. A refusal says what was `changed`, and what to
+    do `then`, once the holder has stopped."""
     run_dir = Path(run_dir)
     if run_dir.resolve() in _held:
         return False
@@ -61,7 +66,7 @@ def hold(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANG
     if fd is None:
         return False
     try:
-        locked = _try_lock(fd, lock, key, changed)
+        locked = _try_lock(fd, lock, key, changed, then)
     except BaseException:
         os.close(fd)
         raise
@@ -79,10 +84,11 @@ def release(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def only_process_in(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED) -> Iterator[None]:
+def only_process_in(run_dir: Path, key: str = "hydra.run.dir", changed: str = NOTHING_CHANGED,
+                    then: str = RESUME_RUN) -> Iterator[None]:  # fmt: skip
     """Holds `run_dir` for the block (a job of a sweep: the next job's directory is another); a lock this process
     already held (train.py's single run, locked by worldmodel.cli.PreflightChecks) stays held."""
-    acquired = hold(run_dir, key, changed)
+    acquired = hold(run_dir, key, changed, then)
     try:
         yield
     finally:
@@ -105,7 +111,7 @@ def _open(lock: Path, create: bool) -> int | None:
     return None
 
 
-def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED) -> bool:
+def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED, then: str = RESUME_RUN) -> bool:
     """True once locked; False where the filesystem has no locks; RunDirInUse where another process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,8 +121,7 @@ def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED) -> 
         raise RunDirInUse(
             f"{key}={lock.parent} is in use: {who} is training in it (it holds {lock}); {changed}. Two "
             "runs in one directory would write over each other's checkpoints and logs. Wait for that run to end, or "
-            "stop it (SIGTERM saves a checkpoint) and then resume it with trainer.resume=true; or choose a new "
-            "directory (drop the override)."
+            f"stop it (SIGTERM saves a checkpoint) and then {then}; or choose a new directory (drop the override)."
         ) from None
     except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
         return False
