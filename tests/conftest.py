@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,32 +51,87 @@ def train_env(env_vars: dict | None = None) -> dict:
 
 
 def start_train(args: list[str]) -> subprocess.Popen:
-    """Starts `python scripts/train.py ARGS` in the background (for tests that signal or kill it)."""
+    """Starts `python scripts/train.py ARGS` in the background (for tests that signal or kill it): a fresh
+    interpreter, with no part in its start-up borrowed from another process."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), *args],
         cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def run_script(name: str, args: list[str]) -> subprocess.CompletedProcess:
-    """Runs `python scripts/NAME ARGS` (evaluate.py, collect.py, ...) and returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, env=train_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+def run_script(name: str, args: list[str], cwd: Path | None = None, env_vars: dict | None = None,
+               fresh: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs `python scripts/NAME ARGS` (train.py, evaluate.py, ...) and returns the CompletedProcess (text output).
+
+    A fork of tests/script_server.py, which has imported torch and the rest once, unless `fresh` (the same-seed test:
+    fresh interpreters differ in hash seed and unseeded global state) or the run's environment differs from the one
+    the server imported in (`env_vars`, a monkeypatched variable: read at import, it could change what a fork already
+    imported). Then a fresh `python`, as the command line starts it."""
+    env = train_env(env_vars)
+    command = [sys.executable, str(REPO / "scripts" / name), *args]
+    server = None if fresh else _ScriptServer.get()
+    if server is None or server.differs(env):
+        return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return server.run(command, cwd or REPO, env, timeout)
 
 
-def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_vars: dict | None = None):
-    """Runs `python scripts/train.py ARGS` and returns the CompletedProcess (stdout/stderr as text)."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        cwd=cwd or REPO,
-        env=train_env(env_vars),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_train(args: list[str], cwd: Path | None = None, check: bool = True, env_vars: dict | None = None,
+              fresh: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs `python scripts/train.py ARGS` (see `run_script`); a run that fails fails the test unless `check=False`."""
+    proc = run_script("train.py", args, cwd, env_vars, fresh, timeout=600)
     if check and proc.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+class _ScriptServer:
+    """This pytest process's tests/script_server.py, started at the first script run and ended with the process."""
+
+    _running: _ScriptServer | None = None
+
+    @classmethod
+    def get(cls) -> _ScriptServer:
+        if cls._running is None or cls._running.proc.poll() is not None:
+            cls._running = cls()
+        return cls._running
+
+    def __init__(self):
+        # The environment of the first run, not of this file's import: the test modules' own imports set variables
+        # (gymnasium sets PYGAME_HIDE_SUPPORT_PROMPT) that every later run has too.
+        self.env = train_env()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "script_server.py")], cwd=REPO,
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        atexit.register(self.proc.stdin.close)  # the server ends when its input does
+
+    def differs(self, env: dict) -> bool:
+        """Whether a run in `env` could import differently (pytest names the current test in one variable)."""
+        def drop(e):
+            return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST"}
+        return drop(env) != drop(self.env)
+
+    def run(self, command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"script": command[1], "args": command[2:], "cwd": str(cwd), "env": env,
+                       "stdout": str(out), "stderr": str(err)}  # fmt: skip
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = self._answer(timeout=60)["pid"]
+            try:
+                code = self._answer(timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(timeout=60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+
+    def _answer(self, timeout: float) -> dict:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired("script_server", timeout)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests/script_server.py ended (exit code {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
 
 
 def images(run_dir: Path) -> dict[str, list[tuple[int, int, int]]]:

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from conftest import REPO, TINY, hparams_experiment, raw_scalars, run_train, scalars, train_env
+from conftest import REPO, TINY, hparams_experiment, raw_scalars, run_script, run_train, scalars, train_env
 from worldmodel.errors import WorldModelError
 from worldmodel.logger import Logger, flatten_config
 from worldmodel.sweep import job_dirname
@@ -89,8 +89,7 @@ def check_job(job, expect_name: str):
 
 
 def summarize(sweep_dir, *args):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(sweep_dir), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run_script("summarize.py", [str(sweep_dir), *args], timeout=120)
 
 
 def _summarize_module():

@@ -61,9 +61,12 @@ def test_run_trains_and_logs_into_its_own_dir(tmp_path, env_args):
 
 
 def test_same_seed_gives_the_same_numbers(tmp_path):
+    """One run in a fresh interpreter and one forked by tests/script_server.py: they differ in hash seed and in
+    numpy's and `random`'s unseeded state, so a number drawn without the seed would differ, as would the numbers of a
+    fork that does not run as a fresh process does."""
     runs = [tmp_path / "a", tmp_path / "b"]
-    for run_dir in runs:
-        run_train([*TINY, "trainer.steps=40", f"hydra.run.dir={run_dir}"])
+    for run_dir, fresh in zip(runs, (True, False)):
+        run_train([*TINY, "trainer.steps=40", f"hydra.run.dir={run_dir}"], fresh=fresh)
     a, b = scalars(runs[0]), scalars(runs[1])
     for tag in ("train/loss", "val/loss", "val/obs"):
         assert a[tag] == b[tag]

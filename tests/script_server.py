@@ -1,0 +1,105 @@
+"""Runs `scripts/*.py` for the tests as forks of one process that has imported their heavy modules once.
+
+A script run the tests start takes 8-10 s on a 2-core machine, and about 6 s of that is imports: torch (~3 s),
+torch._dynamo (~2.5 s, imported by the optimizer's first call) and matplotlib (~1 s, for the figures). The suite
+starts well over a hundred such runs. A fork of this process starts with those modules imported, and is otherwise the
+run `python scripts/NAME.py ARGS` makes: its own process and pid, the request's working directory, environment,
+argv and sys.path[0], stdin from /dev/null, stdout and stderr to the files the client names, and the exit code
+Python would give (a SystemExit's code, 1 after a traceback, -N when killed by signal N). This process only imports
+before forking: it starts no thread and runs no torch op, Hydra app or env, so each fork starts as a fresh
+interpreter would. What a fork shares that fresh interpreters would not (the hash seed, numpy's and `random`'s
+unseeded global state, environment variables read at import) is why tests/conftest.py starts a fresh interpreter
+for a run whose environment differs from this process's, or that asks for one (`fresh=True`, as the same-seed test
+does).
+
+Protocol: one JSON request per line on stdin ({"script", "args", "cwd", "env", "stdout", "stderr"}), answered on
+stdout by {"pid": N} once forked and {"returncode": N} once the fork has ended.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import runpy
+import sys
+import threading
+import traceback
+
+# What the scripts import, and what their first update and first figure import (the costly part).
+import hydra  # noqa: F401
+import matplotlib.backends.backend_agg  # noqa: F401
+import matplotlib.figure  # noqa: F401
+import torch
+import torch._dynamo  # noqa: F401
+import worldmodel.checkpoint  # noqa: F401
+import worldmodel.cli  # noqa: F401
+import worldmodel.dataset  # noqa: F401
+import worldmodel.evaluation  # noqa: F401
+import worldmodel.logger  # noqa: F401
+import worldmodel.trainer  # noqa: F401
+import worldmodel.vector  # noqa: F401
+
+
+# A fork may use CUDA only where its parent never initialized it (on a GPU machine, the CUDA tests' runs do).
+assert not torch.cuda.is_initialized()
+
+
+def _exit_code(stop: SystemExit) -> int:
+    """What Python's own exit makes of a SystemExit: None is 0, an int is itself, anything else is printed and 1."""
+    if stop.code is None:
+        return 0
+    if isinstance(stop.code, int):
+        return stop.code
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def _child(request: dict) -> None:
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):  # fmt: skip
+            opened = os.open(path, flags, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        script = request["script"]
+        sys.argv = [script, *request["args"]]
+        sys.path[0] = os.path.dirname(script)  # as `python script.py` sets it
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = _exit_code(stop)
+        except BaseException:
+            traceback.print_exc()
+        # As the interpreter ends: non-daemon threads joined and threading's exit hooks (a joblib sweep's loky
+        # executor stops its workers there), then atexit's handlers.
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def main() -> None:
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""tests/script_server.py: a script run forked from it is what a fresh `python script.py` gives, to the test."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import run_script
+
+PROBE = """
+import atexit, os, sys, threading, time
+atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread joined"))).start()  # as loky's executor threads
+print(repr(sys.argv[1:]), os.path.basename(sys.argv[0]), sys.path[0] == os.path.dirname(sys.argv[0]))
+print(os.getcwd(), __name__, os.path.basename(__file__), os.environ.get("WM_PROBE"), repr(sys.stdin.read()))
+print("to stderr", file=sys.stderr)
+{ending}
+"""
+
+
+@pytest.mark.parametrize(
+    "ending, code, said",
+    [
+        ("", 0, ""),
+        ("sys.exit(3)", 3, ""),
+        ("sys.exit('stopped: a message')", 1, "stopped: a message"),
+        ("raise ValueError('a bug')", 1, "ValueError: a bug"),
+        ("import signal; os.kill(os.getpid(), signal.SIGKILL)", -9, ""),
+    ],
+)
+def test_a_forked_run_gives_what_a_fresh_interpreter_gives(tmp_path, ending, code, said):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(ending=ending))
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = {fresh: run_script(str(script), ["a b", "--x=1"], cwd=work, fresh=fresh) for fresh in (True, False)}
+    for proc in runs.values():
+        assert proc.returncode == code, proc.stderr
+        assert said in proc.stderr and "to stderr" in proc.stderr
+        if code != -9:  # a killed process joins no thread and runs no exit handler
+            assert "thread joined\natexit ran\n" in proc.stdout
+    assert runs[True].stdout == runs[False].stdout
+    assert runs[False].stdout.startswith(f"['a b', '--x=1'] probe.py True\n{work} __main__ probe.py None ''\n")
+    if said.startswith("ValueError"):
+        assert runs[False].stderr.count("Traceback") == 1
+
+
+def test_a_run_past_its_timeout_is_killed_and_the_next_run_is_served(tmp_path):
+    script = tmp_path / "sleeps.py"
+    script.write_text("import time; print('started', flush=True); time.sleep(60)")
+    with pytest.raises(subprocess.TimeoutExpired) as late:
+        run_script(str(script), [], timeout=3)
+    assert late.value.output == "started\n"
+    script.write_text("print('next')")
+    assert run_script(str(script), []).stdout == "next\n"
+
+
+def test_a_run_in_another_environment_gets_a_fresh_interpreter(tmp_path):
+    """A variable read at import (say OMP_NUM_THREADS, by torch) would be read too late by a fork."""
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys; print(os.environ.get('WM_PROBE'), 'torch' in sys.modules)")
+    assert run_script(str(script), []).stdout == "None True\n"  # forked: the server had imported torch
+    assert run_script(str(script), [], env_vars={"WM_PROBE": "x"}).stdout == "x False\n"
+    assert run_script(str(script), [], fresh=True).stdout == "None False\n"
