@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_collection  # noqa: E402
 import bench_sampling  # noqa: E402
+import bench_sweep_check  # noqa: E402
 import bench_time_to_quality  # noqa: E402
 import bench_updates  # noqa: E402
 import common  # noqa: E402
@@ -34,6 +35,13 @@ def test_sampling_setups_hold_the_same_wrapped_stream():
     np.testing.assert_array_equal(ours[0]["obs"], oldest_seed)
     batch = ours.sample(bench_sampling.BATCH, bench_sampling.SEQ_LEN)
     assert batch.obs.shape == (bench_sampling.BATCH, bench_sampling.SEQ_LEN, 3)
+
+
+def test_the_sweep_check_benchmark_times_a_grid_of_about_the_jobs_asked_for(capsys, monkeypatch):
+    assert [len(o.split("=")[1].split(",")) for o in bench_sweep_check.grid(200)] == [6, 6, 6]  # 216 jobs
+    monkeypatch.setattr(sys, "argv", ["bench_sweep_check.py", "--jobs", "8"])
+    bench_sweep_check.main()
+    assert capsys.readouterr().out.startswith("8 jobs: the pre-launch check took ")
 
 
 def test_collection_counts_only_stored_steps():
