@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,18 @@ def other_process_holds(lock: Path) -> subprocess.Popen:
 def lockable_by_another_process(lock: Path) -> bool:
     code = "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
     return subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True).returncode == 0
+
+
+def test_a_lock_held_for_an_instant_as_another_runs_probe_holds_it_does_not_refuse_the_run(tmp_path):
+    """refuse_in_use probes by taking the lock and letting go at once: a run taking the lock in that instant must
+    wait for the probe, not be refused naming the probing process."""
+    other = other_process_holds(tmp_path / LOCK_FILE)
+    threading.Timer(0.05, other.stdin.close).start()  # the holder lets go once its input ends
+    try:
+        assert hold(tmp_path)
+    finally:
+        release(tmp_path)
+        other.wait()
 
 
 def test_a_directory_another_process_holds_is_refused_and_freed_when_that_process_dies(tmp_path):

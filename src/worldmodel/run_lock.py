@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from worldmodel.errors import WorldModelError
 
 LOCK_FILE = ".run.lock"
+#: How long a lock that is taken is tried again before the run is refused: far longer than a probe holds it.
+PROBE_GRACE_S = 0.5
 NOTHING_CHANGED = "nothing was changed"
 #: What a sweep job refused in its own process says instead: Hydra saves a job's config before the job starts.
 JOB_CONFIG_REPLACED = ("Hydra had already saved this job's config into its .hydra/ (replacing the running job's "
@@ -114,7 +117,7 @@ def _open(lock: Path, create: bool) -> int | None:
 def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED, then: str = RESUME_RUN) -> bool:
     """True once locked; False where the filesystem has no locks; RunDirInUse where another process holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_within(fd, PROBE_GRACE_S)
     except BlockingIOError:
         pid = _holder(fd)
         who = f"process {pid}" if pid is not None else "another process"
@@ -126,6 +129,20 @@ def _try_lock(fd: int, lock: Path, key: str, changed: str = NOTHING_CHANGED, the
     except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
         return False
     return True
+
+
+def _flock_within(fd: int, seconds: float) -> None:
+    """flock(fd, exclusive), trying again for `seconds` before giving up with BlockingIOError: another process's
+    `refuse_in_use` probe holds the lock for an instant, and a run starting then must not be refused for it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _holder(fd: int) -> int | None:
