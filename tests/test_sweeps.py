@@ -351,6 +351,10 @@ def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(t
         writer.add_scalar("val/late", 2.0, 30)
     with SummaryWriter(str(tmp_path), purge_step=20, filename_suffix=".resumed") as writer:
         writer.add_scalar("val/loss", 0.5, 20)
+    # Readers take the files in name order, and names written within one second differ only in the writer's number
+    # in this process (9 sorts after 10): named as two processes a second apart name them.
+    for second, path in enumerate(sorted(tmp_path.glob("events.*"), key=lambda p: p.name.endswith(".resumed"))):
+        path.rename(tmp_path / f"events.out.tfevents.{1700000000 + second}.host.{100 + second}.0")
     finals, made = read_finals(tmp_path)
     assert finals == {"val/loss": 0.5} and made is None
 
