@@ -19,12 +19,16 @@ stdout by {"pid": N} once forked and {"returncode": N} once the fork has ended.
 from __future__ import annotations
 
 import atexit
+import builtins
+import gc
+import importlib.machinery
 import json
+import multiprocessing.process
 import os
-import runpy
+import signal
 import sys
 import threading
-import traceback
+import types
 
 # What the scripts import, and what their first update and first figure import (the costly part).
 import hydra  # noqa: F401
@@ -46,19 +50,31 @@ assert not torch.cuda.is_initialized()
 
 
 def _exit_code(stop: SystemExit) -> int:
-    """What Python's own exit makes of a SystemExit: None is 0, an int is itself, anything else is printed and 1."""
+    """What Python's own exit makes of a SystemExit: None is 0, an int its low byte, anything else is printed and 1."""
     if stop.code is None:
         return 0
     if isinstance(stop.code, int):
-        return stop.code
+        # exit() takes a C long (a larger int exits as -1) and the system keeps its low 8 bits.
+        return stop.code & 0xFF if -(2**63) <= stop.code < 2**63 else 255
     print(stop.code, file=sys.stderr)
     return 1
 
 
+def _main_module(script: str) -> types.ModuleType:
+    """A `__main__` as `python script.py` makes it, left in sys.modules until the end (exit hooks pickle by it)."""
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=script, __cached__=None, __builtins__=builtins, __annotations__={},
+                         __loader__=importlib.machinery.SourceFileLoader("__main__", script))  # fmt: skip
+    sys.modules["__main__"] = main
+    return main
+
+
 def _child(request: dict) -> None:
     code = 1
+    interrupted = False
     try:
         os.chdir(request["cwd"])
+        multiprocessing.process.ORIGINAL_DIR = os.path.abspath(request["cwd"])  # what its import would have read
         os.environ.clear()
         os.environ.update(request["env"])
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
@@ -69,23 +85,40 @@ def _child(request: dict) -> None:
         script = request["script"]
         sys.argv = [script, *request["args"]]
         sys.path[0] = os.path.dirname(script)  # as `python script.py` sets it
+        main = _main_module(script)
         try:
-            runpy.run_path(script, run_name="__main__")
+            try:
+                with open(script, "rb") as source:
+                    compiled = compile(source.read(), script, "exec", dont_inherit=True)
+            except OSError as missing:
+                print(f"{sys.executable}: can't open file {script!r}: [Errno {missing.errno}] {missing.strerror}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                os._exit(2)
+            exec(compiled, main.__dict__)
             code = 0
         except SystemExit as stop:
             code = _exit_code(stop)
-        except BaseException:
-            traceback.print_exc()
+        except BaseException as error:
+            # The interpreter's own report: sys.excepthook (the script may set it), the script's frames only.
+            error.with_traceback(error.__traceback__.tb_next)  # (none left for a SyntaxError, as Python gives)
+            sys.excepthook(type(error), error, error.__traceback__)
+            interrupted = isinstance(error, KeyboardInterrupt)
         # As the interpreter ends: non-daemon threads joined and threading's exit hooks (a joblib sweep's loky
-        # executor stops its workers there), then atexit's handlers.
+        # executor stops its workers there), then atexit's handlers, then __main__'s objects finalized (a file
+        # left open is flushed).
         threading._shutdown()
         atexit._run_exitfuncs()
+        main.__dict__.clear()
+        gc.collect()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
+        if interrupted:  # an uncaught KeyboardInterrupt ends Python by SIGINT (exit code -2, 130 in a shell)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 

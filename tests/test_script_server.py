@@ -63,3 +63,27 @@ def test_a_run_in_another_environment_gets_a_fresh_interpreter(tmp_path):
     assert run_script(str(script), []).stdout == "None True\n"  # forked: the server had imported torch
     assert run_script(str(script), [], env_vars={"WM_PROBE": "x"}).stdout == "x False\n"
     assert run_script(str(script), [], fresh=True).stdout == "None False\n"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "raise KeyboardInterrupt",  # Python ends by SIGINT: exit code -2 (130 in a shell)
+        "import sys; sys.exit(2**31)",  # exit() keeps the low 8 bits: 0
+        "def f():\n    raise ValueError('deep')\nf()",  # the script's frames only
+        "import sys\nsys.excepthook = lambda t, v, tb: print('hook:', v, file=sys.stderr)\nraise ValueError('x')",
+        "x = (",  # a SyntaxError: no traceback
+        "import atexit, pickle\nclass C: ...\natexit.register(lambda: print(len(pickle.dumps(C())) > 0))",
+        "f = open('left_open', 'w')\nf.write('data')\ndef g(): return f",  # flushed as the interpreter ends
+    ],
+)
+def test_a_forked_run_ends_as_a_fresh_interpreter_ends(tmp_path, source):
+    script = tmp_path / "probe.py"
+    script.write_text(source)
+    ends = {}
+    for fresh in (True, False):
+        work = tmp_path / f"work_{fresh}"
+        work.mkdir()
+        proc = run_script(str(script), [], cwd=work, fresh=fresh)
+        ends[fresh] = proc.returncode, proc.stdout, proc.stderr, {p.name: p.read_text() for p in work.iterdir()}
+    assert ends[False] == ends[True]
