@@ -66,10 +66,12 @@ def run_script(name: str, args: list[str], cwd: Path | None = None, env_vars: di
     A fork of tests/script_server.py, which has imported torch and the rest once, unless `fresh` (the same-seed test:
     fresh interpreters differ in hash seed and unseeded global state) or the run's environment differs from the one
     the server imported in (`env_vars`, a monkeypatched variable: read at import, it could change what a fork already
-    imported). Then a fresh `python`, as the command line starts it."""
+    imported), or on a machine with CUDA. Then a fresh `python`, as the command line starts it."""
     env = train_env(env_vars)
     command = [sys.executable, str(REPO / "scripts" / name), *args]
-    server = None if fresh else _ScriptServer.get()
+    # Not on a CUDA machine: an import there might initialize CUDA (cuInit) in the server, and a fork of a process
+    # that has done so cannot use CUDA. Only the CUDA tests run there, and a fresh run costs a GPU machine little.
+    server = None if fresh or torch.cuda.is_available() else _ScriptServer.get()
     if server is None or server.differs(env):
         return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return server.run(command, cwd or REPO, env, timeout)

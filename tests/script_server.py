@@ -13,7 +13,7 @@ before forking: it starts no thread and runs no torch op, Hydra app or env, so e
 interpreter would. What a fork shares that fresh interpreters would not (the hash seed, numpy's and `random`'s
 unseeded global state, environment variables read at import) is why tests/conftest.py starts a fresh interpreter
 for a run whose environment differs from this process's, or that asks for one (`fresh=True`, as the same-seed test
-does).
+does). On a machine with CUDA every run is fresh: an import here might initialize CUDA, which a fork cannot then use.
 
 Protocol: one JSON request per line on stdin ({"script", "args", "cwd", "env", "stdout", "stderr"}), answered on
 stdout by {"pid": N} once forked and {"returncode": N} once the fork has ended.
@@ -48,7 +48,7 @@ import worldmodel.trainer  # noqa: F401
 import worldmodel.vector  # noqa: F401
 
 
-# A fork may use CUDA only where its parent never initialized it (on a GPU machine, the CUDA tests' runs do).
+# A fork may use CUDA only where its parent never initialized it (conftest.py keeps runs on CUDA machines fresh too).
 assert not torch.cuda.is_initialized()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
 from conftest import run_script
 
@@ -63,6 +64,14 @@ def test_a_run_in_another_environment_gets_a_fresh_interpreter(tmp_path):
     assert run_script(str(script), []).stdout == "None True\n"  # forked: the server had imported torch
     assert run_script(str(script), [], env_vars={"WM_PROBE": "x"}).stdout == "x False\n"
     assert run_script(str(script), [], fresh=True).stdout == "None False\n"
+
+
+def test_on_a_machine_with_cuda_every_run_gets_a_fresh_interpreter(tmp_path, monkeypatch):
+    """The server's imports might initialize CUDA there, and a fork of a process that has cannot use it."""
+    script = tmp_path / "probe.py"
+    script.write_text("import sys; print('torch' in sys.modules)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_script(str(script), []).stdout == "False\n"
 
 
 @pytest.mark.parametrize(
