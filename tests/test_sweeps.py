@@ -102,6 +102,15 @@ def _summarize_module():
     return module
 
 
+def writers_named_in_creation_order(monkeypatch) -> None:
+    """Each attempt of a run is a process writing one event file, and readers take a directory's files in name order.
+    Writers made by one test share a process, named by a process-wide counter within one second: started at 0 for the
+    test, it stays one digit, so name order is creation order (9 < 10 would not be, as strings)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+
+
 def _logged_job(job: Path, overrides: list[str], seed: int | None, loss: float) -> None:
     """A finished job's directory: its overrides, its config's seed (none: no config.yaml), and its last val/loss."""
     (job / ".hydra").mkdir(parents=True)
@@ -275,12 +284,7 @@ def test_a_finished_run_continued_and_stopped_again_counts_as_unfinished(tmp_pat
     """A run finished at update 10 (its hparams/* summary), then resumed for more updates and stopped at 30: its last
     val/* point is not the final one of any finished run, so summarize.py must not average it in; once the
     continued run finishes, it counts again."""
-    from tensorboard.summary.writer import event_file_writer
-
-    # Each attempt of a run is a process writing one event file, and TensorBoard reads a directory's files in name
-    # order. Here four writers share one process, named by a process-wide counter within one second: started at 0 for
-    # this test, it stays one digit, so name order is creation order (9 < 10 would not be, as strings).
-    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+    writers_named_in_creation_order(monkeypatch)  # four writers, as four attempts of the run would make them
     read_finals = _summarize_module().read_finals
     with Logger(tmp_path) as logger:
         logger.log({"val/loss": 0.5}, step=0)
@@ -340,21 +344,18 @@ def test_summarize_finds_jobs_in_job_number_order_outside_hidden_folders(tmp_pat
     assert [d.name for d in find_job_dirs(tmp_path)] == ["1_seed-1", "2_seed-2", "10_seed-10"]
 
 
-def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(tmp_path):
+def test_summarize_reads_a_job_whose_tag_lost_all_its_points_to_a_purge_marker(tmp_path, monkeypatch):
     """Event files written before pruning existed hold a resumed run's purge marker only: a tag whose every point came
     after the marker's step is still listed, with no points, and must be skipped, not read as [-1]."""
     from torch.utils.tensorboard import SummaryWriter
 
+    writers_named_in_creation_order(monkeypatch)
     read_finals = _summarize_module().read_finals
     with SummaryWriter(str(tmp_path)) as writer:
         writer.add_scalar("val/loss", 1.0, 10)
         writer.add_scalar("val/late", 2.0, 30)
     with SummaryWriter(str(tmp_path), purge_step=20, filename_suffix=".resumed") as writer:
         writer.add_scalar("val/loss", 0.5, 20)
-    # Readers take the files in name order, and names written within one second differ only in the writer's number
-    # in this process (9 sorts after 10): named as two processes a second apart name them.
-    for second, path in enumerate(sorted(tmp_path.glob("events.*"), key=lambda p: p.name.endswith(".resumed"))):
-        path.rename(tmp_path / f"events.out.tfevents.{1700000000 + second}.host.{100 + second}.0")
     finals, made = read_finals(tmp_path)
     assert finals == {"val/loss": 0.5} and made is None
 
