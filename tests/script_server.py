@@ -3,17 +3,17 @@
 A script run the tests start takes 8-10 s on a 2-core machine, and about 6 s of that is imports: torch (~3 s),
 torch._dynamo (~2.5 s, imported by the optimizer's first call) and matplotlib (~1 s, for the figures). The suite
 starts well over a hundred such runs. A fork of this process starts with those modules imported, and is otherwise the
-run `python scripts/NAME.py ARGS` makes: its own process and pid, the request's working directory, environment,
-argv and sys.path[0], stdin from /dev/null, stdout and stderr to the files the client names, and the exit code
-Python would give (a SystemExit's code, 1 after a traceback, -2 after an uncaught KeyboardInterrupt, -N when killed
-by signal N); it ends as the interpreter does (threads joined, exit hooks, __main__'s objects freed). One difference
-is left: the client reads the output files once the fork has exited, where a fresh run's pipes would also wait for
-a detached grandchild still holding them. This process only imports
-before forking: it starts no thread and runs no torch op, Hydra app or env, so each fork starts as a fresh
-interpreter would. What a fork shares that fresh interpreters would not (the hash seed, numpy's and `random`'s
-unseeded global state, environment variables read at import) is why tests/conftest.py starts a fresh interpreter
-for a run whose environment differs from this process's, or that asks for one (`fresh=True`, as the same-seed test
-does). On a machine with CUDA every run is fresh: an import here might initialize CUDA, which a fork cannot then use.
+run `python scripts/NAME.py ARGS` makes: its own process and pid, the request's working directory, environment, argv
+and sys.path[0], stdin from /dev/null, stdout and stderr to the files the client names, and the exit code Python would
+give (a SystemExit's code, 1 after a traceback, -2 after an uncaught KeyboardInterrupt, -N when killed by signal N);
+it ends as the interpreter does (threads joined, exit hooks, __main__'s objects freed). One difference is left: the
+client reads the output files once the fork has exited, where a fresh run's pipes would also wait for a detached
+grandchild still holding them. This process only imports before forking: it starts no thread and runs no torch op,
+Hydra app or env, so each fork starts as a fresh interpreter would. What a fork shares that fresh interpreters would
+not (the hash seed, numpy's and `random`'s unseeded global state, environment variables read at import) is why
+tests/conftest.py starts a fresh interpreter for a run whose environment differs from this process's, or that asks for
+one (`fresh=True`, as the same-seed test does). On a machine with CUDA every run is fresh: an import here might
+initialize CUDA, which a fork cannot then use.
 
 Protocol: one JSON request per line on stdin ({"script", "args", "cwd", "env", "stdout", "stderr"}), answered on
 stdout by {"pid": N} once forked and {"returncode": N} once the fork has ended.
