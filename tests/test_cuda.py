@@ -114,6 +114,34 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
             np.testing.assert_array_equal(again[:][name], expected, err_msg=name)
 
 
+def test_a_ring_on_the_gpu_hands_host_batches_that_have_arrived():
+    """buffer.device=cuda with trainer.device=cpu: batches are copied from the GPU to the host, and must be whole when
+    sample returns (first is computed from them at once, and the caller reads them), even with GPU work queued."""
+    rng = np.random.default_rng(0)
+    t, obs_dim = 3000, 64
+    rows = {
+        "obs": rng.normal(size=(t, obs_dim)).astype(np.float32),
+        "action": rng.normal(size=(t, 1)).astype(np.float32),
+        "reward": rng.normal(size=t).astype(np.float32),
+        "next_obs": rng.normal(size=(t, obs_dim)).astype(np.float32),
+        "terminated": rng.random(t) < 0.05,
+        "truncated": rng.random(t) < 0.05,
+    }
+    gpu = ReplayBuffer(2000, obs_dim, 1, device=DEVICE, batch_device="cpu", seed=1)
+    host = ReplayBuffer(2000, obs_dim, 1, seed=1)
+    gpu.extend(**rows)
+    host.extend(**rows)
+    busy = torch.randn(4096, 4096, device=DEVICE)
+    for _ in range(5):
+        for _ in range(8):  # GPU work queued ahead of the batch's copy, so that a copy that does not wait lands late
+            busy = busy @ busy
+            busy = busy / busy.norm()
+        got, expected = gpu.sample(1024, 32), host.sample(1024, 32)
+        assert got.obs.device.type == "cpu"
+        for name, value in vars(expected).items():
+            assert torch.equal(getattr(got, name), value), name
+
+
 def test_collecting_sampling_and_updating_never_make_the_host_wait_for_the_gpu():
     """The host must run ahead of the GPU: write the next step and sample the next batch while the update in flight
     still runs (a copy from pageable memory would wait for it: transfer.to_device stages through pinned memory)."""

@@ -405,7 +405,9 @@ class ReplayBuffer:
             out = torch.index_select(windows, 0, block, out=out) if out is not None else windows.index_select(0, block)
             if len(wrapped):
                 out[wrapped] = table[rows]
-            gathered[dtype] = out.to(self.batch_device, non_blocking=True)
+            # Non-blocking only towards a GPU: a copy from a GPU ring to host batches (buffer.device=cuda with
+            # trainer.device=cpu) would return before it lands, and _assemble and the caller read the batch at once.
+            gathered[dtype] = out.to(self.batch_device, non_blocking=self.batch_device.type == "cuda")
         return self._assemble(gathered)
 
     def _assemble(self, gathered: dict[torch.dtype, torch.Tensor]) -> Batch:
