@@ -434,3 +434,16 @@ def test_loading_an_unfitted_state_makes_the_model_refuse_to_train_again():
     model.load_state_dict(GRUWorldModel(3, 2, latent_dim=16, hidden_dim=32).state_dict())
     with pytest.raises(RuntimeError, match="fitted"):
         model.loss(batch)
+
+
+def test_the_delta_of_float16_observations_is_fitted_as_the_loss_computes_it():
+    """buffer.obs_dtype=float16 stores obs and next_obs as float16, but batches (and so the loss's delta targets) are
+    float32. A delta taken in float16 overflowed to inf beyond 65504 (a NaN normalizer, reported as a divergence)."""
+    obs = np.array([[40000.0], [-40000.0], [1.0]], np.float16)
+    next_obs = np.array([[-30000.0], [30000.0], [1.0009765625]], np.float16)
+    norm = Normalizer(obs_dim=1, action_dim=1)
+    norm.fit(obs, np.zeros((3, 1)), np.zeros(3), next_obs)
+    expected = next_obs.astype(np.float32) - obs.astype(np.float32)
+    assert torch.isfinite(norm.delta_std).all()
+    assert norm.delta_mean.item() == pytest.approx(expected.mean(), rel=1e-6)
+    assert norm.delta_std.item() == pytest.approx(expected.std(), rel=1e-6)

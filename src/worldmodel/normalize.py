@@ -41,7 +41,10 @@ class Normalizer(nn.Module):
         for obs, action, reward, next_obs in chunks:
             if len(obs) == 0:  # its mean is NaN, which merging would spread
                 continue
-            data = {"obs": obs, "action": action, "delta": next_obs - obs, "reward": np.reshape(reward, (-1, 1))}
+            # The delta in at least float32, as the loss computes its targets from the stored float16 observations
+            # (ReplayBuffer batches are float32): a float16 difference rounds, and overflows to inf beyond 65504.
+            delta = np.subtract(next_obs, obs, dtype=np.result_type(np.asarray(next_obs).dtype, np.float32))
+            data = {"obs": obs, "action": action, "delta": delta, "reward": np.reshape(reward, (-1, 1))}
             for name, values in data.items():
                 values = torch.as_tensor(np.asarray(values, dtype=np.float64))
                 n, mean, var = len(values), values.mean(0), values.var(0, correction=0)
