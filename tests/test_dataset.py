@@ -517,3 +517,19 @@ def test_a_dataset_file_is_read_once(tmp_path):
         assert len(list(file.blocks())) == 1
         with pytest.raises(RuntimeError, match="reads the file once"):
             list(file.blocks())  # not "the file ends ... bytes early", which would blame a good file
+
+
+@pytest.mark.parametrize("flag", ["terminated", "truncated"])
+def test_a_flag_before_an_episodes_last_step_is_refused_naming_the_episode(tmp_path, flag):
+    """Two episodes stored in one row (a concatenation): the rows after the first flag would be stored as transitions
+    from one episode's final observation into the next episode, which no env step made."""
+    data = small_dataset([3, 5, 2])
+    flags = data[flag].copy()
+    flags[1, 1] = True  # episode 1 (5 steps) flagged at step 1
+    np.savez(tmp_path / "d.npz", **{**data, flag: flags})
+    with pytest.raises(DatasetError, match=r"episode 1 has `terminated` or `truncated` set at step 1, before its last"):
+        ReplayBuffer(100, 1, 1, dataset=tmp_path / "d.npz")
+    flags[1, 1], flags[1, 4] = False, True  # at the last valid step, as every recorded episode has it: loads
+    flags[2, 3] = True  # and in padding, after the last valid step: ignored
+    np.savez(tmp_path / "d.npz", **{**data, flag: flags})
+    assert len(ReplayBuffer(100, 1, 1, dataset=tmp_path / "d.npz")) == 10

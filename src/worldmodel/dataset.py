@@ -190,6 +190,7 @@ class DatasetFile:
                 if not np.isin(block[name], (0, 1)).all():
                     self._expect(name, False, f"[{self.n}, {self.t}] booleans (or 0/1 numbers)")
                 block[name] = block[name].astype(bool)
+            self._refuse_flags_before_the_end(block, first)
             if self.discrete:
                 block["actions"] = block["actions"].reshape(count, self.t)
             for name, found in non_finite(block).items():
@@ -204,6 +205,19 @@ class DatasetFile:
             raise DatasetError(f"Dataset {self.where}: {counts} in valid steps.")
         if out_of_range:
             raise DatasetError(f"Dataset {self.where}: key `actions` holds indices outside 0..{self.action_dim - 1}.")
+
+    def _refuse_flags_before_the_end(self, block: dict, first: int) -> None:
+        """An episode ends at its first flag. One set earlier would make the rows after it transitions from the final
+        observation of one episode to the start of the next (a concatenation of episodes), which no env step did."""
+        before_last = np.arange(self.t)[None, :] < block["lengths"][:, None] - 1
+        early = (block["terminated"] | block["truncated"]) & before_last
+        if early.any():
+            i, step = np.argwhere(early)[0]
+            raise DatasetError(
+                f"Dataset {self.where}: episode {first + i} has `terminated` or `truncated` set at step {step}, before "
+                f"its last valid step {block['lengths'][i] - 1} (`lengths` is {block['lengths'][i]}): an episode ends "
+                "at its first flag. Store each episode in its own row, or set `lengths` to end it at that step."
+            )
 
     def close(self) -> None:
         for member in getattr(self, "_arrays", {}).values():
