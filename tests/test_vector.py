@@ -448,3 +448,35 @@ def test_two_vector_envs_of_one_seed_pickle_to_the_same_bytes(env_id, mode):
         env.reset(seed=5)
         env.step(env.action_space.sample())
     assert pickle.dumps(envs[0]) == pickle.dumps(envs[1])
+
+
+class _IntegerBoxActions(gym.Env):
+    """Box actions of an integer dtype, which the env checks as gymnasium's own envs do (obs: the action taken)."""
+
+    def __init__(self):
+        self.action_space = gym.spaces.Box(0, 3, (2,), np.int64)
+        self.observation_space = gym.spaces.Box(-10.0, 10.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"{action!r} is not in {self.action_space}"
+        return np.asarray(action, np.float32), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize("num_envs", [1, 3])
+def test_an_integer_box_action_env_gets_integer_actions_with_one_env_or_several(num_envs):
+    """A vector env must be given the actions one env is given: integers for an integer Box, not float32 copies (which
+    fail its action_space.contains). They are stored as float vectors either way."""
+    if "IntegerBoxActions-v0" not in gym.registry:
+        gym.register("IntegerBoxActions-v0", entry_point=_IntegerBoxActions, max_episode_steps=5)
+    env = make_env("IntegerBoxActions-v0", seed=0, num_envs=num_envs)
+    spec = env_spec(env)
+    buffer = ReplayBuffer(100, spec.obs_dim, spec.action_dim, streams=num_envs)
+    make_collector(env, buffer, RandomPolicy(env.action_space, 0), seed=0, spec=spec).collect(6 * num_envs)
+    rows = buffer[:]
+    assert rows["action"].dtype == np.float32 and len(rows["action"])
+    np.testing.assert_array_equal(rows["next_obs"], rows["action"])  # the env saw the very actions stored
+    assert set(np.unique(rows["action"]).tolist()) <= {0.0, 1.0, 2.0, 3.0}

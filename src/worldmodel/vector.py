@@ -65,7 +65,9 @@ class VectorCollector:
         if self.spec.discrete:
             actions = np.empty((steps, n), np.int64)
         else:
-            actions = np.empty((steps, *self.env.action_space.shape), np.float32)
+            # In the action space's own dtype: an integer Box env must get the integers a single env would (float32
+            # ones fail its action_space.contains, or index with floats); the buffer stores them as float32 below.
+            actions = np.empty((steps, *self.env.action_space.shape), self.env.action_space.dtype)
         reward = np.empty((steps, n), np.float32)
         terminated = np.empty((steps, n), bool)
         truncated = np.empty((steps, n), bool)
@@ -87,9 +89,10 @@ class VectorCollector:
             raise RuntimeError(f"{self.env} reported an episode end on an autoreset step; VectorCollector relies on "
                                "gymnasium's NEXT_STEP contract that reset steps have terminated = truncated = False")
         self._resetting = done[-1].copy()
+        stored = self._eye[actions] if self.spec.discrete else actions.astype(np.float32, copy=False)
         block = {
             "obs": seen[:-1],
-            "action": self._eye[actions] if self.spec.discrete else actions.reshape(steps, n, a),
+            "action": stored.reshape(steps, n, a),
             "reward": reward,
             "next_obs": seen[1:],
             "terminated": terminated,
