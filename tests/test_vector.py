@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worldmodel import ConfigError, RandomPolicy, ReplayBuffer, env_spec, make_env
-from worldmodel.vector import VectorCollector, make_collector
+from worldmodel.vector import VectorCollector, make_collector, reset_seed
 
 
 def vector_collector(env_id: str, num_envs: int, seed: int = 0, **env_kwargs) -> VectorCollector:
@@ -69,7 +69,7 @@ def assert_rows_replay_the_env(buffer, spec, env_id: str, num_envs: int, vector_
     buffer holds exactly its transitions, none for an autoreset step; returns the number of episode ends."""
     streams = stream_rows(buffer)
     env = make_env(env_id, seed=seed, num_envs=num_envs, **kwargs)
-    obs, _ = env.reset(seed=seed)
+    obs, _ = env.reset(seed=reset_seed(env, seed))  # the collector's first reset
     cursor = np.zeros(num_envs, dtype=int)
     resetting = np.zeros(num_envs, dtype=bool)
     ends = 0
@@ -480,3 +480,31 @@ def test_an_integer_box_action_env_gets_integer_actions_with_one_env_or_several(
     assert rows["action"].dtype == np.float32 and len(rows["action"])
     np.testing.assert_array_equal(rows["next_obs"], rows["action"])  # the env saw the very actions stored
     assert set(np.unique(rows["action"]).tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def episode_starts(buffer: ReplayBuffer) -> list[set[tuple]]:
+    """Per stream, the initial observation of each of its episodes (rounded: compared across runs)."""
+    starts = []
+    for rows in stream_rows(buffer):
+        first = np.concatenate([[True], (rows["terminated"] | rows["truncated"])[:-1]])
+        starts.append({tuple(np.round(obs, 6)) for obs in rows["obs"][first]})
+    return starts
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_envs_of_runs_with_neighbouring_seeds_share_no_episode(mode):
+    """gymnasium seeds env k of a sync/async vector with seed + k: env k of seed=1 then replayed env k+1 of seed=0,
+    every episode's initial state (Pendulum draws randomness at reset only), so a sweep over seeds gave runs that were
+    not independent. No episode start may recur within a run or across the two."""
+    runs = [vector_run("Pendulum-v1", 4, 4 * 600, seed=seed, vectorization_mode=mode)[0] for seed in (0, 1)]
+    starts = [episode_starts(buffer) for buffer in runs]
+    every = [obs for run in starts for stream in run for obs in stream]
+    assert len(every) == 2 * 4 * 3  # 600 steps: three 200-step episodes per env
+    assert len(set(every)) == len(every)
+
+
+def test_a_batched_vector_env_is_seeded_with_the_run_seed_itself():
+    """CartPole's own batched env draws all its envs' states from one generator: reset(seed=int), as gymnasium does."""
+    buffer = vector_run("CartPole-v1", 4, 4, seed=7)[0]
+    expected, _ = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="vector_entry_point").reset(seed=7)
+    np.testing.assert_array_equal(np.stack([rows["obs"][0] for rows in stream_rows(buffer)]), expected)

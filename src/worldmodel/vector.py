@@ -54,7 +54,7 @@ class VectorCollector:
         if steps == 0:
             return stats
         if self._obs is None:
-            obs, _ = self.env.reset(seed=self._seed)
+            obs, _ = self.env.reset(seed=reset_seed(self.env, self._seed))
             self._seed = None
             self._obs = self._flat(obs)
         n, d, a = self.num_envs, self.spec.obs_dim, self.spec.action_dim
@@ -172,3 +172,13 @@ def make_collector(env, buffer: ReplayBuffer, policy: Policy, seed: int, spec: E
     if isinstance(env, gym.vector.VectorEnv):
         return VectorCollector(env, buffer, policy, seed=seed, spec=spec)
     return Collector(env, buffer, policy, seed=seed, spec=spec)
+
+
+def reset_seed(env: gym.vector.VectorEnv, seed: int | None) -> int | list[int] | None:
+    """The seed of a vector env's first reset. gymnasium seeds env k of a sync or async vector with seed + k, so in a
+    sweep over seed=0,1,2 env k of one run would repeat env k+1 of the run before it, episode for episode: the runs
+    would not be independent replicates. Each env gets a seed of its own from numpy's SeedSequence spawning instead. A
+    batched env (CartPole's vector_entry_point) draws every env's states from one generator: it keeps the int."""
+    if seed is None or not isinstance(env.unwrapped, gym.vector.SyncVectorEnv | gym.vector.AsyncVectorEnv):
+        return seed
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(int(seed)).spawn(env.num_envs)]
