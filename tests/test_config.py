@@ -155,6 +155,23 @@ def test_bad_values_name_the_key_and_what_is_valid(override, key, valid):
 
 
 @pytest.mark.parametrize(
+    "override, key",
+    [
+        ("+buffer.seed=5", "buffer.seed"),
+        ("+env.seed=7", "env.seed"),
+        ("+buffer.streams=4", "buffer.streams"),
+        ("+model.obs_dim=9", "model.obs_dim"),
+    ],
+)
+def test_keys_the_script_sets_itself_are_refused_not_ignored(override, key):
+    """train.py passes seed (and the env's sizes, the streams) to the constructors itself, over whatever the node holds:
+    `-m +env.seed=0,1,2` would run three identical jobs, each saved and named with another env.seed."""
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(override.split()))
+    assert err.value.key == key and "silently ignored" in str(err.value)
+
+
+@pytest.mark.parametrize(
     "override",
     [
         "trainer.eval_context=5 trainer.eval_horizon=196 trainer.val_steps=200",

@@ -99,6 +99,14 @@ def _path(cfg: DictConfig, key: str, what: str) -> str:
 #: Arguments the scripts pass to the _target_s themselves, from the env and the run (not config keys).
 SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions", "capacity_key",
                     "device_key")
+#: Those of SCRIPT_ARGUMENTS that train.py and collect.py pass for each group, over any value the group's node holds
+#: (hydra.utils.instantiate lets keyword arguments win): `+buffer.seed=5` or `+env.seed=7` would be saved in the run's
+#: config, named in sweep job directories and shown in the HParams tab, while the run used `seed` all the same.
+SET_BY_SCRIPTS = {
+    "env": ("seed",),
+    "buffer": ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions", "capacity_key"),
+    "model": ("obs_dim", "action_dim"),
+}
 
 
 def _built_from(cfg: DictConfig, group: str) -> tuple[DictConfig, str, object] | None:
@@ -114,6 +122,12 @@ def _known_keys(cfg: DictConfig, group: str) -> None:
     if (built := _built_from(cfg, group)) is None:
         return
     node, target, constructor = built
+    for key in SET_BY_SCRIPTS.get(group, ()):
+        if key in node:
+            given = OmegaConf.to_container(node, resolve=False)[key]
+            instead = "set the top-level seed=... instead" if key == "seed" else "drop the override"
+            raise ConfigError(f"{group}.{key}", given, f"no such key: the scripts pass {key} to {group} themselves, "
+                              f"over this value, which would be silently ignored ({instead})")  # fmt: skip
     parameters = inspect.signature(constructor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
