@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -508,3 +511,22 @@ def test_a_batched_vector_env_is_seeded_with_the_run_seed_itself():
     buffer = vector_run("CartPole-v1", 4, 4, seed=7)[0]
     expected, _ = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="vector_entry_point").reset(seed=7)
     np.testing.assert_array_equal(np.stack([rows["obs"][0] for rows in stream_rows(buffer)]), expected)
+
+
+def test_async_env_workers_leave_a_stop_signal_to_the_training_process():
+    """Ctrl-C in a terminal, and SLURM's preemption, signal the whole process group: an async env's workers too. A
+    worker that died of it (SIGTERM) or reported a KeyboardInterrupt (SIGINT) made the training process's next env
+    step fail with a traceback, so the run ended without the checkpoint its stop promises."""
+    env = make_env("CartPole-v1", seed=0, num_envs=2, vectorization_mode="async")
+    processes = list(env.processes)
+    try:
+        env.reset(seed=0)
+        for process in processes:
+            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.5)  # for the signals to arrive: a worker that acted on them would be dead or have replied
+        env.step(np.zeros(2, dtype=np.int64))
+        assert all(p.is_alive() for p in processes)
+    finally:
+        env.close()
+    assert not any(p.is_alive() for p in processes)

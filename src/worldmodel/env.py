@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import difflib
 import functools
 import importlib
+import signal
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,5 +223,30 @@ def _make(id: str, kwargs: dict, num_envs: int, vectorization_mode: str | None) 
             env = gym.vector.SyncVectorEnv([functools.partial(gym.make, id, **kwargs)] * num_envs)
             env.spec = env.envs[0].spec  # as make_vec does, so errors and checkpoints name the env, not the class
         else:
-            env = gym.make_vec(id, num_envs=num_envs, vectorization_mode=vectorization_mode, **kwargs)
+            vector_kwargs = {"worker": _async_worker} if vectorization_mode == "async" else None
+            env = gym.make_vec(id, num_envs=num_envs, vectorization_mode=vectorization_mode,
+                               vector_kwargs=vector_kwargs, **kwargs)  # fmt: skip
+            if vector_kwargs:
+                # Before multiprocessing's own exit hook (atexit runs the newest first), which would SIGTERM the
+                # workers, now deaf to it, and wait for them for ever where the env is still open (a second Ctrl-C).
+                atexit.register(_close_async, weakref.ref(env))
     return env
+
+
+def _close_async(ref: weakref.ref) -> None:
+    env = ref()
+    if env is not None and not env.closed:
+        env.close(terminate=True)  # closes the pipes: the workers end at their end-of-file
+
+
+def _async_worker(*args, **kwargs) -> None:
+    """gymnasium's worker of an async vector env, deaf to SIGINT and SIGTERM. Ctrl-C in a terminal and SLURM's
+    preemption signal the whole process group, workers included: gymnasium's worker then dies (or reports a
+    KeyboardInterrupt), the training process's next env step fails with a traceback, and the run ends without the
+    checkpoint its stop promises (StopSignals). The training process alone acts on them. A worker ends when its pipe
+    does, as the training process closes the env or ends however it ends (gymnasium's own terminate() is a SIGTERM,
+    always followed by closing the pipes): quietly, since the reply it then tries to send has no reader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(BrokenPipeError, EOFError):
+        gym.vector.async_vector_env._async_worker(*args, **kwargs)
