@@ -241,6 +241,12 @@ def summarize(sweep_dir: Path, metric: str, higher_is_better: bool = False
             print(f"note: {job.dir} ran the configuration and seed of {same.dir.name}; counted once", file=sys.stderr)
             done.remove(job)
     groups, swept, fixed = group_jobs(done)
+    if "trainer.seq_len" in swept and metric.startswith(METRIC_PREFIX):
+        windows = {_saved(j.dir, "config.yaml", "trainer.val_seq_len") for j in done}
+        if None in windows or len(windows) > 1:  # None: each job's own seq_len (trainer.val_seq_len=null, or older)
+            print(f"note: trainer.seq_len varies and {metric} was scored on windows of each job's own seq_len (a "
+                  "longer one scores lower by that alone): rank by eval/* (--metric eval/nmse_h15), or rerun with a "
+                  "fixed trainer.val_seq_len", file=sys.stderr)  # fmt: skip
     # A value shared by the jobs shown is not "fixed" if the jobs left out (logged or not) had others.
     every = [j.overrides for j in jobs] + [read_overrides(d)[0] for d in unlogged]
     varied = [k for k in fixed if len({o.get(k, "<default>") for o in every}) > 1]

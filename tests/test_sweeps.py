@@ -937,3 +937,26 @@ def test_a_stopped_optuna_trial_with_saved_storage_offers_the_trial_alone(tmp_pa
     assert f"hydra.run.dir={job}" in command and "trainer.resume=true" in command and "-m" not in command
     run_train(command[2:], env_vars=ONE_THREAD)
     assert step_checkpoints(job)[-1][0] == 1000
+
+
+def test_the_optuna_search_scores_every_trial_on_windows_of_one_length():
+    """The search varies trainer.seq_len and minimizes val/loss, whose windows were each trial's seq_len: a longer
+    seq_len then scored lower on the same model and data by that alone (on Pendulum, a seq_len=32 trial ranked above
+    a seq_len=8 one that was better on windows of 8, 16 and 32 alike)."""
+    need("hydra_plugins.hydra_optuna_sweeper")
+    from conftest import compose_config
+
+    cfg = compose_config(["hparams_search=optuna", "trainer.seq_len=32"])
+    assert cfg.trainer.val_seq_len == 16 and compose_config([]).trainer.val_seq_len is None
+
+
+def test_summarize_says_when_val_metrics_of_a_seq_len_sweep_had_windows_of_each_jobs_seq_len(tmp_path, capsys):
+    summarize_dir = _summarize_module().summarize
+    for fixed in (None, 16):
+        sweep = tmp_path / str(fixed)
+        for num, seq_len in enumerate([8, 32]):
+            _logged_job(sweep / f"{num}_trainer.seq_len-{seq_len}", [f"trainer.seq_len={seq_len}", "seed=0"], 0, 0.5)
+            (sweep / f"{num}_trainer.seq_len-{seq_len}" / ".hydra" / "config.yaml").write_text(
+                f"seed: 0\ntrainer:\n  seq_len: {seq_len}\n  val_seq_len: {'null' if fixed is None else fixed}\n")
+        summarize_dir(sweep, "val/loss")
+        assert ("windows of each job's own seq_len" in capsys.readouterr().err) == (fixed is None)

@@ -322,3 +322,18 @@ def test_throughput_rates_are_those_of_the_interval_since_the_last_read():
     assert timer.read() == {"perf/updates_per_s": pytest.approx(1.0), "perf/env_steps_per_s": pytest.approx(30.0)}
     timer.add(env_steps=0, collect_s=0.0, update_s=0.5)
     assert timer.read() == {"perf/updates_per_s": pytest.approx(2.0)}
+
+
+def test_validation_windows_are_trainer_val_seq_len_whatever_the_training_seq_len():
+    """val/* are means over windows that each start from a blank GRU state, so their length changes the number: with
+    windows of each run's own seq_len, an Optuna trial (or a grid job) with a longer seq_len scored lower on the same
+    model and data by that alone. trainer.val_seq_len fixes the windows; null keeps those of seq_len."""
+    model = fitted_gru(random_rows(400))
+    val_buffer = ReplayBuffer(512, 3, 2, seed=0)
+    val_buffer.extend(**random_rows(512, seed=1))
+    got = {seq_len: Trainer(steps=1, prefill=0, batch_size=8, seq_len=seq_len, lr=1e-3, val_seq_len=16).evaluate(
+        model, val_buffer)["val/loss"] for seq_len in (4, 16, 32)}  # fmt: skip
+    assert got[4] == got[16] == got[32]
+    own = {seq_len: Trainer(steps=1, prefill=0, batch_size=8, seq_len=seq_len, lr=1e-3).evaluate(
+        model, val_buffer)["val/loss"] for seq_len in (4, 16)}  # fmt: skip
+    assert own[16] == got[16] and own[4] != own[16]  # null: the windows of seq_len, as before the key existed

@@ -224,7 +224,10 @@ def validate_config(cfg: DictConfig, here: bool = True) -> None:
         _int(cfg, "trainer.prefill", envs * seq_len, f" (at least env.num_envs={envs} x trainer.seq_len={seq_len}, so "
              "the first update can sample)")  # fmt: skip
     _int(cfg, "trainer.env_steps_per_update", 0)
-    _int(cfg, "trainer.val_steps", seq_len, f" (at least trainer.seq_len={seq_len}: one validation sequence)")
+    val_seq_len, val_key = seq_len, "trainer.seq_len"
+    if _select(cfg, "trainer.val_seq_len") is not None:
+        val_seq_len, val_key = _int(cfg, "trainer.val_seq_len", 1, " or null (trainer.seq_len)"), "trainer.val_seq_len"
+    _int(cfg, "trainer.val_steps", val_seq_len, f" (at least {val_key}={val_seq_len}: one validation sequence)")
     _int(cfg, "trainer.eval_every", 1)
     _int(cfg, "trainer.log_every", 1)
     context, horizon = _int(cfg, "trainer.eval_context", 1), _int(cfg, "trainer.eval_horizon", 1)

@@ -84,6 +84,7 @@ class Trainer:
         env_steps_per_update: int = 1,
         grad_clip: float = 10.0,
         val_steps: int = 2000,
+        val_seq_len: int | None = None,
         eval_every: int = 500,
         log_every: int = 100,
         eval_context: int = 5,
@@ -103,6 +104,8 @@ class Trainer:
         self.batch_size, self.seq_len, self.lr = int(batch_size), int(seq_len), float(lr)
         self.env_steps_per_update, self.grad_clip = int(env_steps_per_update), float(grad_clip)
         self.val_steps, self.eval_every, self.log_every = int(val_steps), int(eval_every), int(log_every)
+        # The val/* windows: None (runs saved before the key existed) is seq_len. Fixed, val/* compare across seq_len.
+        self.val_seq_len = self.seq_len if val_seq_len is None else int(val_seq_len)
         self.eval_context, self.eval_horizon, self.eval_figure = int(eval_context), int(eval_horizon), eval_figure
         self.checkpoint_every, self.keep_checkpoints = int(checkpoint_every), int(keep_checkpoints)
         self.device = torch.device(device)
@@ -298,14 +301,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: WorldModel, val_buffer: ReplayBuffer) -> dict[str, float]:
-        """val/*: mean loss terms over the held-out transitions in fixed windows of seq_len (a stream's shorter tail is
-        left out), so numbers compare across steps;
+        """val/*: mean loss terms over the held-out transitions in fixed windows of val_seq_len (seq_len unless set; a
+        stream's shorter tail is left out), so numbers compare across steps, and across seq_len when val_seq_len is set;
         eval/*: open-loop prediction error per horizon next to the copy-last baseline (see evaluation.py)."""
         model.eval()
         names = ("loss", *model.loss_terms)
         totals = torch.zeros(len(names), dtype=torch.float64)
         count = 0
-        for batch in val_buffer.sequences(self.seq_len, batch_size=256):
+        for batch in val_buffer.sequences(self.val_seq_len, batch_size=256):
             totals += stack_terms(model, *model.loss(batch)).double().cpu() * len(batch)
             count += len(batch)
         model.train()
