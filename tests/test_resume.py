@@ -735,3 +735,23 @@ def test_a_checkpoint_cut_inside_its_archive_is_reported_not_crashed_on(tmp_path
     monkeypatch.setattr(torch, "load", cut_pickle)
     with pytest.raises(CheckpointUnreadable, match="cut.pt is unreadable or truncated \\(EOFError: \\)"):
         read_checkpoint(path)
+
+
+def test_the_resume_command_of_a_run_composed_from_a_config_dir_of_its_own_runs(tmp_path):
+    """Hydra's overrides leave out --config-dir (and --config-name): the printed command of a run made with
+    `--config-dir my_conf env=mycart` failed to compose ("Could not find 'env/mycart'"). hydra.job.name is kept too."""
+    conf = tmp_path / "my_conf"
+    (conf / "env").mkdir(parents=True)
+    (conf / "env" / "mycart.yaml").write_text((REPO / "conf" / "env" / "cartpole.yaml").read_text())
+    run_dir = tmp_path / "run"
+    args = ["--config-dir", str(conf), "env=mycart", "hydra.job.name=mine", *RUN, f"hydra.run.dir={run_dir}"]
+    proc = start_train(args)
+    wait_for(run_dir / "checkpoints" / "step_00000060.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    resume_cmd = shlex.split(err.split("Resume with:")[1].strip().splitlines()[0])[2:]  # drop "python <script>"
+    assert f"--config-dir={conf}" in resume_cmd and "hydra.job.name=mine" in resume_cmd
+    resumed = run_train(resume_cmd, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "checkpoints" / "last.pt").exists()

@@ -168,12 +168,23 @@ def _sweep_job() -> DictConfig | None:
     return HydraConfig.get() if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN else None
 
 
+#: Hydra overrides that say where a run or sweep goes and how a sweep runs: a resume names its own directory and runs
+#: alone. Others (hydra.job.name, hydra.searchpath, hydra/job_logging...) compose the run and are kept.
+RUN_PLACEMENT = ("hydra.run.dir=", "hydra.mode=", "hydra.sweep.", "hydra.job.num=", "hydra.job.id=", "hydra.sweeper",
+                 "hydra/sweeper", "hydra.launcher", "hydra/launcher")  # fmt: skip
+
+
 def resume_command(run_dir: Path | None, script: str | None = None, resume: str = "true") -> str:
-    """The command line that continues this run: its own overrides, its directory, trainer.resume=true (auto: start
-    over there where no checkpoint is)."""
-    skip = ("hydra.run.dir=", "trainer.resume=")
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
-    args = [*overrides, f"hydra.run.dir={run_dir}", f"trainer.resume={resume}"]
+    """The command line that continues this run: its config flags and overrides, its directory, trainer.resume=true
+    (auto: start over there where no checkpoint is). Hydra's overrides leave out --config-dir and --config-name,
+    without which a run composed from a config of its own (env=mycart in --config-dir) would not compose again."""
+    hydra = HydraConfig.get()
+    flags = [f"--config-dir={s.path}" for s in hydra.runtime.config_sources if s.provider == "command-line"]
+    if hydra.job.config_name not in (None, "config"):
+        flags.append(f"--config-name={hydra.job.config_name}")
+    own = [o for o in hydra.overrides.hydra if not o.startswith(RUN_PLACEMENT)]
+    task = [o for o in hydra.overrides.task if not o.startswith("trainer.resume=")]
+    args = [*flags, *task, *own, f"hydra.run.dir={run_dir}", f"trainer.resume={resume}"]
     return shlex.join(["python", script or sys.argv[0], *args])
 
 
