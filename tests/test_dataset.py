@@ -100,8 +100,9 @@ def test_unreadable_or_missing_file(tmp_path):
         load_dataset(tmp_path / "junk.npz", 4, 2)
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(tmp_path / "none.npz", 4, 2)
-    # A directory (buffer.dataset=<a run dir>) is no dataset file either: refused before np.load is tried on it.
-    with pytest.raises(DatasetError, match="does not exist"):
+    # A directory (buffer.dataset=<a run dir>) is no dataset file either: refused before np.load is tried on it, as
+    # what it is (it exists).
+    with pytest.raises(DatasetError, match="is a directory; give the path of a .npz file in it"):
         require_dataset(tmp_path)
 
 

@@ -83,6 +83,9 @@ def save_dataset(path: str | Path, episodes: dict[str, np.ndarray]) -> None:
 def require_dataset(path: str | Path, key: str = "buffer.dataset") -> Path:
     """`path`, or an error naming config `key` and saying that no dataset is there."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"Dataset {key}={path} is a directory; give the path of a .npz file in it (write one with "
+                           "scripts/collect.py).")  # fmt: skip
     if not path.is_file():
         raise DatasetError(f"Dataset {key}={path} does not exist (write one with scripts/collect.py).")
     return path
