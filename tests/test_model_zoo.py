@@ -612,3 +612,26 @@ def test_an_untrained_ensemble_starts_from_almost_never_terminates():
     model, batch = fitted("mlp_ensemble"), random_batch()
     prob = model.predict(batch.obs, batch.action)["terminated_prob"]
     assert 0.02 < float(prob.mean()) < 0.1 and float(prob.max()) < 0.2
+
+
+def test_rssm_kl_is_computed_and_logged_in_fp32_under_bf16_autocast():
+    """trainer.precision=bf16 keeps the losses fp32 (README): the rssm's KL, a small difference of terms near 1, is
+    computed from the posterior and prior statistics in fp32, and train/kl is not a bf16 value."""
+    from worldmodel.models.rssm import RSSMWorldModel, gaussian_kl
+
+    torch.manual_seed(0)
+    model = RSSMWorldModel(3, 2, latent_dim=8, stoch_dim=4, hidden_dim=16).eval()
+    g = torch.Generator().manual_seed(1)
+    obs, action = torch.randn(4, 6, 3, generator=g), torch.randn(4, 6, 2, generator=g)
+    model.fit_normalizer(obs.reshape(-1, 3).numpy(), action.reshape(-1, 2).numpy(), torch.randn(24).numpy(),
+                         (obs + 0.1).reshape(-1, 3).numpy())  # fmt: skip
+    first = torch.zeros(4, 6, dtype=torch.bool)
+    first[:, 0] = True
+    batch = Batch(obs, action, torch.randn(4, 6, generator=g), obs + 0.1, torch.zeros(4, 6, dtype=torch.bool),
+                  torch.zeros(4, 6, dtype=torch.bool), first)  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch.obs, batch.action, batch.first)
+        _, terms = model.loss(batch)
+    assert terms["kl"].dtype == torch.float32
+    expected = gaussian_kl(*[t.float() for t in (*out["post"], *out["prior"])]).mean()
+    torch.testing.assert_close(terms["kl"], expected, rtol=1e-6, atol=1e-6)

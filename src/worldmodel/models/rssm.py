@@ -113,7 +113,9 @@ class RSSMWorldModel(WorldModel):
         self.check_fitted()
         norm = self.normalizer
         out = self(batch.obs, batch.action, batch.first)
-        (qm, qs), (pm, ps) = out["post"], out["prior"]
+        # In fp32 under bf16 autocast too, as autocast keeps losses: the KL is a small difference of terms near 1
+        # (var_ratio - 1 - log var_ratio), and train/kl would otherwise be a bf16 value (1/64 nat steps near 3).
+        (qm, qs), (pm, ps) = [t.float() for t in out["post"]], [t.float() for t in out["prior"]]
         # KL balancing: mostly train the prior toward the posterior, less the posterior toward the prior. Free nats
         # per row (clamped after balancing, so both sides stop together) keep the latent from collapsing to the prior.
         kl = self.kl_balance * gaussian_kl(qm.detach(), qs.detach(), pm, ps) + (
