@@ -96,17 +96,18 @@ def _path(cfg: DictConfig, key: str, what: str) -> str:
     return value
 
 
-#: Arguments the scripts pass to the _target_s themselves, from the env and the run (not config keys).
-SCRIPT_ARGUMENTS = ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions", "capacity_key",
-                    "device_key")
-#: Those of SCRIPT_ARGUMENTS that train.py and collect.py pass for each group, over any value the group's node holds
-#: (hydra.utils.instantiate lets keyword arguments win): `+buffer.seed=5` or `+env.seed=7` would be saved in the run's
-#: config, named in sweep job directories and shown in the HParams tab, while the run used `seed` all the same.
+#: Arguments train.py and collect.py pass to each group's _target_ themselves, from the env and the run, over any
+#: value the group's node holds (hydra.utils.instantiate lets keyword arguments win): `+buffer.seed=5` or
+#: `+env.seed=7` would be saved in the run's config, named in sweep job directories and shown in the HParams tab, while
+#: the run used `seed` all the same.
 SET_BY_SCRIPTS = {
     "env": ("seed",),
     "buffer": ("obs_dim", "action_dim", "seed", "streams", "batch_device", "discrete_actions", "capacity_key"),
     "model": ("obs_dim", "action_dim"),
 }
+#: Every argument a script passes to a _target_ (evaluate.py's own ReplayBuffer also names its device_key): not config
+#: keys, so left out of the keys an error lists.
+SCRIPT_ARGUMENTS = {*(key for keys in SET_BY_SCRIPTS.values() for key in keys), "device_key"}
 
 
 def _built_from(cfg: DictConfig, group: str) -> tuple[DictConfig, str, object] | None:
