@@ -57,6 +57,18 @@ def on_the_gpu(host: ReplayBuffer) -> ReplayBuffer:
     return ring
 
 
+def random_rows(rng: np.random.Generator, lead: tuple[int, ...], obs_dim: int, action_dim: int) -> dict:
+    """Random transitions of shape `lead` (steps, or steps x streams), about 1 in 10 ending an episode."""
+    return {
+        "obs": rng.normal(size=(*lead, obs_dim)).astype(np.float32),
+        "action": rng.normal(size=(*lead, action_dim)).astype(np.float32),
+        "reward": rng.normal(size=lead).astype(np.float32),
+        "next_obs": rng.normal(size=(*lead, obs_dim)).astype(np.float32),
+        "terminated": rng.random(lead) < 0.05,
+        "truncated": rng.random(lead) < 0.05,
+    }
+
+
 def test_reset_gru_on_the_gpu_is_the_cell_loop():
     """On a GPU the backward pass runs as one block over the whole window (the host splits it): same function."""
     assert_reset_gru_is_the_cell_loop(*case(16, 24, 10, 12, 0.1, seed=3, dtype=torch.float32, device=DEVICE))
@@ -81,14 +93,7 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
     rng = np.random.default_rng(0)
     t, n, obs_dim, action_dim = 90, 2, 5, 2
     valid = rng.random((t, n)) > 0.1
-    rows = {
-        "obs": rng.normal(size=(t, n, obs_dim)).astype(np.float32),
-        "action": rng.normal(size=(t, n, action_dim)).astype(np.float32),
-        "reward": rng.normal(size=(t, n)).astype(np.float32),
-        "next_obs": rng.normal(size=(t, n, obs_dim)).astype(np.float32),
-        "terminated": rng.random((t, n)) < 0.05,
-        "truncated": rng.random((t, n)) < 0.05,
-    }
+    rows = random_rows(rng, (t, n), obs_dim, action_dim)
     kinds = {"host": {}, "gpu": {"device": DEVICE}, "pinned": {"batch_device": DEVICE}}
     buffers = {}
     for kind, where in kinds.items():
@@ -117,16 +122,8 @@ def test_a_ring_on_the_gpu_and_one_behind_pinned_memory_sample_what_the_host_rin
 def test_a_ring_on_the_gpu_hands_host_batches_that_have_arrived():
     """buffer.device=cuda with trainer.device=cpu: batches are copied from the GPU to the host, and must be whole when
     sample returns (first is computed from them at once, and the caller reads them), even with GPU work queued."""
-    rng = np.random.default_rng(0)
     t, obs_dim = 3000, 64
-    rows = {
-        "obs": rng.normal(size=(t, obs_dim)).astype(np.float32),
-        "action": rng.normal(size=(t, 1)).astype(np.float32),
-        "reward": rng.normal(size=t).astype(np.float32),
-        "next_obs": rng.normal(size=(t, obs_dim)).astype(np.float32),
-        "terminated": rng.random(t) < 0.05,
-        "truncated": rng.random(t) < 0.05,
-    }
+    rows = random_rows(np.random.default_rng(0), (t,), obs_dim, 1)
     gpu = ReplayBuffer(2000, obs_dim, 1, device=DEVICE, batch_device="cpu", seed=1)
     host = ReplayBuffer(2000, obs_dim, 1, seed=1)
     gpu.extend(**rows)
