@@ -89,6 +89,11 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+def printed_resume_args(err: str) -> list[str]:
+    """The arguments of the command a stopped run printed after "Resume with:", without "python <script>"."""
+    return shlex.split(err.split("Resume with:")[1].strip().splitlines()[0])[2:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_exits_and_resumes_bit_identical(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
@@ -102,7 +107,7 @@ def test_signal_checkpoints_exits_and_resumes_bit_identical(tmp_path, uninterrup
     stopped_at = step_checkpoints(run_dir)[-1][0]
     assert 60 <= stopped_at < 240 and not (run_dir / "checkpoints" / "last.pt").exists()
 
-    resume_cmd = err.split("Resume with:")[1].strip().split()[2:]  # drop "python scripts/train.py"
+    resume_cmd = printed_resume_args(err)
     run_train(resume_cmd)
     assert_same_run(uninterrupted, run_dir)
 
@@ -750,7 +755,7 @@ def test_the_resume_command_of_a_run_composed_from_a_config_dir_of_its_own_runs(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    resume_cmd = shlex.split(err.split("Resume with:")[1].strip().splitlines()[0])[2:]  # drop "python <script>"
+    resume_cmd = printed_resume_args(err)
     assert f"--config-dir={conf}" in resume_cmd and "hydra.job.name=mine" in resume_cmd
     resumed = run_train(resume_cmd, check=False)
     assert resumed.returncode == 0, resumed.stderr
