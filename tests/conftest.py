@@ -59,6 +59,19 @@ def start_train(args: list[str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+    """Each test leaves os.environ as it found it. torch's in-process compile writes TORCHINDUCTOR_CACHE_DIR and
+    _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR into it (set again before each use), and a variable left there made every
+    later run_script of that pytest worker differ from the script server's environment, so it ran fresh: the tests
+    that check a run is forked (test_script_server.py) failed when such a test had run before them in their worker."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 def run_script(name: str, args: list[str], cwd: Path | None = None, env_vars: dict | None = None,
                fresh: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
     """Runs `python scripts/NAME ARGS` (train.py, evaluate.py, ...) and returns the CompletedProcess (text output).
